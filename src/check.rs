@@ -1,0 +1,76 @@
+//! `mediaproxy check`: is every upstream reachable and do its credentials work — asked before a
+//! reload rather than learned from 502s after it.
+
+use std::time::{Duration, Instant};
+
+use tokio::net::{lookup_host, TcpStream};
+
+use crate::config::Config;
+use crate::key;
+use crate::upstream::{Fetched, Method, Upstream, UpstreamError};
+
+const STEP_TIMEOUT: Duration = Duration::from_secs(5);
+/// A key nobody uploads: found or not, a clean answer proves DNS, TCP, TLS and the signature.
+const PROBE_KEY: &str = "mediaproxy-check/probe.txt";
+
+pub struct ProbeLine {
+    pub name: String,
+    pub kind: &'static str,
+    pub ok: bool,
+    pub detail: String,
+}
+
+pub async fn probe_all(config: &Config) -> Vec<ProbeLine> {
+    let mut lines = Vec::new();
+    for cfg in &config.upstreams {
+        let (ok, detail) = match Upstream::new(cfg) {
+            Ok(up) => probe(&up).await,
+            Err(e) => (false, e.to_string()),
+        };
+        lines.push(ProbeLine {
+            name: cfg.name.clone(),
+            kind: cfg.kind.type_name(),
+            ok,
+            detail,
+        });
+    }
+    lines
+}
+
+async fn probe(up: &Upstream) -> (bool, String) {
+    let (host, port) = up.authority();
+    let start = Instant::now();
+    let addrs: Vec<_> =
+        match tokio::time::timeout(STEP_TIMEOUT, lookup_host((host.as_str(), port))).await {
+            Ok(Ok(a)) => a.collect(),
+            Ok(Err(e)) => return (false, format!("DNS: cannot resolve {host}: {e}")),
+            Err(_) => {
+                return (
+                    false,
+                    format!("DNS: no answer for {host} within {STEP_TIMEOUT:?}"),
+                )
+            }
+        };
+    let Some(addr) = addrs.first() else {
+        return (false, format!("DNS: {host} has no address"));
+    };
+    match tokio::time::timeout(STEP_TIMEOUT, TcpStream::connect(addr)).await {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => return (false, format!("connect {addr}: {e}")),
+        Err(_) => {
+            return (
+                false,
+                format!("connect {addr}: no answer within {STEP_TIMEOUT:?}"),
+            )
+        }
+    }
+    let key = key::parse(&format!("/{PROBE_KEY}"), "").expect("probe key is valid");
+    let ms = |s: Instant| s.elapsed().as_millis();
+    match up.fetch(Method::Get, &key, None).await {
+        Ok(Fetched::NotFound) | Ok(Fetched::Found(_)) => {
+            (true, format!("ok: {addr}, answered in {} ms", ms(start)))
+        }
+        Err(UpstreamError::Auth(code)) => (false, format!("credentials refused ({code})")),
+        Err(e) => (false, e.to_string()),
+    }
+}

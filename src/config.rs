@@ -1,0 +1,592 @@
+//! The TOML config an admin writes, turned into typed values.
+//!
+//! Every mistake is reported with the key at fault (and its line when the TOML parser knows it), because
+//! the admin reading the error is usually doing so over SSH after a failed reload, not in an editor.
+//! Secrets are read here, once, and only ever travel inside [`Secret`], whose `Debug` hides them.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use toml::Spanned;
+use url::Url;
+
+/// The config used by `mediaproxy serve` without `--config`: enough for a fresh clone to serve something.
+pub const DEFAULT_TOML: &str = r#"
+[server]
+listen = ["127.0.0.1:8080"]
+
+[local]
+roots = ["./public/system"]
+
+[cache]
+dir = "./cache"
+"#;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// `key` is the dotted path of the offending key, e.g. `upstream[2].bucket`.
+    #[error("{}: `{key}`: {msg}", line.map(|l| format!("line {l}")).unwrap_or_else(|| "config".into()))]
+    Invalid {
+        key: String,
+        line: Option<usize>,
+        msg: String,
+    },
+}
+
+impl ConfigError {
+    fn invalid(key: impl Into<String>, line: Option<usize>, msg: impl Into<String>) -> Self {
+        ConfigError::Invalid {
+            key: key.into(),
+            line,
+            msg: msg.into(),
+        }
+    }
+}
+
+/// A value that must never reach a log line, an error message or `Debug` output.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub server: Server,
+    pub local: Local,
+    pub cache: Cache,
+    pub upstreams: Vec<UpstreamConfig>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Server {
+    pub listen: Vec<SocketAddr>,
+    /// Empty, or `/segment[/segment…]` without a trailing slash.
+    pub path_prefix: String,
+    pub admin_listen: Option<SocketAddr>,
+    pub tls: Option<Tls>,
+    /// Also bounds how long an idle keep-alive connection is held (hyper starts the clock while waiting).
+    pub header_read_timeout: Duration,
+    pub shutdown_timeout: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct Tls {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+#[derive(Debug, Clone)]
+pub struct Local {
+    pub roots: Vec<PathBuf>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Cache {
+    pub dir: PathBuf,
+    pub max_size: u64,
+    pub inactive: Duration,
+    pub ttl_ok: Duration,
+    pub ttl_error: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct UpstreamConfig {
+    pub name: String,
+    pub kind: UpstreamKind,
+    /// Key prefix inside the bucket, without leading or trailing slash.
+    pub prefix: String,
+    pub copy_missing: bool,
+    pub connect_timeout: Duration,
+    pub first_byte_timeout: Duration,
+    /// Longest pause between two body chunks before the transfer counts as failed.
+    pub read_timeout: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub enum UpstreamKind {
+    Http {
+        url: Url,
+    },
+    S3 {
+        endpoint: Url,
+        bucket: String,
+        region: String,
+        path_style: bool,
+        credentials: Option<(String, Secret)>,
+    },
+}
+
+impl UpstreamKind {
+    pub fn type_name(&self) -> &'static str {
+        match self {
+            UpstreamKind::Http { .. } => "http",
+            UpstreamKind::S3 { .. } => "s3",
+        }
+    }
+}
+
+// ---- the file as written -------------------------------------------------------------------------
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    #[serde(default)]
+    server: FileServer,
+    #[serde(default)]
+    local: FileLocal,
+    #[serde(default)]
+    cache: FileCache,
+    #[serde(default)]
+    upstream: Vec<Spanned<FileUpstream>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileServer {
+    #[serde(default = "default_listen")]
+    listen: Vec<SocketAddr>,
+    #[serde(default)]
+    path_prefix: String,
+    admin_listen: Option<SocketAddr>,
+    tls: Option<FileTls>,
+    #[serde(default = "secs10")]
+    header_read_timeout: DurationValue,
+    #[serde(default = "secs30")]
+    shutdown_timeout: DurationValue,
+}
+
+impl Default for FileServer {
+    fn default() -> Self {
+        FileServer {
+            listen: default_listen(),
+            path_prefix: String::new(),
+            admin_listen: None,
+            tls: None,
+            header_read_timeout: secs10(),
+            shutdown_timeout: secs30(),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileTls {
+    cert: PathBuf,
+    key: PathBuf,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileLocal {
+    #[serde(default)]
+    roots: Vec<PathBuf>,
+}
+
+impl Default for FileLocal {
+    fn default() -> Self {
+        FileLocal {
+            roots: vec![PathBuf::from("./public/system")],
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileCache {
+    #[serde(default = "default_cache_dir")]
+    dir: PathBuf,
+    #[serde(default = "default_max_size")]
+    max_size: SizeValue,
+    #[serde(default = "days90")]
+    inactive: DurationValue,
+    #[serde(default = "days90")]
+    ttl_ok: DurationValue,
+    #[serde(default = "secs300")]
+    ttl_error: DurationValue,
+}
+
+impl Default for FileCache {
+    fn default() -> Self {
+        FileCache {
+            dir: default_cache_dir(),
+            max_size: default_max_size(),
+            inactive: days90(),
+            ttl_ok: days90(),
+            ttl_error: secs300(),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileUpstream {
+    name: Option<String>,
+    #[serde(rename = "type")]
+    kind: Option<String>,
+    url: Option<String>,
+    endpoint: Option<String>,
+    bucket: Option<String>,
+    region: Option<String>,
+    #[serde(default = "yes")]
+    path_style: bool,
+    #[serde(default)]
+    prefix: String,
+    access_key_id: Option<String>,
+    secret_access_key: Option<String>,
+    secret_access_key_file: Option<PathBuf>,
+    #[serde(default)]
+    copy_missing: bool,
+    #[serde(default = "secs5")]
+    connect_timeout: DurationValue,
+    #[serde(default = "secs10")]
+    first_byte_timeout: DurationValue,
+    #[serde(default = "secs30")]
+    read_timeout: DurationValue,
+}
+
+/// `30s`, `5m`, `90d`: parsed by humantime so admins can also write `1h 30m`.
+#[derive(Clone, Copy)]
+struct DurationValue(Duration);
+
+impl<'de> Deserialize<'de> for DurationValue {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        humantime::parse_duration(s.trim())
+            .map(DurationValue)
+            .map_err(|e| {
+                serde::de::Error::custom(format!(
+                    "invalid duration {s:?} ({e}); write e.g. \"30s\", \"5m\", \"90d\""
+                ))
+            })
+    }
+}
+
+/// `256MiB`, `20GiB`, or a plain number of bytes.
+#[derive(Clone, Copy)]
+struct SizeValue(u64);
+
+impl<'de> Deserialize<'de> for SizeValue {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Int(u64),
+            Str(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Int(n) => Ok(SizeValue(n)),
+            Raw::Str(s) => s
+                .trim()
+                .parse::<bytesize::ByteSize>()
+                .map(|b| SizeValue(b.as_u64()))
+                .map_err(|e| {
+                    serde::de::Error::custom(format!(
+                        "invalid size {s:?} ({e}); write e.g. \"256MiB\", \"20GiB\""
+                    ))
+                }),
+        }
+    }
+}
+
+fn default_listen() -> Vec<SocketAddr> {
+    vec![SocketAddr::from(([127, 0, 0, 1], 8080))]
+}
+fn default_cache_dir() -> PathBuf {
+    PathBuf::from("./cache")
+}
+fn default_max_size() -> SizeValue {
+    SizeValue(20 << 30)
+}
+fn secs5() -> DurationValue {
+    DurationValue(Duration::from_secs(5))
+}
+fn secs10() -> DurationValue {
+    DurationValue(Duration::from_secs(10))
+}
+fn secs30() -> DurationValue {
+    DurationValue(Duration::from_secs(30))
+}
+fn secs300() -> DurationValue {
+    DurationValue(Duration::from_secs(300))
+}
+fn days90() -> DurationValue {
+    DurationValue(Duration::from_secs(90 * 86400))
+}
+fn yes() -> bool {
+    true
+}
+
+// ---- loading and validation ----------------------------------------------------------------------
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Config::parse(&text, path.parent().unwrap_or(Path::new(".")))
+    }
+
+    pub fn embedded_default() -> Config {
+        Config::parse(DEFAULT_TOML, Path::new(".")).expect("the embedded default config is valid")
+    }
+
+    /// `base` is the directory relative secret files are read from (the config file's own).
+    pub fn parse(text: &str, base: &Path) -> Result<Config, ConfigError> {
+        let file: FileConfig = toml::from_str(text).map_err(|e| toml_error(text, &e))?;
+        let line_of = |offset: usize| Some(text[..offset.min(text.len())].lines().count().max(1));
+
+        let server = validate_server(file.server)?;
+        if file.local.roots.iter().any(|r| r.as_os_str().is_empty()) {
+            return Err(ConfigError::invalid(
+                "local.roots",
+                None,
+                "a root must not be empty",
+            ));
+        }
+        let cache = Cache {
+            dir: file.cache.dir,
+            max_size: file.cache.max_size.0,
+            inactive: file.cache.inactive.0,
+            ttl_ok: file.cache.ttl_ok.0,
+            ttl_error: file.cache.ttl_error.0,
+        };
+
+        let mut upstreams: Vec<UpstreamConfig> = Vec::new();
+        for (i, spanned) in file.upstream.into_iter().enumerate() {
+            let line = line_of(spanned.span().start);
+            let up = validate_upstream(i + 1, line, spanned.into_inner(), base)?;
+            if upstreams.iter().any(|u| u.name == up.name) {
+                return Err(ConfigError::invalid(
+                    format!("upstream[{}].name", i + 1),
+                    line,
+                    format!(
+                        "duplicate upstream name {:?}; names must be unique",
+                        up.name
+                    ),
+                ));
+            }
+            upstreams.push(up);
+        }
+
+        Ok(Config {
+            server,
+            local: Local {
+                roots: file.local.roots,
+            },
+            cache,
+            upstreams,
+        })
+    }
+}
+
+fn toml_error(text: &str, e: &toml::de::Error) -> ConfigError {
+    let line = e
+        .span()
+        .map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1);
+    let msg = e.message().to_string();
+    // serde names the field for unknown keys; for type errors the span points at the value, so take
+    // the key from the text of that line.
+    let key = msg
+        .strip_prefix("unknown field `")
+        .and_then(|r| r.split('`').next())
+        .map(str::to_string)
+        .or_else(|| {
+            let l = text.lines().nth(line? - 1)?;
+            let k = l.split('=').next()?.trim();
+            (!k.is_empty() && !k.starts_with('[')).then(|| k.to_string())
+        })
+        .unwrap_or_else(|| "(syntax)".into());
+    ConfigError::invalid(key, line, msg)
+}
+
+fn validate_server(s: FileServer) -> Result<Server, ConfigError> {
+    if s.listen.is_empty() {
+        return Err(ConfigError::invalid(
+            "server.listen",
+            None,
+            "at least one address is needed",
+        ));
+    }
+    let p = &s.path_prefix;
+    if !p.is_empty()
+        && (!p.starts_with('/') || p.ends_with('/') || p.contains("//") || p.contains(".."))
+    {
+        return Err(ConfigError::invalid(
+            "server.path_prefix",
+            None,
+            format!(
+                "{p:?} must be empty or look like \"/storage\" (leading slash, no trailing slash)"
+            ),
+        ));
+    }
+    Ok(Server {
+        listen: s.listen,
+        path_prefix: s.path_prefix,
+        admin_listen: s.admin_listen,
+        tls: s.tls.map(|t| Tls {
+            cert: t.cert,
+            key: t.key,
+        }),
+        header_read_timeout: s.header_read_timeout.0,
+        shutdown_timeout: s.shutdown_timeout.0,
+    })
+}
+
+fn validate_upstream(
+    n: usize,
+    line: Option<usize>,
+    u: FileUpstream,
+    base: &Path,
+) -> Result<UpstreamConfig, ConfigError> {
+    let key = |k: &str| format!("upstream[{n}].{k}");
+    let bad = |k: &str, msg: String| ConfigError::invalid(key(k), line, msg);
+    let required = |k: &str, v: Option<String>| {
+        v.filter(|s| !s.trim().is_empty())
+            .ok_or_else(|| bad(k, "is required".into()))
+    };
+
+    let name = required("name", u.name)?;
+    if !name
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        || name == "local"
+    {
+        return Err(bad(
+            "name",
+            format!("{name:?}: use letters, digits, '-', '_', '.' (and not \"local\")"),
+        ));
+    }
+    let parse_url = |k: &str, v: String| -> Result<Url, ConfigError> {
+        let url = Url::parse(&v).map_err(|e| bad(k, format!("{v:?} is not a URL ({e})")))?;
+        if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
+            return Err(bad(
+                k,
+                format!("{v:?} must be an http:// or https:// URL with a host"),
+            ));
+        }
+        if url.query().is_some() || url.fragment().is_some() {
+            return Err(bad(k, format!("{v:?} must not have a query or fragment")));
+        }
+        Ok(url)
+    };
+    let kind = match u.kind.as_deref() {
+        Some("http") => {
+            for (k, set) in [
+                ("endpoint", u.endpoint.is_some()),
+                ("bucket", u.bucket.is_some()),
+                ("region", u.region.is_some()),
+                ("access_key_id", u.access_key_id.is_some()),
+                ("secret_access_key", u.secret_access_key.is_some()),
+                ("secret_access_key_file", u.secret_access_key_file.is_some()),
+            ] {
+                if set {
+                    return Err(bad(k, "only applies to type = \"s3\"".into()));
+                }
+            }
+            UpstreamKind::Http {
+                url: parse_url("url", required("url", u.url)?)?,
+            }
+        }
+        Some("s3") => {
+            let credentials = match (
+                u.access_key_id,
+                u.secret_access_key,
+                u.secret_access_key_file,
+            ) {
+                (None, None, None) => None,
+                (Some(_), Some(_), Some(_)) => {
+                    return Err(bad(
+                        "secret_access_key_file",
+                        "give either secret_access_key or secret_access_key_file, not both".into(),
+                    ))
+                }
+                (Some(id), Some(secret), None) => Some((id, Secret(secret))),
+                (Some(id), None, Some(file)) => {
+                    let path = base.join(&file);
+                    let text = std::fs::read_to_string(&path).map_err(|e| {
+                        bad(
+                            "secret_access_key_file",
+                            format!("cannot read {}: {e}", path.display()),
+                        )
+                    })?;
+                    let secret = text.trim().to_string();
+                    if secret.is_empty() {
+                        return Err(bad(
+                            "secret_access_key_file",
+                            format!("{} is empty", path.display()),
+                        ));
+                    }
+                    Some((id, Secret(secret)))
+                }
+                (None, _, _) => {
+                    return Err(bad(
+                        "access_key_id",
+                        "is required when a secret access key is given".into(),
+                    ))
+                }
+                (Some(_), None, None) => {
+                    return Err(bad(
+                        "secret_access_key",
+                        "access_key_id is set: give secret_access_key or secret_access_key_file"
+                            .into(),
+                    ))
+                }
+            };
+            UpstreamKind::S3 {
+                endpoint: parse_url("endpoint", required("endpoint", u.endpoint)?)?,
+                bucket: required("bucket", u.bucket)?,
+                region: u
+                    .region
+                    .filter(|r| !r.is_empty())
+                    .unwrap_or_else(|| "us-east-1".into()),
+                path_style: u.path_style,
+                credentials,
+            }
+        }
+        Some(other) => {
+            return Err(bad(
+                "type",
+                format!("{other:?}: expected \"s3\" or \"http\""),
+            ))
+        }
+        None => return Err(bad("type", "is required (\"s3\" or \"http\")".into())),
+    };
+    let prefix = u.prefix.trim_matches('/').to_string();
+    if prefix.split('/').any(|s| s == ".." || s == ".") {
+        return Err(bad(
+            "prefix",
+            format!("{:?} must not contain . or .. segments", u.prefix),
+        ));
+    }
+    Ok(UpstreamConfig {
+        name,
+        kind,
+        prefix,
+        copy_missing: u.copy_missing,
+        connect_timeout: u.connect_timeout.0,
+        first_byte_timeout: u.first_byte_timeout.0,
+        read_timeout: u.read_timeout.0,
+    })
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,18 @@
+//! mediaproxy: a caching media reverse proxy for Mastodon.
+//!
+//! A request goes `key` → `local` → upstreams (`resolve`, `upstream`) → `respond`; `server` owns the
+//! sockets and `runtime` the state a reload swaps. `main.rs` is only the CLI.
+
+pub mod admin;
+pub mod check;
+pub mod config;
+pub mod key;
+pub mod local;
+pub mod metrics;
+pub mod object;
+pub mod proxy;
+pub mod resolve;
+pub mod respond;
+pub mod runtime;
+pub mod server;
+pub mod upstream;

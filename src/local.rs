@@ -1,0 +1,141 @@
+//! Local roots (Mastodon's `public/system`), tried before any bucket, like nginx's `try_files`.
+//!
+//! A key is opened with `openat2(RESOLVE_BENEATH)` relative to the root, so the kernel itself refuses any
+//! path — through `..` or a symlink, absolute or relative — that would leave the root. Symlinks that stay
+//! inside the root still work, as admins use them to move parts of `public/system` around.
+//! Where `openat2` is not available (old kernels, some seccomp profiles) the same rule is applied by
+//! canonicalizing both paths and comparing.
+
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+use rustix::fs::{Mode, OFlags, ResolveFlags};
+
+use crate::key::Key;
+use crate::object::{Body, Meta, Object, Source};
+
+/// Opens `key` in the first root that has it as a regular file.
+pub async fn open(roots: &[PathBuf], key: &Key) -> Option<Object> {
+    if roots.is_empty() {
+        return None;
+    }
+    let roots = roots.to_vec();
+    let key = key.clone();
+    tokio::task::spawn_blocking(move || open_blocking(&roots, &key))
+        .await
+        .ok()
+        .flatten()
+}
+
+fn open_blocking(roots: &[PathBuf], key: &Key) -> Option<Object> {
+    for root in roots {
+        match open_beneath(root, key.as_str()) {
+            Ok(Some(file)) => match to_object(file, key) {
+                Ok(Some(obj)) => return Some(obj),
+                Ok(None) => continue,
+                Err(e) => {
+                    tracing::warn!(root = %root.display(), %key, error = %e, "local file unreadable")
+                }
+            },
+            Ok(None) => {}
+            Err(e) => {
+                tracing::warn!(root = %root.display(), %key, error = %e, "local root unreadable")
+            }
+        }
+    }
+    None
+}
+
+/// `Ok(None)`: not in this root (absent, or a path that would escape it).
+fn open_beneath(root: &Path, key: &str) -> io::Result<Option<File>> {
+    let dir = match rustix::fs::open(
+        root,
+        OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    ) {
+        Ok(fd) => fd,
+        Err(rustix::io::Errno::NOENT) | Err(rustix::io::Errno::NOTDIR) => return Ok(None),
+        Err(e) => return Err(e.into()),
+    };
+    // NONBLOCK: opening a FIFO someone left in the root must not hang a worker thread.
+    let flags = OFlags::RDONLY | OFlags::CLOEXEC | OFlags::NONBLOCK | OFlags::NOCTTY;
+    let resolve = ResolveFlags::BENEATH | ResolveFlags::NO_MAGICLINKS;
+    match rustix::fs::openat2(&dir, key, flags, Mode::empty(), resolve) {
+        Ok(fd) => Ok(Some(File::from(fd))),
+        Err(rustix::io::Errno::NOSYS) | Err(rustix::io::Errno::PERM) => open_canonical(root, key),
+        Err(e) => match e {
+            rustix::io::Errno::NOENT | rustix::io::Errno::NOTDIR | rustix::io::Errno::LOOP => {
+                Ok(None)
+            }
+            rustix::io::Errno::XDEV => {
+                tracing::warn!(root = %root.display(), key, "refused a path that leaves the local root");
+                Ok(None)
+            }
+            e => Err(e.into()),
+        },
+    }
+}
+
+fn open_canonical(root: &Path, key: &str) -> io::Result<Option<File>> {
+    let root = match root.canonicalize() {
+        Ok(r) => r,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let path = match root.join(key).canonicalize() {
+        Ok(p) => p,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    if !path.starts_with(&root) {
+        return Ok(None);
+    }
+    match std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc_flags())
+        .open(&path)
+    {
+        Ok(f) => Ok(Some(f)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+fn libc_flags() -> i32 {
+    (OFlags::NONBLOCK | OFlags::NOFOLLOW).bits() as i32
+}
+
+/// Only regular files are objects: a directory is never listed, a device never read.
+fn to_object(file: File, key: &Key) -> io::Result<Option<Object>> {
+    let md = file.metadata()?;
+    if !md.is_file() {
+        return Ok(None);
+    }
+    let modified = md.modified().ok();
+    let meta = Meta {
+        len: Some(md.len()),
+        content_type: Some(content_type(key.as_str())),
+        last_modified: modified,
+        etag: Some(file_etag(md.len(), md.mtime())),
+        source: Source::Local,
+        upstream: None,
+    };
+    Ok(Some(Object {
+        meta,
+        body: Body::File(file),
+    }))
+}
+
+pub fn content_type(key: &str) -> String {
+    mime_guess::from_path(key)
+        .first_raw()
+        .unwrap_or("application/octet-stream")
+        .to_string()
+}
+
+/// nginx's format (`"<mtime hex>-<size hex>"`), so ETags stay the same when admins switch from nginx.
+fn file_etag(len: u64, mtime_secs: i64) -> String {
+    format!("\"{:x}-{:x}\"", mtime_secs.max(0), len)
+}

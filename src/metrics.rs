@@ -1,0 +1,83 @@
+//! Prometheus counters, kept outside the reloadable runtime so a SIGHUP does not reset them.
+
+use http::{HeaderValue, StatusCode};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequestLabels {
+    status: u16,
+    x_cache: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct UpstreamLabels {
+    upstream: String,
+    result: String,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    requests: Family<RequestLabels, Counter>,
+    upstream: Family<UpstreamLabels, Counter>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("mediaproxy");
+        let requests = Family::<RequestLabels, Counter>::default();
+        let upstream = Family::<UpstreamLabels, Counter>::default();
+        registry.register(
+            "requests",
+            "Responses sent, by status and X-Cache",
+            requests.clone(),
+        );
+        registry.register(
+            "upstream_requests",
+            "Questions asked of each upstream, by result (found, not_found, error)",
+            upstream.clone(),
+        );
+        Metrics {
+            registry,
+            requests,
+            upstream,
+        }
+    }
+
+    pub fn request(&self, status: StatusCode, x_cache: Option<&HeaderValue>) {
+        let x_cache = x_cache
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_string();
+        self.requests
+            .get_or_create(&RequestLabels {
+                status: status.as_u16(),
+                x_cache,
+            })
+            .inc();
+    }
+
+    pub fn upstream_result(&self, upstream: &str, result: &str) {
+        self.upstream
+            .get_or_create(&UpstreamLabels {
+                upstream: upstream.to_string(),
+                result: result.to_string(),
+            })
+            .inc();
+    }
+
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("writing to a String cannot fail");
+        out
+    }
+}

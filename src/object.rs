@@ -1,0 +1,62 @@
+//! What every source (local root, cache, upstream) hands to the responder: metadata plus a body.
+//!
+//! Keeping one shape for all sources is what lets `respond` apply Range, conditional and header rules
+//! once, so a local file, a cache hit and an upstream miss can never disagree on them.
+
+use std::fs::File;
+use std::io;
+use std::pin::Pin;
+use std::time::SystemTime;
+
+use bytes::Bytes;
+use futures_util::Stream;
+
+pub type ByteStream = Pin<Box<dyn Stream<Item = io::Result<Bytes>> + Send + 'static>>;
+
+/// Where the bytes came from; shown to clients as `X-Cache`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    Local,
+    Hit,
+    Miss,
+    Stale,
+}
+
+impl Source {
+    pub fn x_cache(self) -> &'static str {
+        match self {
+            Source::Local => "LOCAL",
+            Source::Hit => "HIT",
+            Source::Miss => "MISS",
+            Source::Stale => "STALE",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Meta {
+    /// Length of the whole object; `None` only when an HTTP upstream streamed without a length.
+    pub len: Option<u64>,
+    pub content_type: Option<String>,
+    pub last_modified: Option<SystemTime>,
+    /// As sent on the wire, quotes included (`"abc"` or `W/"abc"`).
+    pub etag: Option<String>,
+    pub source: Source,
+    /// Name of the upstream it came from, for logs and metrics.
+    pub upstream: Option<String>,
+}
+
+pub enum Body {
+    /// Nothing to send (HEAD from an upstream, or an upstream's 416).
+    Empty,
+    /// A regular file; the responder reads only the range it serves.
+    File(File),
+    /// Bytes arriving from elsewhere. `offset` is the position in the object of the first byte the
+    /// stream yields (non-zero when the upstream already applied a Range).
+    Stream { stream: ByteStream, offset: u64 },
+}
+
+pub struct Object {
+    pub meta: Meta,
+    pub body: Body,
+}

@@ -1,0 +1,45 @@
+//! Everything a request needs, built from one config: the unit a reload swaps atomically.
+//!
+//! A request takes one snapshot (`Arc<Runtime>`) at its start and keeps it to its end, so a SIGHUP that
+//! reorders upstreams never changes the rules under a response already in flight.
+
+use std::sync::Arc;
+
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::upstream::{Upstream, UpstreamError};
+
+pub struct Runtime {
+    pub config: Config,
+    /// In config order: the first one that has a key serves it.
+    pub upstreams: Vec<Upstream>,
+    /// Shared across reloads so counters keep counting.
+    pub metrics: Arc<Metrics>,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("upstream {name:?}: {source}")]
+pub struct RuntimeError {
+    name: String,
+    source: UpstreamError,
+}
+
+impl Runtime {
+    pub fn new(config: Config, metrics: Arc<Metrics>) -> Result<Runtime, RuntimeError> {
+        let upstreams = config
+            .upstreams
+            .iter()
+            .map(|u| {
+                Upstream::new(u).map_err(|source| RuntimeError {
+                    name: u.name.clone(),
+                    source,
+                })
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(Runtime {
+            config,
+            upstreams,
+            metrics,
+        })
+    }
+}

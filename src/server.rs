@@ -1,0 +1,215 @@
+//! Listeners, TLS, timeouts, signals: everything about sockets and process life, no business logic.
+//!
+//! Accept loops feed one channel; the main loop owns the graceful-shutdown handle and the reload, so
+//! SIGHUP swaps the runtime between two requests and SIGTERM drains connections before exit.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::mpsc;
+use tokio_rustls::TlsAcceptor;
+
+use crate::config::{Config, Tls};
+use crate::metrics::Metrics;
+use crate::runtime::{Runtime, RuntimeError};
+use crate::{admin, proxy};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("TLS: {0}")]
+    Tls(String),
+    #[error(transparent)]
+    Runtime(#[from] RuntimeError),
+    #[error("signal handler: {0}")]
+    Signal(std::io::Error),
+}
+
+/// Runs until SIGTERM/SIGINT. `config_path` is re-read on SIGHUP (the embedded default has none).
+pub async fn run(config: Config, config_path: Option<PathBuf>) -> Result<(), ServerError> {
+    let metrics = Arc::new(Metrics::new());
+    let server_cfg = config.server.clone();
+    let shared = Arc::new(ArcSwap::from_pointee(Runtime::new(
+        config,
+        metrics.clone(),
+    )?));
+
+    let tls = server_cfg.tls.as_ref().map(tls_acceptor).transpose()?;
+    let (tx, mut accepted) = mpsc::channel::<TcpStream>(1024);
+    let mut accept_tasks = Vec::new();
+    for addr in &server_cfg.listen {
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|source| ServerError::Bind {
+                addr: *addr,
+                source,
+            })?;
+        tracing::info!(%addr, tls = tls.is_some(), "listening");
+        accept_tasks.push(tokio::spawn(accept_loop(listener, tx.clone())));
+    }
+    drop(tx);
+    if let Some(addr) = server_cfg.admin_listen {
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|source| ServerError::Bind { addr, source })?;
+        tracing::info!(%addr, "admin listening");
+        accept_tasks.push(tokio::spawn(admin::serve(listener, metrics.clone())));
+    }
+
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(server_cfg.header_read_timeout)
+        .keep_alive(true);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(Some(Duration::from_secs(30)))
+        .keep_alive_timeout(server_cfg.header_read_timeout)
+        .max_concurrent_streams(256);
+    let builder = Arc::new(builder);
+
+    let mut hup = signal(SignalKind::hangup()).map_err(ServerError::Signal)?;
+    let mut term = signal(SignalKind::terminate()).map_err(ServerError::Signal)?;
+    let mut int = signal(SignalKind::interrupt()).map_err(ServerError::Signal)?;
+    let graceful = GracefulShutdown::new();
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
+
+    loop {
+        tokio::select! {
+            Some(stream) = accepted.recv() => {
+                let watcher = graceful.watcher();
+                let (builder, shared, tls) = (builder.clone(), shared.clone(), tls.clone());
+                let handshake_timeout = server_cfg.header_read_timeout;
+                tokio::spawn(async move {
+                    let service = service_fn(move |req| {
+                        let rt = shared.load_full();
+                        async move { Ok::<_, Infallible>(proxy::handle(rt, req).await) }
+                    });
+                    let result = match tls {
+                        None => watcher.watch(builder.serve_connection(TokioIo::new(stream), service).into_owned()).await,
+                        Some(acceptor) => {
+                            let tls_stream = match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
+                                Ok(Ok(s)) => s,
+                                Ok(Err(e)) => return tracing::debug!(error = %e, "TLS handshake failed"),
+                                Err(_) => return tracing::debug!("TLS handshake timed out"),
+                            };
+                            watcher.watch(builder.serve_connection(TokioIo::new(tls_stream), service).into_owned()).await
+                        }
+                    };
+                    if let Err(e) = result {
+                        tracing::debug!(error = %e, "connection ended with an error");
+                    }
+                });
+            }
+            _ = hup.recv() => reload(&shared, config_path.as_deref(), &server_cfg, &metrics),
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+        }
+    }
+
+    tracing::info!(
+        in_flight = graceful.count(),
+        "stopping: no new connections, finishing responses"
+    );
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
+    for task in accept_tasks {
+        task.abort();
+    }
+    drop(accepted);
+    if tokio::time::timeout(server_cfg.shutdown_timeout, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!(timeout = ?server_cfg.shutdown_timeout, "connections still open at shutdown timeout; closing them");
+    }
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn accept_loop(listener: TcpListener, tx: mpsc::Sender<TcpStream>) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, _)) => {
+                let _ = stream.set_nodelay(true);
+                if tx.send(stream).await.is_err() {
+                    return;
+                }
+            }
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+/// A bad file keeps the old config serving; the admin sees which key is wrong in the log.
+fn reload(
+    shared: &ArcSwap<Runtime>,
+    path: Option<&std::path::Path>,
+    running: &crate::config::Server,
+    metrics: &Arc<Metrics>,
+) {
+    let Some(path) = path else {
+        tracing::warn!(
+            "SIGHUP ignored: running on the embedded default config, there is no file to re-read"
+        );
+        return;
+    };
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Reloading]);
+    let result = Config::load(path)
+        .map_err(|e| e.to_string())
+        .and_then(|cfg| Runtime::new(cfg, metrics.clone()).map_err(|e| e.to_string()));
+    match result {
+        Ok(rt) => {
+            if rt.config.server.listen != running.listen
+                || rt.config.server.admin_listen != running.admin_listen
+            {
+                tracing::warn!("listen addresses change only on restart; the rest of the new config is in force");
+            }
+            let names: Vec<&str> = rt.upstreams.iter().map(|u| u.name.as_str()).collect();
+            tracing::info!(config = %path.display(), upstreams = ?names, "config reloaded");
+            shared.store(Arc::new(rt));
+        }
+        Err(e) => {
+            tracing::error!(config = %path.display(), error = %e, "config reload failed; the previous config keeps serving")
+        }
+    }
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
+}
+
+fn tls_acceptor(tls: &Tls) -> Result<TlsAcceptor, ServerError> {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    let certs = CertificateDer::pem_file_iter(&tls.cert)
+        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| ServerError::Tls(format!("server.tls.cert {}: {e}", tls.cert.display())))?;
+    let key = PrivateKeyDer::from_pem_file(&tls.key)
+        .map_err(|e| ServerError::Tls(format!("server.tls.key {}: {e}", tls.key.display())))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| ServerError::Tls(e.to_string()))?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|e| ServerError::Tls(format!("server.tls: {e}")))?;
+    cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(TlsAcceptor::from(Arc::new(cfg)))
+}

@@ -1,0 +1,342 @@
+//! One upstream bucket: a public HTTP base URL or an S3 bucket reached with SigV4-signed requests.
+//!
+//! An upstream answers one question per call — "do you have this key?" — as `Found`, `NotFound` or an
+//! error. Which upstream to ask next, and what to make of a failure, is `resolve`'s business.
+//! Host names are resolved per connection by the HTTP client, never at start-up, so a proxy booted
+//! before DNS works still serves local files (the nginx `proxy_pass` boot failure admins hit).
+
+use std::io;
+use std::time::Duration;
+
+use futures_util::TryStreamExt;
+use http::{HeaderMap, HeaderValue, StatusCode};
+use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
+use rusty_s3::{Bucket, Credentials, S3Action, UrlStyle};
+use url::Url;
+
+use crate::config::{UpstreamConfig, UpstreamKind};
+use crate::key::Key;
+use crate::object::{Body, Meta, Object, Source};
+
+/// How long a presigned URL stays valid: only long enough to be used at once.
+const SIGN_TTL: Duration = Duration::from_secs(300);
+
+/// Everything but RFC 3986 unreserved characters and `/` is escaped in a key on the wire.
+const KEY_ESCAPE: &AsciiSet = &NON_ALPHANUMERIC
+    .remove(b'/')
+    .remove(b'-')
+    .remove(b'_')
+    .remove(b'.')
+    .remove(b'~');
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Method {
+    Get,
+    Head,
+}
+
+pub enum Fetched {
+    Found(Object),
+    NotFound,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    /// DNS, refused or reset connection, TLS: the request never got an answer.
+    #[error("request failed: {0}")]
+    Request(String),
+    #[error("no response headers within {0:?}")]
+    Timeout(Duration),
+    #[error("answered HTTP {0}")]
+    Status(StatusCode),
+    /// A signed request the bucket rejected: wrong keys, clock skew, wrong region.
+    #[error("refused our credentials: {0}")]
+    Auth(String),
+    #[error("unusable response: {0}")]
+    Protocol(String),
+}
+
+pub struct Upstream {
+    pub name: String,
+    kind: Kind,
+    prefix: String,
+    client: reqwest::Client,
+    first_byte_timeout: Duration,
+}
+
+enum Kind {
+    Http {
+        base: Url,
+    },
+    S3 {
+        bucket: Bucket,
+        credentials: Option<Credentials>,
+    },
+}
+
+impl Upstream {
+    pub fn new(cfg: &UpstreamConfig) -> Result<Upstream, UpstreamError> {
+        let client = reqwest::Client::builder()
+            .connect_timeout(cfg.connect_timeout)
+            .read_timeout(cfg.read_timeout)
+            .redirect(reqwest::redirect::Policy::none())
+            .tcp_nodelay(true)
+            .pool_idle_timeout(Duration::from_secs(60))
+            .user_agent(concat!("mediaproxy/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|e| UpstreamError::Request(error_chain(&e)))?;
+        let kind = match &cfg.kind {
+            UpstreamKind::Http { url } => {
+                let mut base = url.clone();
+                if !base.path().ends_with('/') {
+                    base.set_path(&format!("{}/", base.path()));
+                }
+                Kind::Http { base }
+            }
+            UpstreamKind::S3 {
+                endpoint,
+                bucket,
+                region,
+                path_style,
+                credentials,
+            } => {
+                let style = if *path_style {
+                    UrlStyle::Path
+                } else {
+                    UrlStyle::VirtualHost
+                };
+                let bucket = Bucket::new(endpoint.clone(), style, bucket.clone(), region.clone())
+                    .map_err(|e| UpstreamError::Protocol(format!("bucket: {e}")))?;
+                let credentials = credentials
+                    .as_ref()
+                    .map(|(id, secret)| Credentials::new(id.clone(), secret.expose().to_string()));
+                Kind::S3 {
+                    bucket,
+                    credentials,
+                }
+            }
+        };
+        Ok(Upstream {
+            name: cfg.name.clone(),
+            kind,
+            prefix: cfg.prefix.clone(),
+            client,
+            first_byte_timeout: cfg.first_byte_timeout,
+        })
+    }
+
+    fn object_name(&self, key: &Key) -> String {
+        if self.prefix.is_empty() {
+            key.as_str().to_string()
+        } else {
+            format!("{}/{}", self.prefix, key.as_str())
+        }
+    }
+
+    /// The URL to ask, signed when the bucket needs it. Never log it: it carries the signature.
+    fn url(&self, method: Method, key: &Key) -> Url {
+        let object = self.object_name(key);
+        match &self.kind {
+            Kind::Http { base } => {
+                let path = utf8_percent_encode(&object, KEY_ESCAPE).to_string();
+                base.join(&path).unwrap_or_else(|_| base.clone())
+            }
+            Kind::S3 {
+                bucket,
+                credentials,
+            } => match method {
+                Method::Get => bucket
+                    .get_object(credentials.as_ref(), &object)
+                    .sign(SIGN_TTL),
+                Method::Head => bucket
+                    .head_object(credentials.as_ref(), &object)
+                    .sign(SIGN_TTL),
+            },
+        }
+    }
+
+    /// The host and port a connection goes to, for `check`.
+    pub fn authority(&self) -> (String, u16) {
+        let url = match &self.kind {
+            Kind::Http { base } => base.clone(),
+            Kind::S3 { bucket, .. } => bucket.base_url().clone(),
+        };
+        (
+            url.host_str().unwrap_or_default().to_string(),
+            url.port_or_known_default().unwrap_or(80),
+        )
+    }
+
+    /// Asks for `key`. `range` is the client's Range header, forwarded so a seek into a video costs the
+    /// bucket only the bytes asked for.
+    pub async fn fetch(
+        &self,
+        method: Method,
+        key: &Key,
+        range: Option<&HeaderValue>,
+    ) -> Result<Fetched, UpstreamError> {
+        let url = self.url(method, key);
+        let mut req = match method {
+            Method::Get => self.client.get(url),
+            Method::Head => self.client.head(url),
+        };
+        if let Some(r) = range {
+            req = req.header(http::header::RANGE, r.clone());
+        }
+        let resp = match tokio::time::timeout(self.first_byte_timeout, req.send()).await {
+            Err(_) => return Err(UpstreamError::Timeout(self.first_byte_timeout)),
+            Ok(Err(e)) => return Err(UpstreamError::Request(error_chain(&e))),
+            Ok(Ok(resp)) => resp,
+        };
+        let status = resp.status();
+        match status {
+            StatusCode::OK | StatusCode::PARTIAL_CONTENT | StatusCode::RANGE_NOT_SATISFIABLE => {
+                self.to_object(method, resp).map(Fetched::Found)
+            }
+            StatusCode::NOT_FOUND | StatusCode::GONE => Ok(Fetched::NotFound),
+            StatusCode::FORBIDDEN => self.forbidden(resp).await,
+            _ => Err(UpstreamError::Status(status)),
+        }
+    }
+
+    /// A public bucket answers 403 for a key it lacks, and so does S3 for a signed request without
+    /// `s3:ListBucket`; but a bad signature is a broken upstream, not a missing object.
+    async fn forbidden(&self, resp: reqwest::Response) -> Result<Fetched, UpstreamError> {
+        if matches!(self.kind, Kind::Http { .. }) {
+            return Ok(Fetched::NotFound);
+        }
+        let body = read_prefix(resp, 8192).await;
+        let code = xml_tag(&body, "Code").unwrap_or_default();
+        match code.as_str() {
+            "SignatureDoesNotMatch"
+            | "InvalidAccessKeyId"
+            | "RequestTimeTooSkewed"
+            | "ExpiredToken"
+            | "InvalidToken"
+            | "AuthorizationHeaderMalformed"
+            | "AuthorizationQueryParametersError" => Err(UpstreamError::Auth(code)),
+            _ => Ok(Fetched::NotFound),
+        }
+    }
+
+    fn to_object(&self, method: Method, resp: reqwest::Response) -> Result<Object, UpstreamError> {
+        let status = resp.status();
+        let headers = resp.headers();
+        let content_length = header_u64(headers, http::header::CONTENT_LENGTH);
+        let (len, offset) = match status {
+            StatusCode::PARTIAL_CONTENT => {
+                let (start, _end, total) = content_range(headers).ok_or_else(|| {
+                    UpstreamError::Protocol("206 without a usable Content-Range".into())
+                })?;
+                (total, start)
+            }
+            StatusCode::RANGE_NOT_SATISFIABLE => {
+                let total = headers
+                    .get(http::header::CONTENT_RANGE)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.strip_prefix("bytes */"))
+                    .and_then(|v| v.trim().parse().ok())
+                    .ok_or_else(|| {
+                        UpstreamError::Protocol("416 without a usable Content-Range".into())
+                    })?;
+                (Some(total), 0)
+            }
+            _ => (content_length, 0),
+        };
+        let meta = Meta {
+            len,
+            content_type: header_str(headers, http::header::CONTENT_TYPE),
+            last_modified: header_str(headers, http::header::LAST_MODIFIED)
+                .and_then(|s| httpdate::parse_http_date(&s).ok()),
+            etag: header_str(headers, http::header::ETAG),
+            source: Source::Miss,
+            upstream: Some(self.name.clone()),
+        };
+        let body = if method == Method::Head || status == StatusCode::RANGE_NOT_SATISFIABLE {
+            Body::Empty
+        } else {
+            let stream = resp
+                .bytes_stream()
+                .map_err(|e| io::Error::other(error_chain(&e)));
+            Body::Stream {
+                stream: Box::pin(stream),
+                offset,
+            }
+        };
+        Ok(Object { meta, body })
+    }
+}
+
+impl std::fmt::Debug for Upstream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Upstream")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
+}
+
+/// reqwest's Display hides the cause, and its URL would carry the signature: give the chain, no URL.
+fn error_chain(e: &reqwest::Error) -> String {
+    let mut parts = Vec::new();
+    if e.is_timeout() {
+        parts.push("timed out".to_string());
+    }
+    let mut src = std::error::Error::source(e);
+    while let Some(s) = src {
+        parts.push(s.to_string());
+        src = s.source();
+    }
+    if parts.is_empty() {
+        let what = if e.is_connect() {
+            "connection failed"
+        } else if e.is_body() {
+            "body transfer failed"
+        } else {
+            "request failed"
+        };
+        parts.push(what.to_string());
+    }
+    parts.join(": ")
+}
+
+async fn read_prefix(mut resp: reqwest::Response, max: usize) -> String {
+    let mut buf = Vec::new();
+    while buf.len() < max {
+        match resp.chunk().await {
+            Ok(Some(c)) => buf.extend_from_slice(&c),
+            _ => break,
+        }
+    }
+    String::from_utf8_lossy(&buf).into_owned()
+}
+
+fn xml_tag(body: &str, tag: &str) -> Option<String> {
+    let start = body.find(&format!("<{tag}>"))? + tag.len() + 2;
+    let end = body[start..].find(&format!("</{tag}>"))? + start;
+    Some(body[start..end].to_string())
+}
+
+fn header_str(h: &HeaderMap, name: http::header::HeaderName) -> Option<String> {
+    h.get(name)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
+}
+
+fn header_u64(h: &HeaderMap, name: http::header::HeaderName) -> Option<u64> {
+    h.get(name)?.to_str().ok()?.trim().parse().ok()
+}
+
+/// `Content-Range: bytes START-END/TOTAL` (TOTAL may be `*`).
+fn content_range(h: &HeaderMap) -> Option<(u64, u64, Option<u64>)> {
+    let v = h.get(http::header::CONTENT_RANGE)?.to_str().ok()?;
+    let v = v.trim().strip_prefix("bytes ")?;
+    let (range, total) = v.split_once('/')?;
+    let (s, e) = range.split_once('-')?;
+    let (s, e): (u64, u64) = (s.trim().parse().ok()?, e.trim().parse().ok()?);
+    let total = if total.trim() == "*" {
+        None
+    } else {
+        Some(total.trim().parse().ok()?)
+    };
+    (s <= e).then_some((s, e, total))
+}

@@ -81,6 +81,8 @@ impl Upstream {
             .read_timeout(cfg.read_timeout)
             .redirect(reqwest::redirect::Policy::none())
             .tcp_nodelay(true)
+            // Environment proxies are for people, not for a service talking to its own buckets.
+            .no_proxy()
             .pool_idle_timeout(Duration::from_secs(60))
             .user_agent(concat!("mediaproxy/", env!("CARGO_PKG_VERSION")))
             .build()
@@ -190,6 +192,13 @@ impl Upstream {
         };
         let status = resp.status();
         match status {
+            // S3 answers 416 with an error document and no `Content-Range: bytes */len`; the responder
+            // needs the length to say so, so ask for it.
+            StatusCode::RANGE_NOT_SATISFIABLE
+                if !resp.headers().contains_key(http::header::CONTENT_RANGE) =>
+            {
+                Box::pin(self.fetch(Method::Head, key, None)).await
+            }
             StatusCode::OK | StatusCode::PARTIAL_CONTENT | StatusCode::RANGE_NOT_SATISFIABLE => {
                 self.to_object(method, resp).map(Fetched::Found)
             }

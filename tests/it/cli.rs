@@ -1,0 +1,115 @@
+//! `mediaproxy check` and config errors, as an admin sees them on the terminal.
+
+use std::process::Command;
+
+use crate::common::*;
+
+fn check(config: &str) -> (i32, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("proxy.toml");
+    std::fs::write(&path, config).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_mediaproxy"))
+        .args(["check", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    (out.status.code().unwrap_or(-1), text)
+}
+
+#[test]
+fn config_mistakes_name_the_key_and_line() {
+    let cases: &[(&str, &[&str])] = &[
+        ("[server]\nlisten = [\"127.0.0.1:1\"]\nlisen = 1\n", &["lisen", "line 3"]),
+        ("[cache]\nttl_ok = \"ninety days\"\n", &["ttl_ok", "line 2", "duration"]),
+        ("[cache]\nmax_size = \"20 bananas\"\n", &["max_size", "line 2", "size"]),
+        ("[[upstream]]\ntype = \"http\"\nurl = \"http://127.0.0.1:1\"\n", &["upstream[1].name", "required"]),
+        (
+            "[[upstream]]\nname = \"a\"\ntype = \"http\"\nurl = \"http://127.0.0.1:1\"\n\n[[upstream]]\nname = \"a\"\ntype = \"http\"\nurl = \"http://127.0.0.1:2\"\n",
+            &["upstream[2].name", "duplicate", "line 5"],
+        ),
+        (
+            "[[upstream]]\nname = \"s\"\ntype = \"s3\"\nendpoint = \"http://127.0.0.1:1\"\nbucket = \"b\"\naccess_key_id = \"AK\"\nsecret_access_key_file = \"/nonexistent/secret\"\n",
+            &["upstream[1].secret_access_key_file", "/nonexistent/secret"],
+        ),
+        ("[[upstream]]\nname = \"s\"\ntype = \"ftp\"\n", &["upstream[1].type", "ftp"]),
+        ("[[upstream]]\nname = \"s\"\ntype = \"s3\"\nendpoint = \"not a url\"\nbucket = \"b\"\n", &["upstream[1].endpoint"]),
+        ("[[upstream]]\nname = \"s\"\ntype = \"s3\"\nendpoint = \"http://x\"\n", &["upstream[1].bucket", "required"]),
+        ("[[upstream]]\nname = \"s\"\ntype = \"http\"\nurl = \"http://x\"\ncopy_mising = true\n", &["copy_mising", "line 5"]),
+        ("[server]\npath_prefix = \"storage/\"\n", &["server.path_prefix"]),
+        ("[server]\nlisten = [\"localhost\"]\n", &["listen", "line 2"]),
+        ("[server\n", &["line 1"]),
+    ];
+    for (config, expected) in cases {
+        let (code, text) = check(config);
+        assert_eq!(code, 1, "{config}\n{text}");
+        for e in *expected {
+            assert!(
+                text.contains(e),
+                "expected {e:?} in:\n{text}\nfor config:\n{config}"
+            );
+        }
+    }
+}
+
+#[test]
+fn secrets_never_appear_in_errors() {
+    let config = "[[upstream]]\nname = \"s\"\ntype = \"s3\"\nendpoint = \"http://127.0.0.1:1\"\nbucket = \"b\"\naccess_key_id = \"AK\"\nsecret_access_key = \"hunter2-very-secret\"\nbogus = 1\n";
+    let (code, text) = check(config);
+    assert_eq!(code, 1);
+    assert!(!text.contains("hunter2-very-secret"), "{text}");
+    let (_, text) = check(&config.replace("bogus = 1\n", "connect_timeout = \"1s\"\n"));
+    assert!(!text.contains("hunter2-very-secret"), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn check_probes_every_upstream() {
+    let s3 = S3Server::start(&["media"], true).await;
+    let public = S3Server::start(&["pub"], false).await;
+    let dir = tempfile::tempdir().unwrap();
+    let secret_file = dir.path().join("b.secret");
+    std::fs::write(&secret_file, format!("{SECRET_KEY}\n")).unwrap();
+    let good = s3.s3_upstream("good", "media").replace(
+        &format!("secret_access_key = \"{SECRET_KEY}\""),
+        &format!("secret_access_key_file = \"{}\"", secret_file.display()),
+    );
+    let config = format!("{good}{}", public.http_upstream("public", "pub"));
+    let (code, text) = tokio::task::spawn_blocking(move || check(&config))
+        .await
+        .unwrap();
+    assert_eq!(code, 0, "{text}");
+    assert!(
+        text.contains("OK   good") && text.contains("OK   public"),
+        "{text}"
+    );
+    assert!(!text.contains(SECRET_KEY));
+
+    let bad_secret = s3
+        .s3_upstream("badkey", "media")
+        .replace(SECRET_KEY, "nope");
+    let dead = format!(
+        "[[upstream]]\nname = \"dead\"\ntype = \"http\"\nurl = \"http://127.0.0.1:{}\"\n",
+        closed_port()
+    );
+    let nxdomain =
+        "[[upstream]]\nname = \"nx\"\ntype = \"http\"\nurl = \"http://bucket.invalid\"\n";
+    let config = format!(
+        "{}{bad_secret}{dead}{nxdomain}",
+        s3.s3_upstream("good", "media")
+    );
+    let (code, text) = tokio::task::spawn_blocking(move || check(&config))
+        .await
+        .unwrap();
+    assert_eq!(code, 1, "{text}");
+    assert!(text.contains("OK   good"), "{text}");
+    assert!(
+        text.contains("FAIL badkey") && text.contains("SignatureDoesNotMatch"),
+        "{text}"
+    );
+    assert!(
+        text.contains("FAIL dead") && text.contains("connect"),
+        "{text}"
+    );
+    assert!(text.contains("FAIL nx") && text.contains("DNS"), "{text}");
+}

@@ -1,0 +1,453 @@
+//! Real parts for the integration tests: an in-process S3 server (s3s + s3s-fs, SigV4 enforced), the
+//! real `mediaproxy` binary on loopback, and small raw-socket upstreams that misbehave on purpose.
+
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use rusty_s3::{Bucket, Credentials, S3Action, UrlStyle};
+use s3s::service::S3ServiceBuilder;
+use tempfile::TempDir;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+pub const ACCESS_KEY: &str = "AKIAMEDIAPROXYTEST";
+pub const SECRET_KEY: &str = "test-secret-do-not-log-9f8e7d";
+
+/// A real S3 server on 127.0.0.1 storing to a temp dir. Counts requests per method (what the bucket's
+/// bill would count).
+pub struct S3Server {
+    pub addr: SocketAddr,
+    pub root: TempDir,
+    counts: Arc<Mutex<HashMap<String, usize>>>,
+    task: tokio::task::JoinHandle<()>,
+    signed: bool,
+}
+
+impl S3Server {
+    /// `signed`: enforce SigV4 with [`ACCESS_KEY`]/[`SECRET_KEY`]; otherwise anonymous (a public bucket).
+    pub async fn start(buckets: &[&str], signed: bool) -> S3Server {
+        let root = tempfile::tempdir().unwrap();
+        for b in buckets {
+            std::fs::create_dir_all(root.path().join(b)).unwrap();
+        }
+        let fs = s3s_fs::FileSystem::new(root.path()).unwrap();
+        let mut builder = S3ServiceBuilder::new(fs);
+        if signed {
+            builder.set_auth(s3s::auth::SimpleAuth::from_single(ACCESS_KEY, SECRET_KEY));
+        }
+        let service = builder.build();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let counts: Arc<Mutex<HashMap<String, usize>>> = Arc::default();
+        let c = counts.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                stream.set_nodelay(true).unwrap();
+                let service = service.clone();
+                let c = c.clone();
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(
+                        move |req: http::Request<hyper::body::Incoming>| {
+                            *c.lock()
+                                .unwrap()
+                                .entry(req.method().to_string())
+                                .or_default() += 1;
+                            let service = service.clone();
+                            async move { hyper::service::Service::call(&service, req).await }
+                        },
+                    );
+                    let _ = auto::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        S3Server {
+            addr,
+            root,
+            counts,
+            task,
+            signed,
+        }
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    fn bucket(&self, name: &str) -> Bucket {
+        Bucket::new(
+            self.endpoint().parse().unwrap(),
+            UrlStyle::Path,
+            name.to_string(),
+            "us-east-1",
+        )
+        .unwrap()
+    }
+
+    fn creds(&self) -> Option<Credentials> {
+        self.signed
+            .then(|| Credentials::new(ACCESS_KEY, SECRET_KEY))
+    }
+
+    /// Uploads through the S3 API, as Mastodon would (so ETag and Content-Type are stored).
+    pub async fn put(&self, bucket: &str, key: &str, body: Vec<u8>, content_type: &str) {
+        let b = self.bucket(bucket);
+        let creds = self.creds();
+        let mut action = b.put_object(creds.as_ref(), key);
+        action
+            .headers_mut()
+            .insert("content-type", content_type.to_string());
+        let url = action.sign(Duration::from_secs(60));
+        let resp = client()
+            .put(url)
+            .header("content-type", content_type)
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        let status = resp.status();
+        assert!(
+            status.is_success(),
+            "PUT {key}: {status} {}",
+            resp.text().await.unwrap_or_default()
+        );
+    }
+
+    pub async fn delete(&self, bucket: &str, key: &str) {
+        let b = self.bucket(bucket);
+        let creds = self.creds();
+        let url = b
+            .delete_object(creds.as_ref(), key)
+            .sign(Duration::from_secs(60));
+        let resp = client().delete(url).send().await.unwrap();
+        assert!(
+            resp.status().is_success(),
+            "DELETE {key}: {}",
+            resp.status()
+        );
+    }
+
+    pub fn count(&self, method: &str) -> usize {
+        self.counts
+            .lock()
+            .unwrap()
+            .get(method)
+            .copied()
+            .unwrap_or(0)
+    }
+
+    pub fn reset_counts(&self) {
+        self.counts.lock().unwrap().clear();
+    }
+
+    /// TOML for an `[[upstream]]` of type s3 pointing at `bucket` here.
+    pub fn s3_upstream(&self, name: &str, bucket: &str) -> String {
+        format!(
+            "[[upstream]]\nname = \"{name}\"\ntype = \"s3\"\nendpoint = \"{}\"\nbucket = \"{bucket}\"\nregion = \"us-east-1\"\npath_style = true\naccess_key_id = \"{ACCESS_KEY}\"\nsecret_access_key = \"{SECRET_KEY}\"\n\n",
+            self.endpoint()
+        )
+    }
+
+    /// TOML for an anonymous `type = "http"` upstream on this (public) server's bucket.
+    pub fn http_upstream(&self, name: &str, bucket: &str) -> String {
+        format!(
+            "[[upstream]]\nname = \"{name}\"\ntype = \"http\"\nurl = \"{}/{bucket}\"\n\n",
+            self.endpoint()
+        )
+    }
+}
+
+impl Drop for S3Server {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .no_proxy()
+        .redirect(reqwest::redirect::Policy::none())
+        .timeout(Duration::from_secs(60))
+        .build()
+        .unwrap()
+}
+
+/// A port nothing listens on (bound, then released).
+pub fn closed_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().port()
+}
+
+/// The real binary, on loopback, with a config written to a temp dir. Killed on drop.
+pub struct Proxy {
+    pub child: Child,
+    pub addr: SocketAddr,
+    pub dir: TempDir,
+    pub config_path: PathBuf,
+    log: PathBuf,
+}
+
+impl Proxy {
+    /// `body` is the config after `[server]`'s listen line: `[local]`, `[[upstream]]`… (the cache dir
+    /// defaults into the temp dir). `{dir}` is replaced by the proxy's temp dir.
+    pub fn start(body: &str) -> Proxy {
+        Self::start_with_server(body, "")
+    }
+
+    /// `server_extra` goes into the `[server]` table.
+    pub fn start_with_server(body: &str, server_extra: &str) -> Proxy {
+        let mut dir = tempfile::tempdir().unwrap();
+        for _ in 0..5 {
+            let port = closed_port();
+            let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+            let text = render(dir.path(), addr, server_extra, body);
+            let config_path = dir.path().join("proxy.toml");
+            std::fs::write(&config_path, text).unwrap();
+            let log = dir.path().join("proxy.log");
+            let child = Command::new(env!("CARGO_BIN_EXE_mediaproxy"))
+                .args(["serve", "--config"])
+                .arg(&config_path)
+                .env("MEDIAPROXY_LOG", "info,mediaproxy=debug")
+                .stdout(Stdio::null())
+                .stderr(std::fs::File::create(&log).unwrap())
+                .spawn()
+                .unwrap();
+            let mut proxy = Proxy {
+                child,
+                addr,
+                dir,
+                config_path,
+                log,
+            };
+            if proxy.wait_listening(Duration::from_secs(20)) {
+                return proxy;
+            }
+            let _ = proxy.child.kill();
+            let _ = proxy.child.wait();
+            dir = std::mem::replace(&mut proxy.dir, tempfile::tempdir().unwrap());
+        }
+        panic!("proxy did not start");
+    }
+
+    fn wait_listening(&mut self, within: Duration) -> bool {
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return false;
+            }
+            if std::net::TcpStream::connect(self.addr).is_ok() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    pub fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .args(["-s", sig, &self.pid().to_string()])
+            .status()
+            .unwrap();
+        assert!(ok.success());
+    }
+
+    /// Peak resident memory so far, in KiB (VmHWM).
+    pub fn peak_rss_kib(&self) -> u64 {
+        proc_status_kib(self.pid(), "VmHWM:")
+    }
+
+    pub fn rss_kib(&self) -> u64 {
+        proc_status_kib(self.pid(), "VmRSS:")
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Rewrites the config file (same listen address) for a SIGHUP reload.
+    pub fn rewrite_config(&self, body: &str) {
+        std::fs::write(
+            &self.config_path,
+            render(self.dir.path(), self.addr, "", body),
+        )
+        .unwrap();
+    }
+
+    /// Waits for the process to exit, returning its exit code.
+    pub fn wait_exit(&mut self, within: Duration) -> Option<i32> {
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status.code();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+}
+
+fn render(dir: &Path, addr: SocketAddr, server_extra: &str, body: &str) -> String {
+    let body = body.replace("{dir}", &dir.display().to_string());
+    let cache = if body.contains("[cache]") {
+        String::new()
+    } else {
+        format!("[cache]\ndir = \"{}/cache\"\n\n", dir.display())
+    };
+    let local = if body.contains("[local]") {
+        String::new()
+    } else {
+        "[local]\nroots = []\n\n".to_string()
+    };
+    format!("[server]\nlisten = [\"{addr}\"]\n{server_extra}\n\n{local}{cache}{body}")
+}
+
+fn proc_status_kib(pid: i32, field: &str) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    s.lines()
+        .find(|l| l.starts_with(field))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A local root shaped like Mastodon's `public/system`.
+pub fn mastodon_root() -> TempDir {
+    tempfile::tempdir().unwrap()
+}
+
+pub fn write_file(root: &Path, key: &str, body: &[u8]) {
+    let path = root.join(key);
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    std::fs::write(path, body).unwrap();
+}
+
+/// Deterministic pseudo-random bytes, so byte-exact comparisons catch offset mistakes.
+pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407)
+        | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect()
+}
+
+/// A raw HTTP/1.1 upstream that sends exactly what the test wants, byte by byte. Counts connections.
+pub struct RawUpstream {
+    pub addr: SocketAddr,
+    pub hits: Arc<AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+#[derive(Clone)]
+pub enum Behaviour {
+    /// Headers promising `len` bytes, then `sent` bytes, then close.
+    DieMidBody { len: usize, sent: usize },
+    /// Accept and never answer.
+    Silent,
+    /// A full response with these extra header lines.
+    Respond {
+        status: u16,
+        headers: Vec<(String, String)>,
+        body: Vec<u8>,
+    },
+}
+
+impl RawUpstream {
+    pub async fn start(b: Behaviour) -> RawUpstream {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let hits = Arc::new(AtomicUsize::new(0));
+        let h = hits.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((mut s, _)) = listener.accept().await else {
+                    continue;
+                };
+                h.fetch_add(1, Ordering::SeqCst);
+                let b = b.clone();
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 8192];
+                    let mut got = Vec::new();
+                    while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match s.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => got.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    match b {
+                        Behaviour::DieMidBody { len, sent } => {
+                            let head = format!("HTTP/1.1 200 OK\r\nContent-Length: {len}\r\nContent-Type: video/mp4\r\n\r\n");
+                            let _ = s.write_all(head.as_bytes()).await;
+                            let _ = s.write_all(&pattern(sent, 7)).await;
+                            let _ = s.flush().await;
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                            // dropped: the connection closes with the body incomplete
+                        }
+                        Behaviour::Silent => tokio::time::sleep(Duration::from_secs(120)).await,
+                        Behaviour::Respond {
+                            status,
+                            headers,
+                            body,
+                        } => {
+                            let mut head = format!(
+                                "HTTP/1.1 {status} X\r\nContent-Length: {}\r\n",
+                                body.len()
+                            );
+                            for (k, v) in headers {
+                                head.push_str(&format!("{k}: {v}\r\n"));
+                            }
+                            head.push_str("Connection: close\r\n\r\n");
+                            let _ = s.write_all(head.as_bytes()).await;
+                            let _ = s.write_all(&body).await;
+                        }
+                    }
+                });
+            }
+        });
+        RawUpstream { addr, hits, task }
+    }
+
+    pub fn http_upstream(&self, name: &str) -> String {
+        format!("[[upstream]]\nname = \"{name}\"\ntype = \"http\"\nurl = \"http://{}\"\nfirst_byte_timeout = \"1s\"\n\n", self.addr)
+    }
+}
+
+impl Drop for RawUpstream {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}

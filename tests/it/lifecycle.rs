@@ -1,0 +1,203 @@
+//! Process life as systemd drives it: graceful stop, reload, slow clients, TLS and HTTP/2.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+
+use crate::common::*;
+
+const KEY: &str = "media_attachments/files/1/2/3/original/v.mp4";
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_finishes_in_flight_responses_then_exits_0() {
+    let s3 = S3Server::start(&["media"], true).await;
+    let data = pattern(20 << 20, 3);
+    s3.put("media", KEY, data.clone(), "video/mp4").await;
+    let mut proxy = Proxy::start(&s3.s3_upstream("b", "media"));
+    let r = client()
+        .get(proxy.url(&format!("/{KEY}")))
+        .send()
+        .await
+        .unwrap();
+    let mut stream = r.bytes_stream();
+    let first = stream.next().await.unwrap().unwrap();
+    proxy.signal("TERM");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        TcpStream::connect(proxy.addr).is_err(),
+        "stops accepting at once"
+    );
+    let mut got = first.len();
+    while let Some(c) = stream.next().await {
+        got += c.unwrap().len();
+    }
+    assert_eq!(got, data.len(), "the in-flight response completes");
+    let code = tokio::task::spawn_blocking(move || proxy.wait_exit(Duration::from_secs(10)))
+        .await
+        .unwrap();
+    assert_eq!(code, Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sighup_reorders_upstreams_and_a_bad_file_keeps_the_old_config() {
+    let s3 = S3Server::start(&["old", "new"], true).await;
+    s3.put("old", KEY, b"old".to_vec(), "video/mp4").await;
+    s3.put("new", KEY, b"new".to_vec(), "video/mp4").await;
+    let proxy = Proxy::start(&format!(
+        "{}{}",
+        s3.s3_upstream("old", "old"),
+        s3.s3_upstream("new", "new")
+    ));
+    let get = || async {
+        client()
+            .get(proxy.url(&format!("/{KEY}")))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    };
+    assert_eq!(get().await, "old");
+
+    proxy.rewrite_config(&format!(
+        "{}{}",
+        s3.s3_upstream("new", "new"),
+        s3.s3_upstream("old", "old")
+    ));
+    proxy.signal("HUP");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while get().await != "new" {
+        assert!(Instant::now() < deadline, "reload did not take effect");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    proxy.rewrite_config("[[upstream]]\nname = \"x\"\ntype = \"s3\"\nbukket = \"typo\"\n");
+    proxy.signal("HUP");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !proxy.log().contains("reload failed") {
+        assert!(
+            Instant::now() < deadline,
+            "no reload error logged:\n{}",
+            proxy.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        proxy.log().contains("bukket"),
+        "the log names the key at fault"
+    );
+    assert_eq!(get().await, "new", "old config keeps serving");
+}
+
+#[tokio::test]
+async fn slow_client_cannot_hold_a_connection() {
+    let proxy = Proxy::start_with_server("", "header_read_timeout = \"1s\"");
+    let mut s = TcpStream::connect(proxy.addr).unwrap();
+    s.write_all(b"GET /a HTTP/1.1\r\nHost: x\r\n").unwrap(); // never finishes the headers
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let started = Instant::now();
+    let mut buf = Vec::new();
+    let _ = s.read_to_end(&mut buf);
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "connection held {:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn tls_and_http2() {
+    let root = mastodon_root();
+    write_file(root.path(), KEY, b"over tls");
+    let cert =
+        rcgen::generate_simple_self_signed(vec!["localhost".into(), "127.0.0.1".into()]).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("cert.pem"), cert.cert.pem()).unwrap();
+    std::fs::write(dir.path().join("key.pem"), cert.key_pair.serialize_pem()).unwrap();
+    let server = format!(
+        "[server.tls]\ncert = \"{0}/cert.pem\"\nkey = \"{0}/key.pem\"\n",
+        dir.path().display()
+    );
+    // [server.tls] must follow [server]'s keys; local comes after it.
+    let proxy = Proxy::start_with_server(
+        &format!("[local]\nroots = [\"{}\"]\n", root.path().display()),
+        &server,
+    );
+    let ca = reqwest::Certificate::from_pem(cert.cert.pem().as_bytes()).unwrap();
+    let c = reqwest::Client::builder()
+        .no_proxy()
+        .add_root_certificate(ca)
+        .build()
+        .unwrap();
+    let url = format!("https://localhost:{}/{KEY}", proxy.addr.port());
+    let r = c.get(&url).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.version(), reqwest::Version::HTTP_2, "ALPN negotiates h2");
+    assert_eq!(r.text().await.unwrap(), "over tls");
+
+    // Plain HTTP/2 (prior knowledge) on a cleartext listener too.
+    let plain = Proxy::start(&format!(
+        "[local]\nroots = [\"{}\"]\n",
+        root.path().display()
+    ));
+    let c = reqwest::Client::builder()
+        .no_proxy()
+        .http2_prior_knowledge()
+        .build()
+        .unwrap();
+    let r = c.get(plain.url(&format!("/{KEY}"))).send().await.unwrap();
+    assert_eq!(r.version(), reqwest::Version::HTTP_2);
+    assert_eq!(r.text().await.unwrap(), "over tls");
+}
+
+#[tokio::test]
+async fn admin_listener_serves_health_and_metrics() {
+    let root = mastodon_root();
+    write_file(root.path(), KEY, b"x");
+    let admin_port = closed_port();
+    let proxy = Proxy::start_with_server(
+        &format!("[local]\nroots = [\"{}\"]\n", root.path().display()),
+        &format!("admin_listen = \"127.0.0.1:{admin_port}\""),
+    );
+    client()
+        .get(proxy.url(&format!("/{KEY}")))
+        .send()
+        .await
+        .unwrap();
+    client().get(proxy.url("/nope/x")).send().await.unwrap();
+    let h = client()
+        .get(format!("http://127.0.0.1:{admin_port}/healthz"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(h.status(), 200);
+    let m = client()
+        .get(format!("http://127.0.0.1:{admin_port}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        m.contains("mediaproxy_requests_total{status=\"200\",x_cache=\"LOCAL\"} 1"),
+        "{m}"
+    );
+    assert!(
+        m.contains("mediaproxy_requests_total{status=\"404\",x_cache=\"\"} 1"),
+        "{m}"
+    );
+    // The public port does not serve them.
+    assert_eq!(
+        client()
+            .get(proxy.url("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        404
+    );
+}

@@ -1,0 +1,7 @@
+//! One integration-test binary (one link) driving the real `mediaproxy` binary over loopback.
+
+mod cli;
+mod common;
+mod lifecycle;
+mod local;
+mod upstreams;

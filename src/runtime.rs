@@ -36,6 +36,9 @@ impl Runtime {
                 })
             })
             .collect::<Result<_, _>>()?;
+        for u in config.upstreams.iter().filter(|u| u.copy_missing) {
+            tracing::warn!(upstream = %u.name, "copy_missing is set, but this release does not copy objects between upstreams yet; it only serves them");
+        }
         Ok(Runtime {
             config,
             upstreams,

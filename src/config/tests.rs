@@ -1,1 +1,84 @@
+use std::path::Path;
 
+use super::*;
+
+fn err(text: &str) -> String {
+    Config::parse(text, Path::new("/nonexistent"))
+        .unwrap_err()
+        .to_string()
+}
+
+#[test]
+fn embedded_default_matches_the_interface() {
+    let c = Config::embedded_default();
+    assert_eq!(c.server.listen, vec!["127.0.0.1:8080".parse().unwrap()]);
+    assert_eq!(c.local.roots, vec![PathBuf::from("./public/system")]);
+    assert_eq!(c.cache.dir, PathBuf::from("./cache"));
+    assert!(c.upstreams.is_empty());
+}
+
+#[test]
+fn example_file_parses() {
+    let text = include_str!("../../proxy.example.toml");
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("new.secret"), "s3cr3t\n").unwrap();
+    let text = text.replace("/etc/mediaproxy/new.secret", "new.secret");
+    let c = Config::parse(&text, dir.path()).unwrap();
+    assert_eq!(c.upstreams.len(), 2);
+    assert_eq!(c.upstreams[0].name, "new");
+    assert!(c.upstreams[0].copy_missing);
+    assert_eq!(c.cache.max_size, 20 << 30);
+    assert_eq!(c.cache.ttl_error, Duration::from_secs(300));
+    assert_eq!(c.cache.inactive, Duration::from_secs(90 * 86400));
+    match &c.upstreams[0].kind {
+        UpstreamKind::S3 {
+            credentials: Some((_, secret)),
+            ..
+        } => assert_eq!(secret.expose(), "s3cr3t"),
+        _ => panic!("expected s3 with credentials"),
+    }
+}
+
+#[test]
+fn secrets_are_hidden_from_debug() {
+    let text = "[[upstream]]\nname = \"s\"\ntype = \"s3\"\nendpoint = \"https://s3.example.org\"\nbucket = \"media\"\naccess_key_id = \"AK\"\nsecret_access_key = \"topsecret\"\n";
+    let c = Config::parse(text, Path::new(".")).unwrap();
+    let dbg = format!("{c:?}");
+    assert!(!dbg.contains("topsecret"), "{dbg}");
+    assert!(dbg.contains("Secret(***)"));
+}
+
+#[test]
+fn errors_name_keys() {
+    assert!(err("[cache]\nttl_error = \"5 fortnights\"\n").contains("`ttl_error`"));
+    assert!(err("[local]\nroot = []\n").contains("`root`"));
+    assert!(err("[[upstream]]\nname = \"x\"\n").contains("upstream[1].type"));
+    assert!(
+        err("[[upstream]]\nname = \"local\"\ntype = \"http\"\nurl = \"http://x\"\n")
+            .contains("upstream[1].name")
+    );
+    assert!(err(
+        "[[upstream]]\nname = \"h\"\ntype = \"http\"\nurl = \"http://x\"\nbucket = \"b\"\n"
+    )
+    .contains("upstream[1].bucket"));
+    assert!(
+        err("[[upstream]]\nname = \"h\"\ntype = \"http\"\nurl = \"ftp://x\"\n")
+            .contains("upstream[1].url")
+    );
+    assert!(err("[[upstream]]\nname = \"s\"\ntype = \"s3\"\nendpoint = \"http://x\"\nbucket = \"b\"\nsecret_access_key = \"k\"\n").contains("access_key_id"));
+    assert!(err("[[upstream]]\nname = \"s\"\ntype = \"s3\"\nendpoint = \"http://x\"\nbucket = \"b\"\nprefix = \"a/../b\"\n").contains("prefix"));
+}
+
+#[test]
+fn sizes_and_durations() {
+    let c = Config::parse(
+        "[cache]\nmax_size = \"256MiB\"\nttl_ok = \"1h 30m\"\ninactive = \"7d\"\n",
+        Path::new("."),
+    )
+    .unwrap();
+    assert_eq!(c.cache.max_size, 256 << 20);
+    assert_eq!(c.cache.ttl_ok, Duration::from_secs(5400));
+    assert_eq!(c.cache.inactive, Duration::from_secs(7 * 86400));
+    let c = Config::parse("[cache]\nmax_size = 1000\n", Path::new(".")).unwrap();
+    assert_eq!(c.cache.max_size, 1000);
+}

@@ -1,1 +1,115 @@
+use proptest::prelude::*;
 
+use super::*;
+
+#[test]
+fn mastodon_keys_pass_through() {
+    for k in [
+        "media_attachments/files/109/383/759/229/326/700/original/x.png",
+        "cache/accounts/avatars/109/383/759/229/326/700/original/a.jpg",
+        "custom_emojis/images/000/000/001/static/blobcat.png",
+        "site_uploads/files/000/000/001/@1x/logo.png",
+        "a b/c+d.png",
+    ] {
+        let encoded: String = k.replace(' ', "%20");
+        assert_eq!(parse(&format!("/{encoded}"), "").unwrap().as_str(), k);
+    }
+}
+
+#[test]
+fn refusals() {
+    let cases: &[(&str, KeyError)] = &[
+        ("/", KeyError::NotFound),
+        ("", KeyError::NotFound),
+        ("/a/", KeyError::NotFound),
+        ("/a%2F", KeyError::NotFound),
+        ("/../etc/passwd", KeyError::BadSegment),
+        ("/a/%2e%2e/b", KeyError::BadSegment),
+        ("/a/./b", KeyError::BadSegment),
+        ("/a//b", KeyError::BadSegment),
+        ("/a%2f%2fb", KeyError::BadSegment),
+        ("/a%00b", KeyError::BadCharacter),
+        ("/a%5cb", KeyError::BadCharacter),
+        ("/a\\b", KeyError::BadCharacter),
+        ("/a%0d%0aSet-Cookie:x", KeyError::BadCharacter),
+        ("/a%zz", KeyError::BadEncoding),
+        ("/a%", KeyError::BadEncoding),
+        ("/a%2", KeyError::BadEncoding),
+        ("/%ff%fe", KeyError::BadEncoding),
+    ];
+    for (path, want) in cases {
+        assert_eq!(parse(path, ""), Err(*want), "{path}");
+    }
+    assert_eq!(
+        parse(&format!("/{}", "a".repeat(1025)), ""),
+        Err(KeyError::TooLong)
+    );
+}
+
+#[test]
+fn prefix_is_stripped_exactly() {
+    assert_eq!(
+        parse("/storage/a/b.png", "/storage").unwrap().as_str(),
+        "a/b.png"
+    );
+    assert_eq!(
+        parse("/storagea/b.png", "/storage"),
+        Err(KeyError::NotFound)
+    );
+    assert_eq!(parse("/a/b.png", "/storage"), Err(KeyError::NotFound));
+    assert_eq!(parse("/storage", "/storage"), Err(KeyError::NotFound));
+    assert_eq!(parse("/storage/", "/storage"), Err(KeyError::NotFound));
+}
+
+#[test]
+fn statuses() {
+    assert_eq!(KeyError::NotFound.status(), 404);
+    assert_eq!(KeyError::BadSegment.status(), 400);
+}
+
+/// Resolving `key` lexically under `/root` never leaves it: the guarantee `local` relies on (the kernel
+/// enforces the symlink half with RESOLVE_BENEATH).
+fn stays_inside(key: &str) -> bool {
+    let mut depth: i64 = 0;
+    for seg in key.split('/') {
+        match seg {
+            ".." => depth -= 1,
+            "." | "" => {}
+            _ => depth += 1,
+        }
+        if depth < 0 {
+            return false;
+        }
+    }
+    !key.starts_with('/')
+}
+
+proptest! {
+    #[test]
+    fn accepted_keys_never_escape(path in "(/|[a-z]|\\.|%|2|e|E|f|F|5|c|0|\\\\){1,24}") {
+        if let Ok(key) = parse(&path, "") {
+            let k = key.as_str();
+            prop_assert!(stays_inside(k), "{path:?} -> {k:?}");
+            prop_assert!(!k.split('/').any(|s| s.is_empty() || s == "." || s == ".."));
+            prop_assert!(!k.contains('\0') && !k.contains('\\'));
+            prop_assert!(!k.ends_with('/'));
+        }
+    }
+
+    #[test]
+    fn arbitrary_bytes_never_panic_and_never_escape(path in "\\PC{0,64}") {
+        if let Ok(key) = parse(&format!("/{path}"), "/p") {
+            prop_assert!(stays_inside(key.as_str()));
+        }
+        let _ = parse(&path, "");
+    }
+
+    #[test]
+    fn encoding_round_trips(segs in proptest::collection::vec("[a-zA-Z0-9 _+@-]{1,12}", 1..8)) {
+        let key = segs.join("/");
+        let encoded = percent_encoding::utf8_percent_encode(&key, percent_encoding::NON_ALPHANUMERIC).to_string();
+        // NON_ALPHANUMERIC also escapes `/`: a decoded %2F is a separator like any other.
+        let parsed = parse(&format!("/{encoded}"), "").unwrap();
+        prop_assert_eq!(parsed.as_str(), key.as_str());
+    }
+}

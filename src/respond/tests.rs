@@ -1,1 +1,168 @@
+use http::HeaderMap;
 
+use super::range::RangeSpec;
+use super::*;
+use crate::object::{Meta, Source};
+
+#[test]
+fn range_parsing() {
+    assert_eq!(
+        RangeSpec::parse("bytes=0-99"),
+        Some(RangeSpec::FromTo(0, 99))
+    );
+    assert_eq!(RangeSpec::parse("bytes=10-"), Some(RangeSpec::From(10)));
+    assert_eq!(RangeSpec::parse("bytes=-5"), Some(RangeSpec::Suffix(5)));
+    assert_eq!(
+        RangeSpec::parse(" bytes = 1-2 "),
+        None,
+        "space inside the unit is invalid"
+    );
+    for bad in [
+        "bytes=5-3",
+        "bytes=-",
+        "bytes=a-b",
+        "items=0-1",
+        "bytes=0-1,3-4",
+        "bytes=+1-2",
+        "bytes=1--2",
+    ] {
+        assert_eq!(RangeSpec::parse(bad), None, "{bad}");
+    }
+}
+
+#[test]
+fn range_resolution() {
+    assert_eq!(RangeSpec::FromTo(0, 99).resolve(50), Some((0, 49)));
+    assert_eq!(RangeSpec::FromTo(50, 60).resolve(50), None);
+    assert_eq!(RangeSpec::From(49).resolve(50), Some((49, 49)));
+    assert_eq!(RangeSpec::Suffix(100).resolve(50), Some((0, 49)));
+    assert_eq!(RangeSpec::Suffix(0).resolve(50), None);
+    assert_eq!(RangeSpec::From(0).resolve(0), None);
+}
+
+fn object(body: &'static [u8]) -> Object {
+    let stream = futures_util::stream::once(async move { Ok(Bytes::from_static(body)) });
+    Object {
+        meta: Meta {
+            len: Some(body.len() as u64),
+            content_type: Some("image/png".into()),
+            last_modified: Some(
+                SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_700_000_000),
+            ),
+            etag: Some("\"abc\"".into()),
+            source: Source::Miss,
+            upstream: Some("u".into()),
+        },
+        body: Body::Stream {
+            stream: Box::pin(stream),
+            offset: 0,
+        },
+    }
+}
+
+async fn run(
+    obj: Object,
+    method: Method,
+    headers: &[(&str, &str)],
+) -> (StatusCode, HeaderMap, Bytes) {
+    let mut h = HeaderMap::new();
+    for (k, v) in headers {
+        h.insert(
+            HeaderName::from_bytes(k.as_bytes()).unwrap(),
+            HeaderValue::from_str(v).unwrap(),
+        );
+    }
+    let resp = build(
+        obj,
+        &RequestInfo {
+            method: &method,
+            headers: &h,
+        },
+    );
+    let (parts, body) = resp.into_parts();
+    let bytes = body
+        .collect()
+        .await
+        .map(|c| c.to_bytes())
+        .unwrap_or_default();
+    (parts.status, parts.headers, bytes)
+}
+
+#[tokio::test]
+async fn full_range_and_head() {
+    let (s, h, b) = run(object(b"0123456789"), Method::GET, &[]).await;
+    assert_eq!((s, &b[..]), (StatusCode::OK, &b"0123456789"[..]));
+    assert_eq!(h["x-cache"], "MISS");
+    assert_eq!(h["content-length"], "10");
+    let (s, h, b) = run(
+        object(b"0123456789"),
+        Method::GET,
+        &[("range", "bytes=2-4")],
+    )
+    .await;
+    assert_eq!((s, &b[..]), (StatusCode::PARTIAL_CONTENT, &b"234"[..]));
+    assert_eq!(h["content-range"], "bytes 2-4/10");
+    let (s, h, _) = run(
+        object(b"0123456789"),
+        Method::GET,
+        &[("range", "bytes=10-")],
+    )
+    .await;
+    assert_eq!(s, StatusCode::RANGE_NOT_SATISFIABLE);
+    assert_eq!(h["content-range"], "bytes */10");
+    let (s, h, b) = run(
+        object(b"0123456789"),
+        Method::HEAD,
+        &[("range", "bytes=2-4")],
+    )
+    .await;
+    assert_eq!((s, b.len()), (StatusCode::OK, 0));
+    assert_eq!(h["content-length"], "10");
+}
+
+#[tokio::test]
+async fn conditionals() {
+    let (s, _, b) = run(object(b"x"), Method::GET, &[("if-none-match", "\"abc\"")]).await;
+    assert_eq!((s, b.len()), (StatusCode::NOT_MODIFIED, 0));
+    let (s, _, _) = run(object(b"x"), Method::GET, &[("if-none-match", "*")]).await;
+    assert_eq!(s, StatusCode::NOT_MODIFIED);
+    let ims = httpdate::fmt_http_date(
+        SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_700_000_000),
+    );
+    let (s, _, _) = run(object(b"x"), Method::GET, &[("if-modified-since", &ims)]).await;
+    assert_eq!(s, StatusCode::NOT_MODIFIED);
+    // If-None-Match wins over If-Modified-Since.
+    let (s, _, _) = run(
+        object(b"x"),
+        Method::GET,
+        &[("if-none-match", "\"zzz\""), ("if-modified-since", &ims)],
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn short_source_is_an_error_not_a_clean_end() {
+    let mut obj = object(b"abc");
+    obj.meta.len = Some(10);
+    let resp = build(
+        obj,
+        &RequestInfo {
+            method: &Method::GET,
+            headers: &HeaderMap::new(),
+        },
+    );
+    assert!(resp.into_body().collect().await.is_err());
+}
+
+#[tokio::test]
+async fn upstream_applied_range_is_not_applied_twice() {
+    let mut obj = object(b"234");
+    obj.meta.len = Some(10);
+    obj.body = match obj.body {
+        Body::Stream { stream, .. } => Body::Stream { stream, offset: 2 },
+        b => b,
+    };
+    let (s, _, b) = run(obj, Method::GET, &[("range", "bytes=2-4")]).await;
+    assert_eq!((s, &b[..]), (StatusCode::PARTIAL_CONTENT, &b"234"[..]));
+}

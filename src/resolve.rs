@@ -26,7 +26,7 @@ pub async fn lookup(
     method: Method,
     range: Option<&HeaderValue>,
 ) -> Outcome {
-    if let Some(obj) = local::open(&rt.config.local.roots, key).await {
+    if let Some(obj) = local::open(&rt.config.local.roots, key) {
         return Outcome::Found(obj);
     }
     let mut failed = false;

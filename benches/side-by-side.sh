@@ -17,7 +17,7 @@ DURATION=${DURATION:-15s}
 CONNS=${CONNS:-32}
 FILES=${FILES:-2000}
 BIG_MB=${BIG_MB:-1024}
-ROUNDS=${ROUNDS:-2}
+ROUNDS=${ROUNDS:-3}
 
 need=()
 command -v nginx >/dev/null || need+=(nginx-light)
@@ -182,10 +182,14 @@ python3 - "${NG[@]}" -- "${MP[@]}" <<'PY'
 import sys
 args = sys.argv[1:]; i = args.index("--")
 ng = [list(map(float, a.split())) for a in args[:i]]; mp = [list(map(float, a.split())) for a in args[i+1:]]
+import statistics
+med = lambda rows, i: statistics.median(r[i] for r in rows)
 best = lambda rows: max(rows, key=lambda r: r[0])
 n, m = best(ng), best(mp)
-print(f"local hits  nginx {n[0]:.0f} req/s p99 {n[2]:.2f} ms | mediaproxy {m[0]:.0f} req/s p99 {m[2]:.2f} ms"
-      f" | ratio req/s {m[0]/n[0]:.2f}x, p99 {m[2]/n[2]:.2f}x (best round each)")
+print(f"local hits  median: nginx {med(ng,0):.0f} req/s p99 {med(ng,2):.2f} ms | mediaproxy {med(mp,0):.0f} req/s p99 {med(mp,2):.2f} ms"
+      f" | ratio req/s {med(mp,0)/med(ng,0):.2f}x, p99 {med(mp,2)/med(ng,2):.2f}x")
+print(f"local hits  best:   nginx {n[0]:.0f} req/s p99 {n[2]:.2f} ms | mediaproxy {m[0]:.0f} req/s p99 {m[2]:.2f} ms"
+      f" | ratio req/s {m[0]/n[0]:.2f}x, p99 {m[2]/n[2]:.2f}x")
 PY
 echo "mediaproxy peak RSS after the load: $(hwm_kib "$MPPID") KiB"
 

@@ -16,14 +16,20 @@ async fn main() {
     let fs = s3s_fs::FileSystem::new(&args[1]).expect("root directory");
     let mut builder = S3ServiceBuilder::new(fs);
     if args.len() == 5 {
-        builder.set_auth(s3s::auth::SimpleAuth::from_single(args[3].clone(), args[4].clone()));
+        builder.set_auth(s3s::auth::SimpleAuth::from_single(
+            args[3].clone(),
+            args[4].clone(),
+        ));
     }
     let service = builder.build();
-    let listener = tokio::net::TcpListener::bind(("127.0.0.1", args[2].parse::<u16>().expect("port")))
-        .await
-        .expect("bind");
+    let listener =
+        tokio::net::TcpListener::bind(("127.0.0.1", args[2].parse::<u16>().expect("port")))
+            .await
+            .expect("bind");
     loop {
-        let Ok((stream, _)) = listener.accept().await else { continue };
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
         let _ = stream.set_nodelay(true);
         let service = service.clone();
         tokio::spawn(async move {

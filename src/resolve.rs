@@ -7,7 +7,6 @@
 use http::HeaderValue;
 
 use crate::key::Key;
-use crate::local;
 use crate::object::Object;
 use crate::runtime::Runtime;
 use crate::upstream::{Fetched, Method};
@@ -26,7 +25,7 @@ pub async fn lookup(
     method: Method,
     range: Option<&HeaderValue>,
 ) -> Outcome {
-    if let Some(obj) = local::open(&rt.config.local.roots, key) {
+    if let Some(obj) = rt.roots.open(key) {
         return Outcome::Found(obj);
     }
     let mut failed = false;

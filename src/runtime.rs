@@ -6,11 +6,13 @@
 use std::sync::Arc;
 
 use crate::config::Config;
+use crate::local::Roots;
 use crate::metrics::Metrics;
 use crate::upstream::{Upstream, UpstreamError};
 
 pub struct Runtime {
     pub config: Config,
+    pub roots: Roots,
     /// In config order: the first one that has a key serves it.
     pub upstreams: Vec<Upstream>,
     /// Shared across reloads so counters keep counting.
@@ -40,6 +42,7 @@ impl Runtime {
             tracing::warn!(upstream = %u.name, "copy_missing is set, but this release does not copy objects between upstreams yet; it only serves them");
         }
         Ok(Runtime {
+            roots: Roots::new(&config.local.roots),
             config,
             upstreams,
             metrics,

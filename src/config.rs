@@ -59,6 +59,11 @@ impl Secret {
     pub fn expose(&self) -> &str {
         &self.0
     }
+
+    #[cfg(test)]
+    pub fn from_test(s: &str) -> Secret {
+        Secret(s.to_string())
+    }
 }
 
 impl fmt::Debug for Secret {

@@ -389,7 +389,7 @@ mod tests {
         let url = up.url(Method::Get, &key("cache/a%3Fb c#d.png"));
         assert_eq!(
             url.as_str(),
-            "https://cdn.example.org/bucket/cache/a%253Fb%20c%23d.png"
+            "https://cdn.example.org/bucket/cache/a%3Fb%20c%23d.png"
         );
     }
 

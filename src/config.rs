@@ -110,6 +110,8 @@ pub struct Cache {
     pub inactive: Duration,
     pub ttl_ok: Duration,
     pub ttl_error: Duration,
+    /// How long a request waits for another request's fill of the same key before asking upstreams itself.
+    pub lock_timeout: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -226,6 +228,8 @@ struct FileCache {
     ttl_ok: DurationValue,
     #[serde(default = "secs300")]
     ttl_error: DurationValue,
+    #[serde(default = "secs5")]
+    lock_timeout: DurationValue,
 }
 
 impl Default for FileCache {
@@ -236,6 +240,7 @@ impl Default for FileCache {
             inactive: days90(),
             ttl_ok: days90(),
             ttl_error: secs300(),
+            lock_timeout: secs5(),
         }
     }
 }
@@ -373,6 +378,7 @@ impl Config {
             inactive: file.cache.inactive.0,
             ttl_ok: file.cache.ttl_ok.0,
             ttl_error: file.cache.ttl_error.0,
+            lock_timeout: file.cache.lock_timeout.0,
         };
 
         let mut upstreams: Vec<UpstreamConfig> = Vec::new();

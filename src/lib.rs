@@ -1,9 +1,10 @@
 //! mediaproxy: a caching media reverse proxy for Mastodon.
 //!
-//! A request goes `key` → `local` → upstreams (`resolve`, `upstream`) → `respond`; `server` owns the
+//! A request goes `key` → `local` → `cache` → upstreams (`resolve`, `upstream`) → `respond`; `server` owns the
 //! sockets and `runtime` the state a reload swaps. `main.rs` is only the CLI.
 
 pub mod admin;
+pub mod cache;
 pub mod check;
 pub mod config;
 pub mod key;

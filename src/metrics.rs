@@ -18,8 +18,16 @@ struct UpstreamLabels {
     result: String,
 }
 
+/// Cache failures an admin should alert on; handed to the cache, which knows nothing else of metrics.
+#[derive(Clone, Default, Debug)]
+pub struct CacheCounters {
+    pub write_errors: Counter,
+    pub corrupt: Counter,
+}
+
 pub struct Metrics {
     registry: Registry,
+    pub cache: CacheCounters,
     requests: Family<RequestLabels, Counter>,
     upstream: Family<UpstreamLabels, Counter>,
 }
@@ -45,8 +53,20 @@ impl Metrics {
             "Questions asked of each upstream, by result (found, not_found, error)",
             upstream.clone(),
         );
+        let cache = CacheCounters::default();
+        registry.register(
+            "cache_write_errors",
+            "Cache fills that could not be written (disk full, I/O error); clients were still served",
+            cache.write_errors.clone(),
+        );
+        registry.register(
+            "cache_corrupt_entries",
+            "Cache entries that failed their checksum and were dropped",
+            cache.corrupt.clone(),
+        );
         Metrics {
             registry,
+            cache,
             requests,
             upstream,
         }

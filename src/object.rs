@@ -49,7 +49,9 @@ pub struct Meta {
 pub enum Body {
     /// Nothing to send (HEAD from an upstream, or an upstream's 416).
     Empty,
-    /// A regular file; the responder reads only the range it serves.
+    /// The whole object in memory (small cache entries, read and verified in one go).
+    Bytes(Bytes),
+    /// A regular file holding the object from offset 0; the responder reads only the range it serves.
     File(File),
     /// Bytes arriving from elsewhere. `offset` is the position in the object of the first byte the
     /// stream yields (non-zero when the upstream already applied a Range).

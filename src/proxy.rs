@@ -17,7 +17,7 @@ pub async fn handle<B>(rt: Arc<Runtime>, req: Request<B>) -> Response<ResponseBo
     resp
 }
 
-async fn answer<B>(rt: &Runtime, req: &Request<B>) -> Response<ResponseBody> {
+async fn answer<B>(rt: &Arc<Runtime>, req: &Request<B>) -> Response<ResponseBody> {
     let method = match *req.method() {
         Method::GET => upstream::Method::Get,
         Method::HEAD => upstream::Method::Head,
@@ -46,7 +46,16 @@ async fn answer<B>(rt: &Runtime, req: &Request<B>) -> Response<ResponseBody> {
                 headers: req.headers(),
             },
         ),
-        Outcome::NotFound => respond::error(StatusCode::NOT_FOUND),
+        Outcome::NotFound(source) => {
+            let mut resp = respond::error(StatusCode::NOT_FOUND);
+            if let Some(source) = source {
+                resp.headers_mut().insert(
+                    respond::x_cache(),
+                    http::HeaderValue::from_static(source.x_cache()),
+                );
+            }
+            resp
+        }
         Outcome::Failed => respond::error(StatusCode::BAD_GATEWAY),
     }
 }

@@ -1,26 +1,31 @@
-//! The order in which sources are asked: local roots, then (next) the cache, then upstreams in
-//! config order. Also the one place that decides what "not found" means versus "failed": a bucket
-//! that answers 404 is telling the truth about itself only, so the next one is still asked; a bucket
-//! that errors is skipped and remembered, so that a key nobody could confirm missing becomes a 502,
-//! not a 404 that clients and caches would believe.
+//! The order in which sources are asked: local roots, the disk cache, then upstreams in config order.
+//! Also the one place that decides what "not found" means versus "failed": a bucket that answers 404
+//! is telling the truth about itself only, so the next one is still asked; a bucket that errors is
+//! skipped and remembered, so that a key nobody could confirm missing becomes a 502 (or a stale copy),
+//! never a 404 that clients and caches would believe.
 
+use std::sync::Arc;
+
+use futures_util::StreamExt;
 use http::HeaderValue;
 
+use crate::cache::{Cached, FillGuard, Flight, Lookup};
 use crate::key::Key;
-use crate::object::Object;
+use crate::object::{Body, Object, Source};
+use crate::respond::RangeSpec;
 use crate::runtime::Runtime;
 use crate::upstream::{Fetched, Method};
 
 pub enum Outcome {
     Found(Object),
-    /// Every source answered, and none has it.
-    NotFound,
+    /// None has it; `Some(source)` when that answer came from the cache (a negative entry).
+    NotFound(Option<Source>),
     /// None has it, and at least one upstream could not answer.
     Failed,
 }
 
 pub async fn lookup(
-    rt: &Runtime,
+    rt: &Arc<Runtime>,
     key: &Key,
     method: Method,
     range: Option<&HeaderValue>,
@@ -28,12 +33,105 @@ pub async fn lookup(
     if let Some(obj) = rt.roots.open(key) {
         return Outcome::Found(obj);
     }
+    let stale = match rt.cache.lookup(key.as_str(), rt.policy()).await {
+        Lookup::Fresh(cached) => return from_cache(cached, Source::Hit),
+        Lookup::Stale(cached) => Some(cached),
+        Lookup::Miss => None,
+    };
+    if method == Method::Get {
+        match rt.cache.flight(key.as_str()) {
+            Flight::Leader(guard) if starts_past_zero(range) => {
+                // A seek into a video: answer the range now, and fill the whole object beside it,
+                // rather than making the client wait for every byte before its range.
+                background_fill(rt.clone(), key.clone(), guard);
+            }
+            Flight::Leader(guard) => return fill(rt, key, guard, stale).await,
+            Flight::Follower(wait) => {
+                if wait.wait(rt.config.cache.lock_timeout).await {
+                    if let Lookup::Fresh(cached) = rt.cache.lookup(key.as_str(), rt.policy()).await
+                    {
+                        return from_cache(cached, Source::Hit);
+                    }
+                }
+            }
+        }
+    }
+    // HEAD, or a follower whose fill failed or timed out: ask upstreams directly, without filling.
+    match ask(rt, key, method, range).await {
+        Asked::Found(obj) => Outcome::Found(obj),
+        Asked::NotFound => Outcome::NotFound(None),
+        Asked::Failed => serve_stale(stale),
+    }
+}
+
+/// The leader of a fill: fetch the whole object (whatever the client's Range), tee it into the cache.
+async fn fill(rt: &Runtime, key: &Key, guard: FillGuard, stale: Option<Cached>) -> Outcome {
+    match ask(rt, key, Method::Get, None).await {
+        Asked::Found(obj) => Outcome::Found(guard.tee(obj)),
+        Asked::NotFound => {
+            guard.not_found();
+            Outcome::NotFound(None)
+        }
+        Asked::Failed => serve_stale(stale),
+    }
+}
+
+fn starts_past_zero(range: Option<&HeaderValue>) -> bool {
+    let spec = range
+        .and_then(|r| r.to_str().ok())
+        .and_then(RangeSpec::parse);
+    !matches!(
+        spec,
+        None | Some(RangeSpec::FromTo(0, _)) | Some(RangeSpec::From(0))
+    )
+}
+
+fn background_fill(rt: Arc<Runtime>, key: Key, guard: FillGuard) {
+    tokio::spawn(async move {
+        match ask(&rt, &key, Method::Get, None).await {
+            Asked::Found(obj) => {
+                if let Body::Stream { mut stream, .. } = guard.tee(obj).body {
+                    while let Some(Ok(_)) = stream.next().await {}
+                }
+            }
+            Asked::NotFound => guard.not_found(),
+            Asked::Failed => {}
+        }
+    });
+}
+
+/// Varnish's grace, nginx's `proxy_cache_use_stale error timeout`: every upstream failed, so an expired
+/// copy beats a 502.
+fn serve_stale(stale: Option<Cached>) -> Outcome {
+    match stale {
+        Some(cached) => from_cache(cached, Source::Stale),
+        None => Outcome::Failed,
+    }
+}
+
+fn from_cache(cached: Cached, source: Source) -> Outcome {
+    match cached {
+        Cached::Found(mut obj) => {
+            obj.meta.source = source;
+            Outcome::Found(obj)
+        }
+        Cached::NotFound => Outcome::NotFound(Some(source)),
+    }
+}
+
+enum Asked {
+    Found(Object),
+    NotFound,
+    Failed,
+}
+
+async fn ask(rt: &Runtime, key: &Key, method: Method, range: Option<&HeaderValue>) -> Asked {
     let mut failed = false;
     for up in &rt.upstreams {
         match up.fetch(method, key, range).await {
             Ok(Fetched::Found(obj)) => {
                 rt.metrics.upstream_result(&up.name, "found");
-                return Outcome::Found(obj);
+                return Asked::Found(obj);
             }
             Ok(Fetched::NotFound) => rt.metrics.upstream_result(&up.name, "not_found"),
             Err(e) => {
@@ -44,8 +142,8 @@ pub async fn lookup(
         }
     }
     if failed {
-        Outcome::Failed
+        Asked::Failed
     } else {
-        Outcome::NotFound
+        Asked::NotFound
     }
 }

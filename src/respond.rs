@@ -247,6 +247,15 @@ fn unix_secs(t: SystemTime) -> u64 {
 fn slice(body: Body, start: u64, count: u64) -> Option<ResponseBody> {
     match body {
         Body::Empty => None,
+        Body::Bytes(b) => {
+            let end = start.checked_add(count)?;
+            (end <= b.len() as u64).then(|| {
+                let part = b.slice(start as usize..end as usize);
+                Full::new(part)
+                    .map_err(|never| match never {})
+                    .boxed_unsync()
+            })
+        }
         Body::File(file) => Some(file_body(file, start, count)),
         Body::Stream { stream, offset } => {
             let skip = start.checked_sub(offset)?;

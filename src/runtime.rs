@@ -5,6 +5,7 @@
 
 use std::sync::Arc;
 
+use crate::cache::{Cache, Policy};
 use crate::config::Config;
 use crate::local::Roots;
 use crate::metrics::Metrics;
@@ -17,6 +18,8 @@ pub struct Runtime {
     pub upstreams: Vec<Upstream>,
     /// Shared across reloads so counters keep counting.
     pub metrics: Arc<Metrics>,
+    /// Opened once per process and shared across reloads (fills in flight, the index).
+    pub cache: Arc<Cache>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -27,7 +30,11 @@ pub struct RuntimeError {
 }
 
 impl Runtime {
-    pub fn new(config: Config, metrics: Arc<Metrics>) -> Result<Runtime, RuntimeError> {
+    pub fn new(
+        config: Config,
+        metrics: Arc<Metrics>,
+        cache: Arc<Cache>,
+    ) -> Result<Runtime, RuntimeError> {
         let upstreams = config
             .upstreams
             .iter()
@@ -46,6 +53,14 @@ impl Runtime {
             config,
             upstreams,
             metrics,
+            cache,
         })
+    }
+
+    pub fn policy(&self) -> Policy {
+        Policy {
+            ttl_ok: self.config.cache.ttl_ok,
+            ttl_error: self.config.cache.ttl_error,
+        }
     }
 }

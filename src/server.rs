@@ -19,6 +19,7 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::mpsc;
 use tokio_rustls::TlsAcceptor;
 
+use crate::cache::{Cache, CacheError};
 use crate::config::{Config, Tls};
 use crate::metrics::Metrics;
 use crate::runtime::{Runtime, RuntimeError};
@@ -35,6 +36,8 @@ pub enum ServerError {
     Tls(String),
     #[error(transparent)]
     Runtime(#[from] RuntimeError),
+    #[error(transparent)]
+    Cache(#[from] CacheError),
     #[error("signal handler: {0}")]
     Signal(std::io::Error),
 }
@@ -43,9 +46,17 @@ pub enum ServerError {
 pub async fn run(config: Config, config_path: Option<PathBuf>) -> Result<(), ServerError> {
     let metrics = Arc::new(Metrics::new());
     let server_cfg = config.server.clone();
+    let cache = Cache::open(
+        &config.cache.dir,
+        config.cache.max_size,
+        config.cache.inactive,
+        metrics.cache.clone(),
+    )?;
+    let cache_cfg = config.cache.clone();
     let shared = Arc::new(ArcSwap::from_pointee(Runtime::new(
         config,
         metrics.clone(),
+        cache.clone(),
     )?));
 
     let tls = server_cfg.tls.as_ref().map(tls_acceptor).transpose()?;
@@ -117,7 +128,7 @@ pub async fn run(config: Config, config_path: Option<PathBuf>) -> Result<(), Ser
                     }
                 });
             }
-            _ = hup.recv() => reload(&shared, config_path.as_deref(), &server_cfg, &metrics),
+            _ = hup.recv() => reload(&shared, config_path.as_deref(), (&server_cfg, &cache_cfg), &metrics, &cache),
             _ = term.recv() => break,
             _ = int.recv() => break,
         }
@@ -164,8 +175,9 @@ async fn accept_loop(listener: TcpListener, tx: mpsc::Sender<TcpStream>) {
 fn reload(
     shared: &ArcSwap<Runtime>,
     path: Option<&std::path::Path>,
-    running: &crate::config::Server,
+    (running, running_cache): (&crate::config::Server, &crate::config::Cache),
     metrics: &Arc<Metrics>,
+    cache: &Arc<Cache>,
 ) {
     let Some(path) = path else {
         tracing::warn!(
@@ -176,13 +188,22 @@ fn reload(
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Reloading]);
     let result = Config::load(path)
         .map_err(|e| e.to_string())
-        .and_then(|cfg| Runtime::new(cfg, metrics.clone()).map_err(|e| e.to_string()));
+        .and_then(|cfg| {
+            Runtime::new(cfg, metrics.clone(), cache.clone()).map_err(|e| e.to_string())
+        });
     match result {
         Ok(rt) => {
             if rt.config.server.listen != running.listen
                 || rt.config.server.admin_listen != running.admin_listen
             {
                 tracing::warn!("listen addresses change only on restart; the rest of the new config is in force");
+            }
+            let c = &rt.config.cache;
+            if c.dir != running_cache.dir
+                || c.max_size != running_cache.max_size
+                || c.inactive != running_cache.inactive
+            {
+                tracing::warn!("cache.dir, cache.max_size and cache.inactive change only on restart; TTLs apply now");
             }
             let names: Vec<&str> = rt.upstreams.iter().map(|u| u.name.as_str()).collect();
             tracing::info!(config = %path.display(), upstreams = ?names, "config reloaded");

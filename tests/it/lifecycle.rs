@@ -45,8 +45,10 @@ async fn sighup_reorders_upstreams_and_a_bad_file_keeps_the_old_config() {
     let s3 = S3Server::start(&["old", "new"], true).await;
     s3.put("old", KEY, b"old".to_vec(), "video/mp4").await;
     s3.put("new", KEY, b"new".to_vec(), "video/mp4").await;
+    // ttl_ok = 0s: every read goes to the upstreams, so the order in force is what answers.
+    let no_cache = "[cache]\ndir = \"{dir}/cache\"\nttl_ok = \"0s\"\n\n";
     let proxy = Proxy::start(&format!(
-        "{}{}",
+        "{no_cache}{}{}",
         s3.s3_upstream("old", "old"),
         s3.s3_upstream("new", "new")
     ));
@@ -63,7 +65,7 @@ async fn sighup_reorders_upstreams_and_a_bad_file_keeps_the_old_config() {
     assert_eq!(get().await, "old");
 
     proxy.rewrite_config(&format!(
-        "{}{}",
+        "{no_cache}{}{}",
         s3.s3_upstream("new", "new"),
         s3.s3_upstream("old", "old")
     ));

@@ -1,0 +1,185 @@
+//! The disk cache between local roots and upstreams: what keeps media up when a bucket "desynchronizes"
+//! and keeps its egress bill down. It knows nothing of upstream kinds: it stores bodies it is handed.
+//!
+//! - `store`: one file per entry, atomic rename, checksummed (crash and corruption safety).
+//! - `index`: in-memory LRU/size/inactivity accounting over the files; eviction deletes files.
+//! - `fill`: one fill per key (cache lock) and the tee that writes a body while it streams to a client.
+//!
+//! A lookup reads the file directly (its path derives from the key), so the cache serves at once after
+//! a restart while the index is still loading in the background.
+
+mod fill;
+mod index;
+pub mod store;
+
+use std::sync::Arc;
+use std::time::{Duration, UNIX_EPOCH};
+
+use crate::metrics::CacheCounters;
+use crate::object::{Body, Meta, Object, Source};
+
+pub use fill::{FillGuard, Flight};
+use index::Index;
+use store::{hash_key, EntryMeta, Loaded, Store, StoreError};
+
+/// The TTLs in force (from the runtime config, so a reload changes them).
+#[derive(Debug, Clone, Copy)]
+pub struct Policy {
+    pub ttl_ok: Duration,
+    pub ttl_error: Duration,
+}
+
+pub enum Lookup {
+    /// Within its TTL: serve it.
+    Fresh(Cached),
+    /// Expired: ask upstreams, but keep it in case they all fail (stale-if-error).
+    Stale(Cached),
+    Miss,
+}
+
+pub enum Cached {
+    Found(Object),
+    /// A negative entry: every upstream said 404 when it was stored.
+    NotFound,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("cache directory {dir}: {source}")]
+pub struct CacheError {
+    dir: String,
+    source: std::io::Error,
+}
+
+pub struct Cache {
+    store: Store,
+    index: Index,
+    flights: fill::Flights,
+    counters: CacheCounters,
+}
+
+impl Cache {
+    /// Opens (creating) `dir`, deletes half-written fills from a crash, and starts loading the index in
+    /// the background.
+    pub fn open(
+        dir: &std::path::Path,
+        max_size: u64,
+        inactive: Duration,
+        counters: CacheCounters,
+    ) -> Result<Arc<Cache>, CacheError> {
+        let store = Store::open(dir).map_err(|source| CacheError {
+            dir: dir.display().to_string(),
+            source,
+        })?;
+        let index = Index::new(store.clone(), max_size, inactive);
+        index.load_in_background();
+        Ok(Arc::new(Cache {
+            store,
+            index,
+            flights: fill::Flights::default(),
+            counters,
+        }))
+    }
+
+    /// Reads an entry; a corrupt one is dropped (and counted) so it is refetched.
+    pub async fn lookup(&self, key: &str, policy: Policy) -> Lookup {
+        let store = self.store.clone();
+        let k = key.to_string();
+        // Small entries are one pread; large ones are checksummed end to end first, which is real work.
+        let loaded = match tokio::task::spawn_blocking(move || store.load(&k)).await {
+            Ok(r) => r,
+            Err(_) => return Lookup::Miss,
+        };
+        let hash = hash_key(key);
+        let loaded = match loaded {
+            Ok(Some(l)) => l,
+            Ok(None) => {
+                self.index.forget(hash);
+                return Lookup::Miss;
+            }
+            Err(StoreError::Corrupt(why)) => {
+                tracing::warn!(key, why, "corrupt cache entry dropped; refetching");
+                self.counters.corrupt.inc();
+                self.index.remove(hash);
+                self.store.remove(hash);
+                return Lookup::Miss;
+            }
+            Err(StoreError::Io(e)) => {
+                tracing::warn!(key, error = %e, "cache entry unreadable");
+                return Lookup::Miss;
+            }
+        };
+        let (meta, body) = match loaded {
+            Loaded::Bytes(meta, bytes) => (meta, Body::Bytes(bytes)),
+            Loaded::File(meta, file) => (meta, Body::File(file)),
+        };
+        self.index.touch(hash, meta.len);
+        let ttl = if meta.status == 200 {
+            policy.ttl_ok
+        } else {
+            policy.ttl_error
+        };
+        let fresh = meta.age() < ttl;
+        let cached = if meta.status == 200 {
+            Cached::Found(Object {
+                meta: Meta {
+                    len: Some(meta.len),
+                    content_type: meta.content_type,
+                    last_modified: meta
+                        .last_modified
+                        .map(|s| UNIX_EPOCH + Duration::from_secs(s)),
+                    etag: meta.etag,
+                    source: if fresh { Source::Hit } else { Source::Stale },
+                    upstream: None,
+                },
+                body,
+            })
+        } else {
+            Cached::NotFound
+        };
+        if fresh {
+            Lookup::Fresh(cached)
+        } else {
+            Lookup::Stale(cached)
+        }
+    }
+
+    /// Joins or leads the one fill for `key` (nginx's `proxy_cache_lock`).
+    pub fn flight(self: &Arc<Cache>, key: &str) -> Flight {
+        self.flights.join(self.clone(), key)
+    }
+
+    /// Remembers that no upstream has `key`.
+    pub fn store_not_found(&self, key: &str) {
+        let meta = EntryMeta {
+            key: key.to_string(),
+            status: 404,
+            len: 0,
+            content_type: None,
+            etag: None,
+            last_modified: None,
+            stored_at: store::unix_now(),
+        };
+        let result = self
+            .store
+            .writer()
+            .and_then(|w| w.commit(&self.store, &meta));
+        match result {
+            Ok(size) => self.index.insert(hash_key(key), size),
+            Err(e) => self.write_failed(key, &e),
+        }
+    }
+
+    fn write_failed(&self, key: &str, e: &std::io::Error) {
+        self.counters.write_errors.inc();
+        tracing::warn!(key, error = %e, "cache write failed; the client is served from the upstream");
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// Bytes and entries the index accounts for (after a restart, once it has loaded).
+    pub fn usage(&self) -> (u64, u64) {
+        self.index.usage()
+    }
+}

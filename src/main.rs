@@ -24,8 +24,34 @@ enum Command {
         #[arg(long)]
         config: Option<PathBuf>,
     },
+    /// Inspect or invalidate the disk cache (of a stopped or a running proxy).
+    Cache {
+        #[command(subcommand)]
+        action: CacheAction,
+    },
     /// Validate the config and probe every upstream (DNS, connect, a signed request); exit 1 on any failure.
     Check {
+        #[arg(long)]
+        config: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum CacheAction {
+    /// Entries, bytes and the oldest entry.
+    Stats {
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Drop the entries for these keys (`media_attachments/…` or a URL path `/…`, with path_prefix).
+    Purge {
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(required = true)]
+        keys: Vec<String>,
+    },
+    /// Drop every entry.
+    Clear {
         #[arg(long)]
         config: PathBuf,
     },
@@ -62,6 +88,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             rt.block_on(mediaproxy::server::run(cfg, config))?;
             Ok(ExitCode::SUCCESS)
         }
+        Command::Cache { action } => cache_command(action),
         Command::Check { config } => {
             let cfg = Config::load(&config)?;
             println!("config {}: ok", config.display());
@@ -79,6 +106,59 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             } else {
                 ExitCode::FAILURE
             })
+        }
+    }
+}
+
+fn cache_command(action: CacheAction) -> anyhow::Result<ExitCode> {
+    use mediaproxy::cache;
+    match action {
+        CacheAction::Stats { config } => {
+            let cfg = Config::load(&config)?;
+            let dir = &cfg.cache.dir;
+            let s = cache::stats(dir).with_context(|| format!("reading {}", dir.display()))?;
+            println!("cache    {}", dir.display());
+            println!("entries  {}", s.entries);
+            println!(
+                "bytes    {} ({} of max_size {})",
+                s.bytes,
+                bytesize::ByteSize(s.bytes).display().iec(),
+                bytesize::ByteSize(cfg.cache.max_size).display().iec()
+            );
+            match s.oldest {
+                Some(t) => println!(
+                    "oldest   {} ({} ago)",
+                    httpdate::fmt_http_date(t),
+                    humantime::format_duration(std::time::Duration::from_secs(
+                        t.elapsed().map(|d| d.as_secs()).unwrap_or(0)
+                    ))
+                ),
+                None => println!("oldest   -"),
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        CacheAction::Purge { config, keys } => {
+            let cfg = Config::load(&config)?;
+            let mut parsed = Vec::new();
+            for k in &keys {
+                let key = if k.starts_with('/') {
+                    mediaproxy::key::parse(k, &cfg.server.path_prefix)
+                } else {
+                    mediaproxy::key::parse(&format!("/{k}"), "")
+                };
+                parsed.push(key.map_err(|e| anyhow::anyhow!("{k:?}: {e}"))?);
+            }
+            for (key, found) in parsed.iter().zip(cache::purge(&cfg.cache.dir, &parsed)) {
+                println!("{} {key}", if found { "purged    " } else { "not cached" });
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        CacheAction::Clear { config } => {
+            let cfg = Config::load(&config)?;
+            let n = cache::clear(&cfg.cache.dir)
+                .with_context(|| format!("clearing {}", cfg.cache.dir.display()))?;
+            println!("removed {n} entries from {}", cfg.cache.dir.display());
+            Ok(ExitCode::SUCCESS)
         }
     }
 }

@@ -1,5 +1,6 @@
 //! One integration-test binary (one link) driving the real `mediaproxy` binary over loopback.
 
+mod cache;
 mod cli;
 mod common;
 mod lifecycle;

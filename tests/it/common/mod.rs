@@ -25,6 +25,7 @@ pub const SECRET_KEY: &str = "test-secret-do-not-log-9f8e7d";
 /// A real S3 server on 127.0.0.1 storing to a temp dir. Counts requests per method (what the bucket's
 /// bill would count).
 pub struct S3Server {
+    stop: tokio::sync::watch::Sender<bool>,
     pub addr: SocketAddr,
     pub root: TempDir,
     counts: Arc<Mutex<HashMap<String, usize>>>,
@@ -49,6 +50,7 @@ impl S3Server {
         let addr = listener.local_addr().unwrap();
         let counts: Arc<Mutex<HashMap<String, usize>>> = Arc::default();
         let c = counts.clone();
+        let (stop, stopped) = tokio::sync::watch::channel(false);
         let task = tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
@@ -57,6 +59,7 @@ impl S3Server {
                 stream.set_nodelay(true).unwrap();
                 let service = service.clone();
                 let c = c.clone();
+                let mut stopped = stopped.clone();
                 tokio::spawn(async move {
                     let svc = hyper::service::service_fn(
                         move |req: http::Request<hyper::body::Incoming>| {
@@ -68,13 +71,18 @@ impl S3Server {
                             async move { hyper::service::Service::call(&service, req).await }
                         },
                     );
-                    let _ = auto::Builder::new(TokioExecutor::new())
-                        .serve_connection(TokioIo::new(stream), svc)
-                        .await;
+                    let builder = auto::Builder::new(TokioExecutor::new());
+                    let conn = builder.serve_connection(TokioIo::new(stream), svc);
+                    // Dropping the server closes its kept-alive connections too: a real outage.
+                    tokio::select! {
+                        _ = conn => {}
+                        _ = stopped.wait_for(|s| *s) => {}
+                    }
                 });
             }
         });
         S3Server {
+            stop,
             addr,
             root,
             counts,
@@ -172,6 +180,7 @@ impl S3Server {
 
 impl Drop for S3Server {
     fn drop(&mut self) {
+        let _ = self.stop.send(true);
         self.task.abort();
     }
 }

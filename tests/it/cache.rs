@@ -1,0 +1,491 @@
+//! The disk cache through the real binary, against the real S3 server and real disks.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+
+use crate::common::*;
+
+const KEY: &str = "media_attachments/files/109/383/759/229/326/700/original/cached.mp4";
+
+fn cache_files(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.join("v1")];
+    while let Some(d) = stack.pop() {
+        let Ok(rd) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in rd.flatten() {
+            if e.file_type().unwrap().is_dir() {
+                stack.push(e.path());
+            } else {
+                out.push(e.path());
+            }
+        }
+    }
+    out
+}
+
+fn du(dir: &Path) -> u64 {
+    cache_files(dir)
+        .iter()
+        .map(|p| p.metadata().map(|m| m.len()).unwrap_or(0))
+        .sum()
+}
+
+async fn get(proxy: &Proxy, key: &str) -> (u16, String, Vec<u8>) {
+    let r = client()
+        .get(proxy.url(&format!("/{key}")))
+        .send()
+        .await
+        .unwrap();
+    let status = r.status().as_u16();
+    let xc = r
+        .headers()
+        .get("x-cache")
+        .map(|v| v.to_str().unwrap().to_string())
+        .unwrap_or_default();
+    (status, xc, r.bytes().await.unwrap().to_vec())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn miss_then_hit_survives_bucket_loss_and_restart() {
+    let s3 = S3Server::start(&["media"], true).await;
+    let data = pattern(700_000, 21);
+    s3.put("media", KEY, data.clone(), "video/mp4").await;
+    let small = pattern(40_000, 22);
+    s3.put(
+        "media",
+        "accounts/avatars/1/2/3/original/s.png",
+        small.clone(),
+        "image/png",
+    )
+    .await;
+    let cache_dir = tempfile::tempdir().unwrap();
+    let cfg = format!(
+        "[cache]\ndir = \"{}\"\n\n{}",
+        cache_dir.path().display(),
+        s3.s3_upstream("b", "media")
+    );
+    let proxy = Proxy::start(&cfg);
+
+    for (key, body) in [
+        (KEY, &data),
+        ("accounts/avatars/1/2/3/original/s.png", &small),
+    ] {
+        let (st, xc, b) = get(&proxy, key).await;
+        assert_eq!((st, xc.as_str()), (200, "MISS"));
+        assert_eq!(&b, body);
+        let (st, xc, b) = get(&proxy, key).await;
+        assert_eq!((st, xc.as_str()), (200, "HIT"));
+        assert_eq!(&b, body, "identical bytes from the cache");
+    }
+    assert_eq!(s3.count("GET"), 2, "one GET per key");
+
+    // The bucket "desynchronizes": the objects vanish. The cache keeps serving them.
+    s3.delete("media", KEY).await;
+    let (st, xc, b) = get(&proxy, KEY).await;
+    assert_eq!((st, xc.as_str()), (200, "HIT"));
+    assert_eq!(b, data);
+
+    // Range and conditional requests on a HIT behave as on any source.
+    let r = client()
+        .get(proxy.url(&format!("/{KEY}")))
+        .header("range", "bytes=100-199")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 206);
+    assert_eq!(r.headers()["x-cache"], "HIT");
+    assert_eq!(&r.bytes().await.unwrap()[..], &data[100..200]);
+    let etag = client()
+        .get(proxy.url(&format!("/{KEY}")))
+        .send()
+        .await
+        .unwrap()
+        .headers()["etag"]
+        .clone();
+    let r = client()
+        .get(proxy.url(&format!("/{KEY}")))
+        .header("if-none-match", etag)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 304);
+
+    // A restart on the same cache directory serves at once.
+    drop(proxy);
+    let started = Instant::now();
+    let proxy = Proxy::start(&cfg);
+    let (st, xc, b) = get(&proxy, KEY).await;
+    assert!(started.elapsed() < Duration::from_secs(5));
+    assert_eq!((st, xc.as_str()), (200, "HIT"));
+    assert_eq!(b, data);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn fifty_concurrent_requests_cost_one_upstream_get() {
+    let s3 = S3Server::start(&["media"], true).await;
+    let data = pattern(2_000_000, 23);
+    s3.put("media", KEY, data.clone(), "video/mp4").await;
+    let proxy = Proxy::start(&s3.s3_upstream("b", "media"));
+    let mut tasks = Vec::new();
+    for _ in 0..50 {
+        let url = proxy.url(&format!("/{KEY}"));
+        tasks.push(tokio::spawn(async move {
+            let r = client().get(url).send().await.unwrap();
+            let xc = r.headers()["x-cache"].to_str().unwrap().to_string();
+            (r.status().as_u16(), xc, r.bytes().await.unwrap())
+        }));
+    }
+    let mut misses = 0;
+    for t in tasks {
+        let (st, xc, b) = t.await.unwrap();
+        assert_eq!(st, 200);
+        assert_eq!(&b[..], &data[..]);
+        misses += usize::from(xc == "MISS");
+    }
+    assert_eq!(s3.count("GET"), 1, "counted at the S3 server");
+    assert_eq!(misses, 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn negative_cache_costs_one_request_per_ttl_error() {
+    let s3 = S3Server::start(&["media"], true).await;
+    let cfg = format!(
+        "[cache]\ndir = \"{{dir}}/cache\"\nttl_error = \"2s\"\n\n{}",
+        s3.s3_upstream("b", "media")
+    );
+    let proxy = Proxy::start(&cfg);
+    let missing = "accounts/avatars/000/000/404/original/gone.png";
+    let (st, xc, _) = get(&proxy, missing).await;
+    assert_eq!((st, xc.as_str()), (404, ""));
+    for _ in 0..200 {
+        let (st, xc, _) = get(&proxy, missing).await;
+        assert_eq!((st, xc.as_str()), (404, "HIT"));
+    }
+    assert_eq!(s3.count("GET"), 1);
+    tokio::time::sleep(Duration::from_millis(2200)).await;
+    // Expired: asked again; meanwhile the object was uploaded (a bucket catching up).
+    s3.put("media", missing, b"now here".to_vec(), "image/png")
+        .await;
+    let (st, xc, b) = get(&proxy, missing).await;
+    assert_eq!((st, xc.as_str(), &b[..]), (200, "MISS", &b"now here"[..]));
+    assert_eq!(s3.count("GET"), 2);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn eviction_keeps_the_directory_under_max_size() {
+    let s3 = S3Server::start(&["media"], true).await;
+    let cfg = format!(
+        "[cache]\ndir = \"{{dir}}/cache\"\nmax_size = \"1MiB\"\n\n{}",
+        s3.s3_upstream("b", "media")
+    );
+    for i in 0..30 {
+        s3.put(
+            "media",
+            &format!("m/{i}.jpg"),
+            pattern(100_000, i),
+            "image/jpeg",
+        )
+        .await;
+    }
+    let proxy = Proxy::start(&cfg);
+    let dir = proxy.dir.path().join("cache");
+    let mut peak = 0;
+    for i in 0..30 {
+        let (st, _, b) = get(&proxy, &format!("m/{i}.jpg")).await;
+        assert_eq!(st, 200);
+        assert_eq!(b, pattern(100_000, i));
+        peak = peak.max(du(&dir));
+    }
+    // Slack: one entry being filled beyond the cap, plus KiB rounding.
+    assert!(
+        peak <= (1 << 20) + 110_000,
+        "cache dir peaked at {peak} bytes"
+    );
+    assert!(cache_files(&dir).len() < 30, "something was evicted");
+    // The most recent is still there; the first was evicted and comes back from the bucket.
+    let (_, xc, _) = get(&proxy, "m/29.jpg").await;
+    assert_eq!(xc, "HIT");
+    let (st, xc, b) = get(&proxy, "m/0.jpg").await;
+    assert_eq!((st, xc.as_str()), (200, "MISS"));
+    assert_eq!(b, pattern(100_000, 0));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn stale_when_every_upstream_fails() {
+    let s3 = S3Server::start(&["media"], true).await;
+    let data = pattern(60_000, 24);
+    s3.put("media", KEY, data.clone(), "video/mp4").await;
+    let cfg = format!(
+        "[cache]\ndir = \"{{dir}}/cache\"\nttl_ok = \"1s\"\n\n{}",
+        s3.s3_upstream("b", "media")
+    );
+    let proxy = Proxy::start(&cfg);
+    assert_eq!(get(&proxy, KEY).await.1, "MISS");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    drop(s3); // the bucket's port closes
+    let (st, xc, b) = get(&proxy, KEY).await;
+    assert_eq!((st, xc.as_str()), (200, "STALE"));
+    assert_eq!(b, data);
+    // Never cached: 502, not a 404.
+    let (st, _, _) = get(&proxy, "accounts/avatars/9/9/9/original/never.png").await;
+    assert_eq!(st, 502);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn expired_entry_refreshes_from_the_bucket() {
+    let s3 = S3Server::start(&["media"], true).await;
+    s3.put("media", KEY, b"v1".to_vec(), "video/mp4").await;
+    let cfg = format!(
+        "[cache]\ndir = \"{{dir}}/cache\"\nttl_ok = \"1s\"\n\n{}",
+        s3.s3_upstream("b", "media")
+    );
+    let proxy = Proxy::start(&cfg);
+    assert_eq!(get(&proxy, KEY).await.2, b"v1");
+    s3.put("media", KEY, b"v2".to_vec(), "video/mp4").await;
+    assert_eq!(get(&proxy, KEY).await.2, b"v1", "fresh entry served");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let (_, xc, b) = get(&proxy, KEY).await;
+    assert_eq!((xc.as_str(), &b[..]), ("MISS", &b"v2"[..]));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn corrupt_entry_is_dropped_and_refetched() {
+    let s3 = S3Server::start(&["media"], true).await;
+    let small = pattern(50_000, 25);
+    let large = pattern(3_000_000, 26);
+    s3.put("media", "c/small.png", small.clone(), "image/png")
+        .await;
+    s3.put("media", "c/large.mp4", large.clone(), "video/mp4")
+        .await;
+    let proxy = Proxy::start(&s3.s3_upstream("b", "media"));
+    let dir = proxy.dir.path().join("cache");
+    for (key, body) in [("c/small.png", &small), ("c/large.mp4", &large)] {
+        assert_eq!(&get(&proxy, key).await.2, body);
+    }
+    // Flip one byte in the middle of every entry's body.
+    for f in cache_files(&dir) {
+        let mut bytes = std::fs::read(&f).unwrap();
+        bytes[20_000] ^= 0xff;
+        std::fs::write(&f, bytes).unwrap();
+    }
+    for (key, body) in [("c/small.png", &small), ("c/large.mp4", &large)] {
+        let (st, xc, b) = get(&proxy, key).await;
+        assert_eq!(
+            (st, xc.as_str()),
+            (200, "MISS"),
+            "{key}: corrupt entry not served"
+        );
+        assert_eq!(&b, body);
+        assert_eq!(get(&proxy, key).await.1, "HIT");
+    }
+    assert_eq!(s3.count("GET"), 4);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn range_on_a_miss_is_answered_and_the_whole_object_cached() {
+    let s3 = S3Server::start(&["media"], true).await;
+    let data = pattern(4_000_000, 27);
+    s3.put("media", KEY, data.clone(), "video/mp4").await;
+    s3.put("media", "v/zero.mp4", data.clone(), "video/mp4")
+        .await;
+    let proxy = Proxy::start(&s3.s3_upstream("b", "media"));
+    let c = client();
+    // A seek deep into the video: the bytes at once, the whole object filled beside it.
+    let r = c
+        .get(proxy.url(&format!("/{KEY}")))
+        .header("range", "bytes=3000000-3000099")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 206);
+    assert_eq!(&r.bytes().await.unwrap()[..], &data[3_000_000..3_000_100]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, xc, b) = get(&proxy, KEY).await;
+        assert_eq!(b, data);
+        if xc == "HIT" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never cached");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let gets_for_seek = s3.count("GET");
+    assert!(gets_for_seek <= 3, "{gets_for_seek} GETs");
+
+    // A player's first probe (bytes=0-1): one full GET, sliced; the rest is filled after the client left.
+    s3.reset_counts();
+    let r = c
+        .get(proxy.url("/v/zero.mp4"))
+        .header("range", "bytes=0-1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(&r.bytes().await.unwrap()[..], &data[..2]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while get(&proxy, "v/zero.mp4").await.1 != "HIT" {
+        assert!(Instant::now() < deadline, "never cached");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        s3.count("GET"),
+        1,
+        "the probe's fill went on after the client left"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn kill_9_mid_fill_never_serves_wrong_bytes() {
+    let s3 = S3Server::start(&["media"], true).await;
+    let data = pattern(30_000_000, 28);
+    s3.put("media", KEY, data.clone(), "video/mp4").await;
+    let cfg = s3.s3_upstream("b", "media");
+    let mut proxy = Proxy::start(&cfg);
+    let cache_dir = proxy.dir.path().join("cache");
+    let r = client()
+        .get(proxy.url(&format!("/{KEY}")))
+        .send()
+        .await
+        .unwrap();
+    let mut stream = r.bytes_stream();
+    let _ = stream.next().await; // the fill is under way, driven by this (now stalled) client
+    proxy.child.kill().unwrap(); // SIGKILL
+    proxy.child.wait().unwrap();
+    drop(stream);
+    let leftovers = std::fs::read_dir(cache_dir.join("tmp")).unwrap().count();
+    let cfg2 = format!("[cache]\ndir = \"{}\"\n\n{cfg}", cache_dir.display());
+    let proxy2 = Proxy::start(&cfg2);
+    let (st, _, b) = get(&proxy2, KEY).await;
+    assert_eq!(st, 200);
+    assert!(
+        b == data,
+        "wrong bytes after a crash (tmp files left by the kill: {leftovers})"
+    );
+    assert_eq!(
+        std::fs::read_dir(cache_dir.join("tmp")).unwrap().count(),
+        0,
+        "restart cleaned tmp/"
+    );
+    assert_eq!(get(&proxy2, KEY).await.2, data);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn disk_full_still_serves_the_client() {
+    let s3 = S3Server::start(&["media"], true).await;
+    let data = pattern(3_000_000, 29);
+    s3.put("media", KEY, data.clone(), "video/mp4").await;
+    let mnt = tempfile::tempdir().unwrap();
+    let mounted = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=1m", "tmpfs"])
+        .arg(mnt.path())
+        .status()
+        .unwrap();
+    assert!(
+        mounted.success(),
+        "this test needs root to mount a 1 MiB tmpfs"
+    );
+    struct Unmount<'a>(&'a Path);
+    impl Drop for Unmount<'_> {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg("-l").arg(self.0).status();
+        }
+    }
+    let _guard = Unmount(mnt.path());
+    let admin = closed_port();
+    let cfg = format!(
+        "[cache]\ndir = \"{}/cache\"\n\n{}",
+        mnt.path().display(),
+        s3.s3_upstream("b", "media")
+    );
+    let proxy = Proxy::start_with_server(&cfg, &format!("admin_listen = \"127.0.0.1:{admin}\""));
+    for _ in 0..3 {
+        let (st, xc, b) = get(&proxy, KEY).await;
+        assert_eq!((st, xc.as_str()), (200, "MISS"));
+        assert!(b == data, "full body despite the full disk");
+    }
+    let small = b"fits".to_vec();
+    s3.put("media", "s/small.png", small.clone(), "image/png")
+        .await;
+    assert_eq!(get(&proxy, "s/small.png").await.2, small);
+    let m = client()
+        .get(format!("http://127.0.0.1:{admin}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let line = m
+        .lines()
+        .find(|l| l.starts_with("mediaproxy_cache_write_errors_total"))
+        .unwrap_or_default();
+    let n: f64 = line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0);
+    assert!(n >= 3.0, "write errors counted: {line}");
+    assert!(proxy.log().contains("cache write failed"));
+    assert_eq!(
+        std::fs::read_dir(mnt.path().join("cache/tmp"))
+            .unwrap()
+            .count(),
+        0,
+        "no partial files"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn cache_command_stats_purge_clear_on_a_running_proxy() {
+    let s3 = S3Server::start(&["media"], true).await;
+    for i in 0..3 {
+        s3.put(
+            "media",
+            &format!("p/{i}.png"),
+            pattern(10_000, i),
+            "image/png",
+        )
+        .await;
+    }
+    let proxy = Proxy::start(&s3.s3_upstream("b", "media"));
+    for i in 0..3 {
+        get(&proxy, &format!("p/{i}.png")).await;
+    }
+    let run = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_mediaproxy"))
+            .arg("cache")
+            .args(args)
+            .arg("--config")
+            .arg(&proxy.config_path)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let stats = run(&["stats"]);
+    assert!(stats.contains("entries  3"), "{stats}");
+    assert!(stats.contains("oldest"), "{stats}");
+    let purged = run(&["purge", "p/0.png", "/p/9.png"]);
+    assert!(
+        purged.contains("purged     p/0.png") && purged.contains("not cached p/9.png"),
+        "{purged}"
+    );
+    assert_eq!(
+        get(&proxy, "p/0.png").await.1,
+        "MISS",
+        "purge works on a running proxy"
+    );
+    assert_eq!(get(&proxy, "p/1.png").await.1, "HIT");
+    let cleared = run(&["clear"]);
+    assert!(cleared.contains("removed 3"), "{cleared}");
+    assert_eq!(get(&proxy, "p/1.png").await.1, "MISS");
+    assert!(run(&["stats"]).contains("entries  1"));
+}

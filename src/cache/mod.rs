@@ -82,12 +82,19 @@ impl Cache {
 
     /// Reads an entry; a corrupt one is dropped (and counted) so it is refetched.
     pub async fn lookup(&self, key: &str, policy: Policy) -> Lookup {
-        let store = self.store.clone();
-        let k = key.to_string();
-        // Small entries are one pread; large ones are checksummed end to end first, which is real work.
-        let loaded = match tokio::task::spawn_blocking(move || store.load(&k)).await {
-            Ok(r) => r,
-            Err(_) => return Lookup::Miss,
+        // Small entries are one pread and a hardware CRC, done right here like a local file; large ones
+        // are checksummed end to end before serving, which is real work for the blocking pool.
+        let loaded = match self.store.open_entry(key) {
+            Ok(Some((file, size))) if Store::is_small(size) => Store::load_opened(file, size, key).map(Some),
+            Ok(Some((file, size))) => {
+                let k = key.to_string();
+                match tokio::task::spawn_blocking(move || Store::load_opened(file, size, &k)).await {
+                    Ok(r) => r.map(Some),
+                    Err(_) => return Lookup::Miss,
+                }
+            }
+            Ok(None) => Ok(None),
+            Err(e) => Err(StoreError::Io(e)),
         };
         let hash = hash_key(key);
         let loaded = match loaded {

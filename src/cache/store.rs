@@ -125,16 +125,34 @@ impl Store {
 
     /// `Ok(None)` when there is no entry. A corrupt or foreign entry is an error (the caller drops it).
     pub fn load(&self, key: &str) -> Result<Option<Loaded>, StoreError> {
+        match self.open_entry(key)? {
+            Some((file, size)) => Self::load_opened(file, size, key).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// Opens the entry's file and returns it with its size, so the caller can decide where to do the
+    /// (possibly long) verification of a large entry.
+    pub fn open_entry(&self, key: &str) -> io::Result<Option<(File, u64)>> {
         let file = match File::open(self.path(hash_key(key))) {
             Ok(f) => f,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(e.into()),
+            Err(e) => return Err(e),
         };
         let size = file.metadata()?.len();
+        Ok(Some((file, size)))
+    }
+
+    /// True when [`Store::load_opened`] is one read and a CRC of at most [`SMALL`] bytes.
+    pub fn is_small(size: u64) -> bool {
+        size <= SMALL + 4096
+    }
+
+    pub fn load_opened(file: File, size: u64, key: &str) -> Result<Loaded, StoreError> {
         if size < TRAILER {
             return Err(StoreError::Corrupt("shorter than its trailer"));
         }
-        if size <= SMALL + 4096 {
+        if Self::is_small(size) {
             let buf = read_exact_at(&file, 0, size as usize)?;
             let (meta, crc, body_len) = parse_trailer(&buf[..], size, &file)?;
             check_key(&meta, key)?;
@@ -142,7 +160,7 @@ impl Store {
             if crc32c::crc32c(&body) != crc {
                 return Err(StoreError::Corrupt("checksum mismatch"));
             }
-            return Ok(Some(Loaded::Bytes(meta, body)));
+            return Ok(Loaded::Bytes(meta, body));
         }
         let tail = read_exact_at(&file, size - TRAILER, TRAILER as usize)?;
         let (meta, crc, body_len) = parse_trailer(&tail[..], size, &file)?;
@@ -158,7 +176,7 @@ impl Store {
         if sum != crc {
             return Err(StoreError::Corrupt("checksum mismatch"));
         }
-        Ok(Some(Loaded::File(meta, file)))
+        Ok(Loaded::File(meta, file))
     }
 
     /// Removes the entry for `hash`; true if there was one.

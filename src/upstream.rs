@@ -8,7 +8,11 @@
 use std::io;
 use std::time::Duration;
 
-use futures_util::TryStreamExt;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::{Bytes, BytesMut};
+use futures_util::{Stream, TryStreamExt};
 use http::{HeaderMap, HeaderValue, StatusCode};
 use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
 use rusty_s3::{Bucket, Credentials, S3Action, UrlStyle};
@@ -16,7 +20,7 @@ use url::Url;
 
 use crate::config::{UpstreamConfig, UpstreamKind};
 use crate::key::Key;
-use crate::object::{Body, Meta, Object, Source};
+use crate::object::{Body, ByteStream, Meta, Object, Source};
 
 /// How long a presigned URL stays valid: only long enough to be used at once.
 const SIGN_TTL: Duration = Duration::from_secs(300);
@@ -268,7 +272,7 @@ impl Upstream {
                 .bytes_stream()
                 .map_err(|e| io::Error::other(error_chain(&e)));
             Body::Stream {
-                stream: Box::pin(stream),
+                stream: Box::pin(Coalesce::new(Box::pin(stream))),
                 offset,
             }
         };
@@ -281,6 +285,64 @@ impl std::fmt::Debug for Upstream {
         f.debug_struct("Upstream")
             .field("name", &self.name)
             .finish_non_exhaustive()
+    }
+}
+
+/// Buckets often send bodies in small chunks (s3s-fs: 4 KiB). Whatever is already available is merged
+/// into chunks of up to [`COALESCE`] bytes, so the client socket and the cache file see a few large
+/// writes instead of many small ones; nothing waits for more data than has arrived.
+const COALESCE: usize = 64 * 1024;
+
+struct Coalesce {
+    inner: ByteStream,
+    buf: BytesMut,
+    error: Option<io::Error>,
+    done: bool,
+}
+
+impl Coalesce {
+    fn new(inner: ByteStream) -> Coalesce {
+        Coalesce {
+            inner,
+            buf: BytesMut::new(),
+            error: None,
+            done: false,
+        }
+    }
+}
+
+impl Stream for Coalesce {
+    type Item = io::Result<Bytes>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        if let Some(e) = self.error.take() {
+            return Poll::Ready(Some(Err(e)));
+        }
+        while !self.done && self.buf.len() < COALESCE {
+            match self.inner.as_mut().poll_next(cx) {
+                Poll::Ready(Some(Ok(chunk))) => {
+                    if self.buf.is_empty() && chunk.len() >= COALESCE {
+                        return Poll::Ready(Some(Ok(chunk)));
+                    }
+                    self.buf.extend_from_slice(&chunk);
+                }
+                Poll::Ready(Some(Err(e))) => {
+                    self.done = true;
+                    if self.buf.is_empty() {
+                        return Poll::Ready(Some(Err(e)));
+                    }
+                    self.error = Some(e);
+                }
+                Poll::Ready(None) => self.done = true,
+                Poll::Pending if self.buf.is_empty() => return Poll::Pending,
+                Poll::Pending => break,
+            }
+        }
+        if self.buf.is_empty() {
+            return Poll::Ready(None);
+        }
+        let chunk = self.buf.split().freeze();
+        Poll::Ready(Some(Ok(chunk)))
     }
 }
 

@@ -85,10 +85,13 @@ impl Cache {
         // Small entries are one pread and a hardware CRC, done right here like a local file; large ones
         // are checksummed end to end before serving, which is real work for the blocking pool.
         let loaded = match self.store.open_entry(key) {
-            Ok(Some((file, size))) if Store::is_small(size) => Store::load_opened(file, size, key).map(Some),
+            Ok(Some((file, size))) if Store::is_small(size) => {
+                Store::load_opened(file, size, key).map(Some)
+            }
             Ok(Some((file, size))) => {
                 let k = key.to_string();
-                match tokio::task::spawn_blocking(move || Store::load_opened(file, size, &k)).await {
+                match tokio::task::spawn_blocking(move || Store::load_opened(file, size, &k)).await
+                {
                     Ok(r) => r.map(Some),
                     Err(_) => return Lookup::Miss,
                 }
@@ -107,7 +110,6 @@ impl Cache {
                 tracing::warn!(key, why, "corrupt cache entry dropped; refetching");
                 self.counters.corrupt.inc();
                 self.index.remove(hash);
-                self.store.remove(hash);
                 return Lookup::Miss;
             }
             Err(StoreError::Io(e)) => {

@@ -12,10 +12,13 @@
 
 use std::fs::{self, File};
 use std::io::{self, Write};
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
+use rustix::fs::{Mode, OFlags};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -85,6 +88,8 @@ pub enum Loaded {
 #[derive(Clone)]
 pub struct Store {
     root: PathBuf,
+    /// `v1/`, held open so a hit resolves only `ab/cd/<hash>` (the serving process; `None` for the CLI).
+    entries: Option<Arc<OwnedFd>>,
 }
 
 impl Store {
@@ -98,8 +103,14 @@ impl Store {
             }
         }
         fs::create_dir_all(&tmp)?;
+        let entries = rustix::fs::open(
+            root.join("v1"),
+            OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )?;
         Ok(Store {
             root: root.to_owned(),
+            entries: Some(Arc::new(entries)),
         })
     }
 
@@ -107,6 +118,7 @@ impl Store {
     pub fn attach(root: &Path) -> Store {
         Store {
             root: root.to_owned(),
+            entries: None,
         }
     }
 
@@ -134,7 +146,19 @@ impl Store {
     /// Opens the entry's file and returns it with its size, so the caller can decide where to do the
     /// (possibly long) verification of a large entry.
     pub fn open_entry(&self, key: &str) -> io::Result<Option<(File, u64)>> {
-        let file = match File::open(self.path(hash_key(key))) {
+        let hash = hash_key(key);
+        let opened = match &self.entries {
+            Some(dir) => rustix::fs::openat(
+                dir.as_ref(),
+                relative_path(hash).as_str(),
+                OFlags::RDONLY | OFlags::CLOEXEC,
+                Mode::empty(),
+            )
+            .map(File::from)
+            .map_err(io::Error::from),
+            None => File::open(self.path(hash)),
+        };
+        let file = match opened {
             Ok(f) => f,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(e),
@@ -199,6 +223,29 @@ impl Store {
             written: 0,
         })
     }
+}
+
+/// `ab/cd/abcd…` (2 + 1 + 2 + 1 + 32 bytes), built without allocating: it is on every hit's path.
+struct RelPath([u8; 38]);
+
+impl RelPath {
+    fn as_str(&self) -> &str {
+        std::str::from_utf8(&self.0).expect("hex is ascii")
+    }
+}
+
+fn relative_path(hash: KeyHash) -> RelPath {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut hex = [0u8; 32];
+    for (i, b) in hash.to_be_bytes().iter().enumerate() {
+        hex[2 * i] = HEX[(b >> 4) as usize];
+        hex[2 * i + 1] = HEX[(b & 15) as usize];
+    }
+    let mut out = [b'/'; 38];
+    out[..2].copy_from_slice(&hex[..2]);
+    out[3..5].copy_from_slice(&hex[2..4]);
+    out[6..].copy_from_slice(&hex);
+    RelPath(out)
 }
 
 /// `buf` holds at least the trailer at its end; for small entries it is the whole file.
@@ -371,6 +418,16 @@ mod tests {
             last_modified: Some(1_700_000_000),
             stored_at: unix_now(),
         }
+    }
+
+    #[test]
+    fn relative_path_is_hex_fanned_out() {
+        let h: KeyHash = 0xabcd_0123_4567_89ab_cdef_0011_2233_4455;
+        assert_eq!(
+            relative_path(h).as_str(),
+            "ab/cd/abcd0123456789abcdef001122334455"
+        );
+        assert_eq!(format!("{h:032x}"), &relative_path(h).as_str()[6..]);
     }
 
     #[test]

@@ -14,11 +14,19 @@ use lru::LruCache;
 
 use super::store::{self, KeyHash, Store};
 
+/// Sizes are counted in whole file-system blocks: a flood of tiny negative entries (404s for random
+/// keys) would otherwise take 20 times more disk than the index believes.
+fn on_disk(size: u64) -> u64 {
+    size.div_ceil(4096).max(1) * 4096
+}
+
 #[derive(Clone, Copy)]
 struct Slot {
     size: u64,
     /// Unix seconds of the last read (or of the store).
     last_read: u64,
+    /// The file's mtime (ns) when this process last verified its checksum; 0: not verified.
+    verified: i64,
 }
 
 struct Inner {
@@ -83,26 +91,43 @@ impl Index {
             Slot {
                 size,
                 last_read: stored,
+                verified: 0,
             },
         );
         inner.lru.demote(&hash);
         inner.bytes += size;
     }
 
-    /// Records a read; adds entries the background load has not reached yet.
-    pub fn touch(&self, hash: KeyHash, size: u64) {
+    /// True when this process verified the entry's checksum and the file has not been written since
+    /// (any write changes its mtime): a hit then skips the CRC, which was a sixth of a hit's CPU.
+    /// A restart, a refill or a write to the file means verifying again.
+    pub fn trusted(&self, hash: KeyHash, stamp: i64) -> bool {
+        self.lock()
+            .lru
+            .peek(&hash)
+            .is_some_and(|s| s.verified != 0 && s.verified == stamp)
+    }
+
+    /// Records a read (`verified`: the mtime at which the checksum was just checked); adds entries the
+    /// background load has not reached yet.
+    pub fn touch(&self, hash: KeyHash, size: u64, verified: Option<i64>) {
+        let size = on_disk(size);
         let now = store::unix_now();
         let mut inner = self.lock();
         match inner.lru.get_mut(&hash) {
-            Some(slot) => slot.last_read = now,
+            Some(slot) => {
+                slot.last_read = now;
+                if let Some(v) = verified {
+                    slot.verified = v;
+                }
+            }
             None => {
-                inner.lru.push(
-                    hash,
-                    Slot {
-                        size,
-                        last_read: now,
-                    },
-                );
+                let slot = Slot {
+                    size,
+                    last_read: now,
+                    verified: verified.unwrap_or(0),
+                };
+                inner.lru.push(hash, slot);
                 inner.bytes += size;
             }
         }
@@ -113,6 +138,7 @@ impl Index {
 
     /// A new or replaced entry of `size` bytes on disk; evicts at once so the directory stays under the cap.
     pub fn insert(&self, hash: KeyHash, size: u64) {
+        let size = on_disk(size);
         let now = store::unix_now();
         let mut inner = self.lock();
         if let Some((_, old)) = inner.lru.push(
@@ -120,6 +146,7 @@ impl Index {
             Slot {
                 size,
                 last_read: now,
+                verified: 0,
             },
         ) {
             // `push` returns the replaced value for the same key (its file was replaced by the rename).
@@ -207,17 +234,18 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
         let index = Index::new(store.clone(), 10_000, Duration::from_secs(3600));
+        // Each entry takes one 4 KiB block: two fit under 10,000 bytes, a third evicts one.
         let a = entry(&store, "a", 4000);
-        index.insert(a, 4100);
+        index.insert(a, 4000);
         let b = entry(&store, "b", 4000);
-        index.insert(b, 4100);
-        index.touch(a, 4100); // a is now more recent than b
+        index.insert(b, 4000);
+        index.touch(a, 4000, None); // a is now more recent than b
         let c = entry(&store, "c", 4000);
-        index.insert(c, 4100);
+        index.insert(c, 4000);
         assert!(store.path(a).exists(), "recently read survives");
         assert!(!store.path(b).exists(), "least recently used is evicted");
         assert!(store.path(c).exists());
-        assert_eq!(index.usage(), (8200, 2));
+        assert_eq!(index.usage(), (8192, 2));
     }
 
     #[test]

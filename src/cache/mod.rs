@@ -84,22 +84,29 @@ impl Cache {
     pub async fn lookup(&self, key: &str, policy: Policy) -> Lookup {
         // Small entries are one pread and a hardware CRC, done right here like a local file; large ones
         // are checksummed end to end before serving, which is real work for the blocking pool.
+        let hash = hash_key(key);
+        let mut checked = None;
         let loaded = match self.store.open_entry(key) {
-            Ok(Some((file, size))) if Store::is_small(size) => {
-                Store::load_opened(file, size, key).map(Some)
-            }
-            Ok(Some((file, size))) => {
-                let k = key.to_string();
-                match tokio::task::spawn_blocking(move || Store::load_opened(file, size, &k)).await
-                {
-                    Ok(r) => r.map(Some),
-                    Err(_) => return Lookup::Miss,
+            Ok(Some((file, size, stamp))) => {
+                let verify = !self.index.trusted(hash, stamp);
+                checked = verify.then_some(stamp);
+                if Store::is_small(size) || !verify {
+                    Store::load_opened(file, size, key, verify).map(Some)
+                } else {
+                    let k = key.to_string();
+                    match tokio::task::spawn_blocking(move || {
+                        Store::load_opened(file, size, &k, true)
+                    })
+                    .await
+                    {
+                        Ok(r) => r.map(Some),
+                        Err(_) => return Lookup::Miss,
+                    }
                 }
             }
             Ok(None) => Ok(None),
             Err(e) => Err(StoreError::Io(e)),
         };
-        let hash = hash_key(key);
         let loaded = match loaded {
             Ok(Some(l)) => l,
             Ok(None) => {
@@ -121,7 +128,7 @@ impl Cache {
             Loaded::Bytes(meta, bytes) => (meta, Body::Bytes(bytes)),
             Loaded::File(meta, file) => (meta, Body::File(file)),
         };
-        self.index.touch(hash, meta.len);
+        self.index.touch(hash, meta.len, checked);
         let ttl = if meta.status == 200 {
             policy.ttl_ok
         } else {

@@ -13,6 +13,7 @@
 use std::fs::{self, File};
 use std::io::{self, Write};
 use std::os::fd::OwnedFd;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -138,14 +139,15 @@ impl Store {
     /// `Ok(None)` when there is no entry. A corrupt or foreign entry is an error (the caller drops it).
     pub fn load(&self, key: &str) -> Result<Option<Loaded>, StoreError> {
         match self.open_entry(key)? {
-            Some((file, size)) => Self::load_opened(file, size, key).map(Some),
+            Some((file, size, _)) => Self::load_opened(file, size, key, true).map(Some),
             None => Ok(None),
         }
     }
 
     /// Opens the entry's file and returns it with its size, so the caller can decide where to do the
     /// (possibly long) verification of a large entry.
-    pub fn open_entry(&self, key: &str) -> io::Result<Option<(File, u64)>> {
+    /// The third value is the file's modification time in nanoseconds: any write to the file changes it.
+    pub fn open_entry(&self, key: &str) -> io::Result<Option<(File, u64, i64)>> {
         let hash = hash_key(key);
         let opened = match &self.entries {
             Some(dir) => rustix::fs::openat(
@@ -163,8 +165,12 @@ impl Store {
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(e),
         };
-        let size = file.metadata()?.len();
-        Ok(Some((file, size)))
+        let md = file.metadata()?;
+        let stamp = md
+            .mtime()
+            .saturating_mul(1_000_000_000)
+            .saturating_add(md.mtime_nsec());
+        Ok(Some((file, md.len(), stamp)))
     }
 
     /// True when [`Store::load_opened`] is one read and a CRC of at most [`SMALL`] bytes.
@@ -172,7 +178,14 @@ impl Store {
         size <= SMALL + 4096
     }
 
-    pub fn load_opened(file: File, size: u64, key: &str) -> Result<Loaded, StoreError> {
+    /// `verify`: check the body's CRC32C (skipped only for a file this process already verified and
+    /// that has not been written since, see `Index::trusted`).
+    pub fn load_opened(
+        file: File,
+        size: u64,
+        key: &str,
+        verify: bool,
+    ) -> Result<Loaded, StoreError> {
         if size < TRAILER {
             return Err(StoreError::Corrupt("shorter than its trailer"));
         }
@@ -181,7 +194,7 @@ impl Store {
             let (meta, crc, body_len) = parse_trailer(&buf[..], size, &file)?;
             check_key(&meta, key)?;
             let body = buf.slice(..body_len as usize);
-            if crc32c::crc32c(&body) != crc {
+            if verify && crc32c::crc32c(&body) != crc {
                 return Err(StoreError::Corrupt("checksum mismatch"));
             }
             return Ok(Loaded::Bytes(meta, body));
@@ -189,6 +202,9 @@ impl Store {
         let tail = read_exact_at(&file, size - TRAILER, TRAILER as usize)?;
         let (meta, crc, body_len) = parse_trailer(&tail[..], size, &file)?;
         check_key(&meta, key)?;
+        if !verify {
+            return Ok(Loaded::File(meta, file));
+        }
         let mut sum = 0u32;
         let mut pos = 0u64;
         while pos < body_len {

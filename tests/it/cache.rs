@@ -266,6 +266,8 @@ async fn corrupt_entry_is_dropped_and_refetched() {
     let dir = proxy.dir.path().join("cache");
     for (key, body) in [("c/small.png", &small), ("c/large.mp4", &large)] {
         assert_eq!(&get(&proxy, key).await.2, body);
+        // A verified HIT: later hits may skip the checksum, but not once the file has been written to.
+        assert_eq!(get(&proxy, key).await.1, "HIT");
     }
     // Flip one byte in the middle of every entry's body.
     for f in cache_files(&dir) {

@@ -200,6 +200,9 @@ PY
 compare() {
   local label=$1 list=$2 r
   local -a NG MP
+  # An unmeasured warm-up for each (allocators, page cache, nginx's open_file_cache).
+  DURATION=3s run_wrk "http://127.0.0.1:$NGPORT" "$list" >/dev/null
+  DURATION=3s run_wrk "http://127.0.0.1:$MPPORT" "$list" >/dev/null
   for r in $(seq 1 "$ROUNDS"); do
     NG[r]=$(run_wrk "http://127.0.0.1:$NGPORT" "$list")
     MP[r]=$(run_wrk "http://127.0.0.1:$MPPORT" "$list")

@@ -62,3 +62,24 @@ pub struct Object {
     pub meta: Meta,
     pub body: Body,
 }
+
+/// `count` bytes at `start`, into a buffer that is never zeroed first (it is about to be overwritten).
+pub fn read_at(file: &File, start: u64, count: usize) -> io::Result<Bytes> {
+    let mut buf = Vec::with_capacity(count);
+    while buf.len() < count {
+        let want = count - buf.len();
+        let spare = &mut buf.spare_capacity_mut()[..want];
+        let n = rustix::io::pread(file, spare, start + (count - want) as u64)?
+            .0
+            .len();
+        if n == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "file shrank while being served",
+            ));
+        }
+        // SAFETY: pread initialized the first `n` bytes of the spare capacity.
+        unsafe { buf.set_len(buf.len() + n) };
+    }
+    Ok(Bytes::from(buf))
+}

@@ -272,7 +272,7 @@ fn file_body(file: std::fs::File, start: u64, count: u64) -> ResponseBody {
     if count <= SMALL_FILE {
         // Inline, like nginx without `aio threads`: a page-cached read of a few dozen KB is cheaper
         // than the thread hand-off to the blocking pool.
-        let chunk = read_at(&file, start, count as usize);
+        let chunk = crate::object::read_at(&file, start, count as usize);
         return stream_body(Box::pin(futures_util::stream::once(async move { chunk })));
     }
     // Chunked positional reads: memory stays at one chunk per response whatever the file's size.
@@ -281,7 +281,7 @@ fn file_body(file: std::fs::File, start: u64, count: u64) -> ResponseBody {
             let file = file.filter(|_| left > 0)?;
             let n = left.min(CHUNK as u64);
             let read = tokio::task::spawn_blocking(move || {
-                let r = read_at(&file, pos, n as usize);
+                let r = crate::object::read_at(&file, pos, n as usize);
                 (file, r)
             })
             .await;
@@ -292,27 +292,6 @@ fn file_body(file: std::fs::File, start: u64, count: u64) -> ResponseBody {
             })
         });
     stream_body(Box::pin(stream))
-}
-
-/// `count` bytes at `start`, into a buffer that is never zeroed first (it is about to be overwritten).
-fn read_at(file: &std::fs::File, start: u64, count: usize) -> io::Result<Bytes> {
-    let mut buf = Vec::with_capacity(count);
-    while buf.len() < count {
-        let want = count - buf.len();
-        let spare = &mut buf.spare_capacity_mut()[..want];
-        let n = rustix::io::pread(file, spare, start + (count - want) as u64)?
-            .0
-            .len();
-        if n == 0 {
-            return Err(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                "file shrank while being served",
-            ));
-        }
-        // SAFETY: pread initialized the first `n` bytes of the spare capacity.
-        unsafe { buf.set_len(buf.len() + n) };
-    }
-    Ok(Bytes::from(buf))
 }
 
 /// Skips the bytes before the range and stops after it; a source that ends early is an error, so the

@@ -8,11 +8,7 @@
 use std::io;
 use std::time::Duration;
 
-use std::pin::Pin;
-use std::task::{Context, Poll};
-
-use bytes::{Bytes, BytesMut};
-use futures_util::{Stream, TryStreamExt};
+use futures_util::TryStreamExt;
 use http::{HeaderMap, HeaderValue, StatusCode};
 use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
 use rusty_s3::{Bucket, Credentials, S3Action, UrlStyle};
@@ -20,7 +16,10 @@ use url::Url;
 
 use crate::config::{UpstreamConfig, UpstreamKind};
 use crate::key::Key;
-use crate::object::{Body, ByteStream, Meta, Object, Source};
+use crate::object::{Body, Meta, Object, Source};
+
+mod coalesce;
+use coalesce::Coalesce;
 
 /// How long a presigned URL stays valid: only long enough to be used at once.
 const SIGN_TTL: Duration = Duration::from_secs(300);
@@ -288,64 +287,6 @@ impl std::fmt::Debug for Upstream {
     }
 }
 
-/// Buckets often send bodies in small chunks (s3s-fs: 4 KiB). Whatever is already available is merged
-/// into chunks of up to [`COALESCE`] bytes, so the client socket and the cache file see a few large
-/// writes instead of many small ones; nothing waits for more data than has arrived.
-const COALESCE: usize = 64 * 1024;
-
-struct Coalesce {
-    inner: ByteStream,
-    buf: BytesMut,
-    error: Option<io::Error>,
-    done: bool,
-}
-
-impl Coalesce {
-    fn new(inner: ByteStream) -> Coalesce {
-        Coalesce {
-            inner,
-            buf: BytesMut::new(),
-            error: None,
-            done: false,
-        }
-    }
-}
-
-impl Stream for Coalesce {
-    type Item = io::Result<Bytes>;
-
-    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        if let Some(e) = self.error.take() {
-            return Poll::Ready(Some(Err(e)));
-        }
-        while !self.done && self.buf.len() < COALESCE {
-            match self.inner.as_mut().poll_next(cx) {
-                Poll::Ready(Some(Ok(chunk))) => {
-                    if self.buf.is_empty() && chunk.len() >= COALESCE {
-                        return Poll::Ready(Some(Ok(chunk)));
-                    }
-                    self.buf.extend_from_slice(&chunk);
-                }
-                Poll::Ready(Some(Err(e))) => {
-                    self.done = true;
-                    if self.buf.is_empty() {
-                        return Poll::Ready(Some(Err(e)));
-                    }
-                    self.error = Some(e);
-                }
-                Poll::Ready(None) => self.done = true,
-                Poll::Pending if self.buf.is_empty() => return Poll::Pending,
-                Poll::Pending => break,
-            }
-        }
-        if self.buf.is_empty() {
-            return Poll::Ready(None);
-        }
-        let chunk = self.buf.split().freeze();
-        Poll::Ready(Some(Ok(chunk)))
-    }
-}
-
 /// reqwest's Display hides the cause, and its URL would carry the signature: give the chain, no URL.
 fn error_chain(e: &reqwest::Error) -> String {
     let mut parts = Vec::new();
@@ -413,78 +354,4 @@ fn content_range(h: &HeaderMap) -> Option<(u64, u64, Option<u64>)> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::config::{Config, Secret};
-    use std::path::Path;
-
-    fn upstream(toml: &str) -> Upstream {
-        let cfg = Config::parse(toml, Path::new(".")).unwrap();
-        Upstream::new(&cfg.upstreams[0]).unwrap()
-    }
-
-    fn key(s: &str) -> Key {
-        crate::key::parse(&format!("/{s}"), "").unwrap()
-    }
-
-    #[test]
-    fn s3_urls_path_and_virtual_host_style_with_prefix() {
-        let base = "[[upstream]]\nname = \"s\"\ntype = \"s3\"\nendpoint = \"https://s3.example.org\"\nbucket = \"media\"\nregion = \"fr-par\"\naccess_key_id = \"AK\"\nsecret_access_key = \"SK\"\n";
-        let path = upstream(&format!("{base}prefix = \"/mastodon/\"\n"));
-        let url = path.url(Method::Get, &key("accounts/a b.png"));
-        assert_eq!(url.host_str(), Some("s3.example.org"));
-        assert_eq!(url.path(), "/media/mastodon/accounts/a%20b.png");
-        assert!(url.query().unwrap().contains("X-Amz-Signature="));
-        assert!(url.query().unwrap().contains("fr-par"));
-        assert!(!url.as_str().contains("SK"));
-
-        let vhost = upstream(&format!("{base}path_style = false\n"));
-        let url = vhost.url(Method::Head, &key("x/y.png"));
-        assert_eq!(url.host_str(), Some("media.s3.example.org"));
-        assert_eq!(url.path(), "/x/y.png");
-        assert_eq!(vhost.authority(), ("media.s3.example.org".to_string(), 443));
-    }
-
-    #[test]
-    fn http_urls_escape_the_key_once() {
-        let up = upstream("[[upstream]]\nname = \"h\"\ntype = \"http\"\nurl = \"https://cdn.example.org/bucket\"\n");
-        let url = up.url(Method::Get, &key("cache/a%3Fb c#d.png"));
-        assert_eq!(
-            url.as_str(),
-            "https://cdn.example.org/bucket/cache/a%3Fb%20c%23d.png"
-        );
-    }
-
-    #[test]
-    fn header_parsing() {
-        let mut h = HeaderMap::new();
-        h.insert(
-            http::header::CONTENT_RANGE,
-            HeaderValue::from_static("bytes 10-19/100"),
-        );
-        assert_eq!(content_range(&h), Some((10, 19, Some(100))));
-        h.insert(
-            http::header::CONTENT_RANGE,
-            HeaderValue::from_static("bytes 10-19/*"),
-        );
-        assert_eq!(content_range(&h), Some((10, 19, None)));
-        h.insert(
-            http::header::CONTENT_RANGE,
-            HeaderValue::from_static("bytes 19-10/100"),
-        );
-        assert_eq!(content_range(&h), None);
-        let body = "<?xml version=\"1.0\"?><Error><Code>SignatureDoesNotMatch</Code><Message>m</Message></Error>";
-        assert_eq!(
-            xml_tag(body, "Code").as_deref(),
-            Some("SignatureDoesNotMatch")
-        );
-        assert_eq!(xml_tag("<Error/>", "Code"), None);
-    }
-
-    #[test]
-    fn debug_hides_credentials() {
-        let up = upstream("[[upstream]]\nname = \"s\"\ntype = \"s3\"\nendpoint = \"https://s3.example.org\"\nbucket = \"media\"\naccess_key_id = \"AK\"\nsecret_access_key = \"very-secret\"\n");
-        assert!(!format!("{up:?}").contains("very-secret"));
-        assert_eq!(format!("{:?}", Secret::from_test("x")), "Secret(***)");
-    }
-}
+mod tests;

@@ -113,7 +113,7 @@ impl FillGuard {
             content_type: meta.content_type.clone(),
             etag: meta.etag.clone(),
             last_modified: meta.last_modified.map(store::to_unix),
-            stored_at: store::unix_now(),
+            stored_at_ms: store::unix_now_ms(),
         };
         let tee = Tee {
             inner: Some(stream),

@@ -221,7 +221,7 @@ mod tests {
             content_type: None,
             etag: None,
             last_modified: None,
-            stored_at: store::unix_now(),
+            stored_at_ms: store::unix_now_ms(),
         };
         let mut w = store.writer().unwrap();
         w.write(&vec![1u8; len]).unwrap();

@@ -173,7 +173,7 @@ impl Cache {
             content_type: None,
             etag: None,
             last_modified: None,
-            stored_at: store::unix_now(),
+            stored_at_ms: store::unix_now_ms(),
         };
         let result = self
             .store

@@ -19,6 +19,8 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
+
+use crate::object::read_at;
 use rustix::fs::{Mode, OFlags};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -40,15 +42,21 @@ pub struct EntryMeta {
     pub etag: Option<String>,
     /// Unix seconds.
     pub last_modified: Option<u64>,
-    /// Unix seconds.
-    pub stored_at: u64,
+    /// Unix milliseconds: TTLs of a few seconds must not expire early at a second boundary.
+    pub stored_at_ms: u64,
 }
 
 impl EntryMeta {
     pub fn age(&self) -> Duration {
-        let now = unix_now();
-        Duration::from_secs(now.saturating_sub(self.stored_at))
+        Duration::from_millis(unix_now_ms().saturating_sub(self.stored_at_ms))
     }
+}
+
+pub fn unix_now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 pub fn unix_now() -> u64 {
@@ -190,7 +198,7 @@ impl Store {
             return Err(StoreError::Corrupt("shorter than its trailer"));
         }
         if Self::is_small(size) {
-            let buf = read_exact_at(&file, 0, size as usize)?;
+            let buf = read_at(&file, 0, size as usize)?;
             let (meta, crc, body_len) = parse_trailer(&buf[..], size, &file)?;
             check_key(&meta, key)?;
             let body = buf.slice(..body_len as usize);
@@ -199,7 +207,7 @@ impl Store {
             }
             return Ok(Loaded::Bytes(meta, body));
         }
-        let tail = read_exact_at(&file, size - TRAILER, TRAILER as usize)?;
+        let tail = read_at(&file, size - TRAILER, TRAILER as usize)?;
         let (meta, crc, body_len) = parse_trailer(&tail[..], size, &file)?;
         check_key(&meta, key)?;
         if !verify {
@@ -209,7 +217,7 @@ impl Store {
         let mut pos = 0u64;
         while pos < body_len {
             let n = (body_len - pos).min(VERIFY_CHUNK as u64) as usize;
-            let chunk = read_exact_at(&file, pos, n)?;
+            let chunk = read_at(&file, pos, n)?;
             sum = crc32c::crc32c_append(sum, &chunk);
             pos += n as u64;
         }
@@ -278,7 +286,7 @@ fn parse_trailer(buf: &[u8], size: u64, file: &File) -> Result<(EntryMeta, u32, 
     let meta_bytes = if buf.len() as u64 == size {
         Bytes::copy_from_slice(&buf[body_len as usize..(body_len + meta_len) as usize])
     } else {
-        read_exact_at(file, body_len, meta_len as usize)?
+        read_at(file, body_len, meta_len as usize)?
     };
     let meta: EntryMeta = serde_json::from_slice(&meta_bytes)
         .map_err(|_| StoreError::Corrupt("unreadable metadata"))?;
@@ -296,26 +304,6 @@ fn check_key(meta: &EntryMeta, key: &str) -> Result<(), StoreError> {
     } else {
         Err(StoreError::Corrupt("entry belongs to another key"))
     }
-}
-
-pub fn read_exact_at(file: &File, start: u64, count: usize) -> io::Result<Bytes> {
-    let mut buf = Vec::with_capacity(count);
-    while buf.len() < count {
-        let want = count - buf.len();
-        let spare = &mut buf.spare_capacity_mut()[..want];
-        let n = rustix::io::pread(file, spare, start + (count - want) as u64)?
-            .0
-            .len();
-        if n == 0 {
-            return Err(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                "file shorter than expected",
-            ));
-        }
-        // SAFETY: pread initialized the first `n` bytes of the spare capacity.
-        unsafe { buf.set_len(buf.len() + n) };
-    }
-    Ok(Bytes::from(buf))
 }
 
 fn rand_u128() -> u128 {
@@ -420,116 +408,4 @@ pub fn walk(store: &Store, mut f: impl FnMut(KeyHash, u64, SystemTime)) -> io::R
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use std::os::unix::fs::FileExt;
-
-    fn meta(key: &str, len: u64) -> EntryMeta {
-        EntryMeta {
-            key: key.into(),
-            status: 200,
-            len,
-            content_type: Some("image/png".into()),
-            etag: Some("\"e\"".into()),
-            last_modified: Some(1_700_000_000),
-            stored_at: unix_now(),
-        }
-    }
-
-    #[test]
-    fn relative_path_is_hex_fanned_out() {
-        let h: KeyHash = 0xabcd_0123_4567_89ab_cdef_0011_2233_4455;
-        assert_eq!(
-            relative_path(h).as_str(),
-            "ab/cd/abcd0123456789abcdef001122334455"
-        );
-        assert_eq!(format!("{h:032x}"), &relative_path(h).as_str()[6..]);
-    }
-
-    #[test]
-    fn write_commit_load_small_and_large() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).unwrap();
-        for (key, len) in [
-            ("a/small.png", 1000usize),
-            ("a/large.mp4", 3 << 20),
-            ("a/empty", 0),
-        ] {
-            let body: Vec<u8> = (0..len).map(|i| (i * 31 % 251) as u8).collect();
-            let mut w = store.writer().unwrap();
-            for c in body.chunks(70_000) {
-                w.write(c).unwrap();
-            }
-            w.commit(&store, &meta(key, len as u64)).unwrap();
-            match store.load(key).unwrap().unwrap() {
-                Loaded::Bytes(m, b) => {
-                    assert_eq!(m, meta(key, len as u64).clone_with_stored(m.stored_at));
-                    assert_eq!(&b[..], &body[..]);
-                }
-                Loaded::File(m, f) => {
-                    assert_eq!(m.len, len as u64);
-                    assert_eq!(&read_exact_at(&f, 0, len).unwrap()[..], &body[..]);
-                }
-            }
-        }
-        assert!(store.load("a/other").unwrap().is_none());
-        assert_eq!(
-            fs::read_dir(dir.path().join("tmp")).unwrap().count(),
-            0,
-            "no temp files left"
-        );
-    }
-
-    #[test]
-    fn corruption_is_detected() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).unwrap();
-        for len in [5000usize, 2 << 20] {
-            let key = format!("k{len}");
-            let mut w = store.writer().unwrap();
-            w.write(&vec![7u8; len]).unwrap();
-            w.commit(&store, &meta(&key, len as u64)).unwrap();
-            let path = store.path(hash_key(&key));
-            let f = fs::OpenOptions::new().write(true).open(&path).unwrap();
-            f.write_all_at(b"X", 100).unwrap();
-            assert!(matches!(store.load(&key), Err(StoreError::Corrupt(_))));
-            // Truncated.
-            f.set_len(50).unwrap();
-            assert!(store.load(&key).is_err());
-        }
-    }
-
-    #[test]
-    fn abandoned_writer_leaves_nothing_and_restart_cleans_tmp() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).unwrap();
-        let mut w = store.writer().unwrap();
-        w.write(b"partial").unwrap();
-        drop(w);
-        assert_eq!(fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0);
-        let w = store.writer().unwrap();
-        std::mem::forget(w); // as after kill -9
-        assert_eq!(fs::read_dir(dir.path().join("tmp")).unwrap().count(), 1);
-        Store::open(dir.path()).unwrap();
-        assert_eq!(fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0);
-    }
-
-    #[test]
-    fn length_mismatch_is_refused() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).unwrap();
-        let mut w = store.writer().unwrap();
-        w.write(b"abc").unwrap();
-        assert!(w.commit(&store, &meta("k", 10)).is_err());
-        assert!(store.load("k").unwrap().is_none());
-    }
-
-    impl EntryMeta {
-        fn clone_with_stored(&self, stored_at: u64) -> EntryMeta {
-            EntryMeta {
-                stored_at,
-                ..self.clone()
-            }
-        }
-    }
-}
+mod tests;

@@ -1,0 +1,111 @@
+use super::*;
+use std::os::unix::fs::FileExt;
+
+fn meta(key: &str, len: u64) -> EntryMeta {
+    EntryMeta {
+        key: key.into(),
+        status: 200,
+        len,
+        content_type: Some("image/png".into()),
+        etag: Some("\"e\"".into()),
+        last_modified: Some(1_700_000_000),
+        stored_at_ms: unix_now_ms(),
+    }
+}
+
+#[test]
+fn relative_path_is_hex_fanned_out() {
+    let h: KeyHash = 0xabcd_0123_4567_89ab_cdef_0011_2233_4455;
+    assert_eq!(
+        relative_path(h).as_str(),
+        "ab/cd/abcd0123456789abcdef001122334455"
+    );
+    assert_eq!(format!("{h:032x}"), &relative_path(h).as_str()[6..]);
+}
+
+#[test]
+fn write_commit_load_small_and_large() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    for (key, len) in [
+        ("a/small.png", 1000usize),
+        ("a/large.mp4", 3 << 20),
+        ("a/empty", 0),
+    ] {
+        let body: Vec<u8> = (0..len).map(|i| (i * 31 % 251) as u8).collect();
+        let mut w = store.writer().unwrap();
+        for c in body.chunks(70_000) {
+            w.write(c).unwrap();
+        }
+        w.commit(&store, &meta(key, len as u64)).unwrap();
+        match store.load(key).unwrap().unwrap() {
+            Loaded::Bytes(m, b) => {
+                assert_eq!(m, meta(key, len as u64).clone_with_stored(m.stored_at_ms));
+                assert_eq!(&b[..], &body[..]);
+            }
+            Loaded::File(m, f) => {
+                assert_eq!(m.len, len as u64);
+                assert_eq!(&read_at(&f, 0, len).unwrap()[..], &body[..]);
+            }
+        }
+    }
+    assert!(store.load("a/other").unwrap().is_none());
+    assert_eq!(
+        fs::read_dir(dir.path().join("tmp")).unwrap().count(),
+        0,
+        "no temp files left"
+    );
+}
+
+#[test]
+fn corruption_is_detected() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    for len in [5000usize, 2 << 20] {
+        let key = format!("k{len}");
+        let mut w = store.writer().unwrap();
+        w.write(&vec![7u8; len]).unwrap();
+        w.commit(&store, &meta(&key, len as u64)).unwrap();
+        let path = store.path(hash_key(&key));
+        let f = fs::OpenOptions::new().write(true).open(&path).unwrap();
+        f.write_all_at(b"X", 100).unwrap();
+        assert!(matches!(store.load(&key), Err(StoreError::Corrupt(_))));
+        // Truncated.
+        f.set_len(50).unwrap();
+        assert!(store.load(&key).is_err());
+    }
+}
+
+#[test]
+fn abandoned_writer_leaves_nothing_and_restart_cleans_tmp() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let mut w = store.writer().unwrap();
+    w.write(b"partial").unwrap();
+    drop(w);
+    assert_eq!(fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0);
+    let w = store.writer().unwrap();
+    std::mem::forget(w); // as after kill -9
+    assert_eq!(fs::read_dir(dir.path().join("tmp")).unwrap().count(), 1);
+    Store::open(dir.path()).unwrap();
+    assert_eq!(fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0);
+}
+
+#[test]
+fn length_mismatch_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let mut w = store.writer().unwrap();
+    w.write(b"abc").unwrap();
+    assert!(w.commit(&store, &meta("k", 10)).is_err());
+    assert!(store.load("k").unwrap().is_none());
+}
+
+impl EntryMeta {
+    fn clone_with_stored(&self, stored_at: u64) -> EntryMeta {
+        EntryMeta {
+            stored_at_ms: stored_at,
+            ..self.clone()
+        }
+    }
+}

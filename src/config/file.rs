@@ -1,0 +1,201 @@
+//! The config file exactly as written: serde structs with `deny_unknown_fields`, so the TOML parser
+//! itself names unknown keys and bad values with their line. `super` turns these into typed values.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct FileConfig {
+    #[serde(default)]
+    pub(super) server: FileServer,
+    #[serde(default)]
+    pub(super) local: FileLocal,
+    #[serde(default)]
+    pub(super) cache: FileCache,
+    #[serde(default)]
+    pub(super) upstream: Vec<Spanned<FileUpstream>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct FileServer {
+    #[serde(default = "default_listen")]
+    pub(super) listen: Vec<SocketAddr>,
+    #[serde(default)]
+    pub(super) path_prefix: String,
+    pub(super) admin_listen: Option<SocketAddr>,
+    pub(super) tls: Option<FileTls>,
+    #[serde(default = "secs10")]
+    pub(super) header_read_timeout: DurationValue,
+    #[serde(default = "secs30")]
+    pub(super) shutdown_timeout: DurationValue,
+}
+
+impl Default for FileServer {
+    fn default() -> Self {
+        FileServer {
+            listen: default_listen(),
+            path_prefix: String::new(),
+            admin_listen: None,
+            tls: None,
+            header_read_timeout: secs10(),
+            shutdown_timeout: secs30(),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct FileTls {
+    pub(super) cert: PathBuf,
+    pub(super) key: PathBuf,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct FileLocal {
+    #[serde(default)]
+    pub(super) roots: Vec<PathBuf>,
+}
+
+impl Default for FileLocal {
+    fn default() -> Self {
+        FileLocal {
+            roots: vec![PathBuf::from("./public/system")],
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct FileCache {
+    #[serde(default = "default_cache_dir")]
+    pub(super) dir: PathBuf,
+    #[serde(default = "default_max_size")]
+    pub(super) max_size: SizeValue,
+    #[serde(default = "days90")]
+    pub(super) inactive: DurationValue,
+    #[serde(default = "days90")]
+    pub(super) ttl_ok: DurationValue,
+    #[serde(default = "secs300")]
+    pub(super) ttl_error: DurationValue,
+    #[serde(default = "secs5")]
+    pub(super) lock_timeout: DurationValue,
+}
+
+impl Default for FileCache {
+    fn default() -> Self {
+        FileCache {
+            dir: default_cache_dir(),
+            max_size: default_max_size(),
+            inactive: days90(),
+            ttl_ok: days90(),
+            ttl_error: secs300(),
+            lock_timeout: secs5(),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct FileUpstream {
+    pub(super) name: Option<String>,
+    #[serde(rename = "type")]
+    pub(super) kind: Option<String>,
+    pub(super) url: Option<String>,
+    pub(super) endpoint: Option<String>,
+    pub(super) bucket: Option<String>,
+    pub(super) region: Option<String>,
+    #[serde(default = "yes")]
+    pub(super) path_style: bool,
+    #[serde(default)]
+    pub(super) prefix: String,
+    pub(super) access_key_id: Option<String>,
+    pub(super) secret_access_key: Option<String>,
+    pub(super) secret_access_key_file: Option<PathBuf>,
+    #[serde(default)]
+    pub(super) copy_missing: bool,
+    #[serde(default = "secs5")]
+    pub(super) connect_timeout: DurationValue,
+    #[serde(default = "secs10")]
+    pub(super) first_byte_timeout: DurationValue,
+    #[serde(default = "secs30")]
+    pub(super) read_timeout: DurationValue,
+}
+
+/// `30s`, `5m`, `90d`: parsed by humantime so admins can also write `1h 30m`.
+#[derive(Clone, Copy)]
+pub(super) struct DurationValue(pub(super) Duration);
+
+impl<'de> Deserialize<'de> for DurationValue {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        humantime::parse_duration(s.trim())
+            .map(DurationValue)
+            .map_err(|e| {
+                serde::de::Error::custom(format!(
+                    "invalid duration {s:?} ({e}); write e.g. \"30s\", \"5m\", \"90d\""
+                ))
+            })
+    }
+}
+
+/// `256MiB`, `20GiB`, or a plain number of bytes.
+#[derive(Clone, Copy)]
+pub(super) struct SizeValue(pub(super) u64);
+
+impl<'de> Deserialize<'de> for SizeValue {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Int(u64),
+            Str(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Int(n) => Ok(SizeValue(n)),
+            Raw::Str(s) => s
+                .trim()
+                .parse::<bytesize::ByteSize>()
+                .map(|b| SizeValue(b.as_u64()))
+                .map_err(|e| {
+                    serde::de::Error::custom(format!(
+                        "invalid size {s:?} ({e}); write e.g. \"256MiB\", \"20GiB\""
+                    ))
+                }),
+        }
+    }
+}
+
+fn default_listen() -> Vec<SocketAddr> {
+    vec![SocketAddr::from(([127, 0, 0, 1], 8080))]
+}
+fn default_cache_dir() -> PathBuf {
+    PathBuf::from("./cache")
+}
+fn default_max_size() -> SizeValue {
+    SizeValue(20 << 30)
+}
+fn secs5() -> DurationValue {
+    DurationValue(Duration::from_secs(5))
+}
+fn secs10() -> DurationValue {
+    DurationValue(Duration::from_secs(10))
+}
+fn secs30() -> DurationValue {
+    DurationValue(Duration::from_secs(30))
+}
+fn secs300() -> DurationValue {
+    DurationValue(Duration::from_secs(300))
+}
+fn days90() -> DurationValue {
+    DurationValue(Duration::from_secs(90 * 86400))
+}
+fn yes() -> bool {
+    true
+}

@@ -1,0 +1,75 @@
+use super::*;
+use crate::config::{Config, Secret};
+use std::path::Path;
+
+fn upstream(toml: &str) -> Upstream {
+    let cfg = Config::parse(toml, Path::new(".")).unwrap();
+    Upstream::new(&cfg.upstreams[0]).unwrap()
+}
+
+fn key(s: &str) -> Key {
+    crate::key::parse(&format!("/{s}"), "").unwrap()
+}
+
+#[test]
+fn s3_urls_path_and_virtual_host_style_with_prefix() {
+    let base = "[[upstream]]\nname = \"s\"\ntype = \"s3\"\nendpoint = \"https://s3.example.org\"\nbucket = \"media\"\nregion = \"fr-par\"\naccess_key_id = \"AK\"\nsecret_access_key = \"SK\"\n";
+    let path = upstream(&format!("{base}prefix = \"/mastodon/\"\n"));
+    let url = path.url(Method::Get, &key("accounts/a b.png"));
+    assert_eq!(url.host_str(), Some("s3.example.org"));
+    assert_eq!(url.path(), "/media/mastodon/accounts/a%20b.png");
+    assert!(url.query().unwrap().contains("X-Amz-Signature="));
+    assert!(url.query().unwrap().contains("fr-par"));
+    assert!(!url.as_str().contains("SK"));
+
+    let vhost = upstream(&format!("{base}path_style = false\n"));
+    let url = vhost.url(Method::Head, &key("x/y.png"));
+    assert_eq!(url.host_str(), Some("media.s3.example.org"));
+    assert_eq!(url.path(), "/x/y.png");
+    assert_eq!(vhost.authority(), ("media.s3.example.org".to_string(), 443));
+}
+
+#[test]
+fn http_urls_escape_the_key_once() {
+    let up = upstream(
+        "[[upstream]]\nname = \"h\"\ntype = \"http\"\nurl = \"https://cdn.example.org/bucket\"\n",
+    );
+    let url = up.url(Method::Get, &key("cache/a%3Fb c#d.png"));
+    assert_eq!(
+        url.as_str(),
+        "https://cdn.example.org/bucket/cache/a%3Fb%20c%23d.png"
+    );
+}
+
+#[test]
+fn header_parsing() {
+    let mut h = HeaderMap::new();
+    h.insert(
+        http::header::CONTENT_RANGE,
+        HeaderValue::from_static("bytes 10-19/100"),
+    );
+    assert_eq!(content_range(&h), Some((10, 19, Some(100))));
+    h.insert(
+        http::header::CONTENT_RANGE,
+        HeaderValue::from_static("bytes 10-19/*"),
+    );
+    assert_eq!(content_range(&h), Some((10, 19, None)));
+    h.insert(
+        http::header::CONTENT_RANGE,
+        HeaderValue::from_static("bytes 19-10/100"),
+    );
+    assert_eq!(content_range(&h), None);
+    let body = "<?xml version=\"1.0\"?><Error><Code>SignatureDoesNotMatch</Code><Message>m</Message></Error>";
+    assert_eq!(
+        xml_tag(body, "Code").as_deref(),
+        Some("SignatureDoesNotMatch")
+    );
+    assert_eq!(xml_tag("<Error/>", "Code"), None);
+}
+
+#[test]
+fn debug_hides_credentials() {
+    let up = upstream("[[upstream]]\nname = \"s\"\ntype = \"s3\"\nendpoint = \"https://s3.example.org\"\nbucket = \"media\"\naccess_key_id = \"AK\"\nsecret_access_key = \"very-secret\"\n");
+    assert!(!format!("{up:?}").contains("very-secret"));
+    assert_eq!(format!("{:?}", Secret::from_test("x")), "Secret(***)");
+}

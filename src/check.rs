@@ -10,7 +10,8 @@ use crate::key;
 use crate::upstream::{Fetched, Method, Upstream, UpstreamError};
 
 const STEP_TIMEOUT: Duration = Duration::from_secs(5);
-/// A key nobody uploads: found or not, a clean answer proves DNS, TCP, TLS and the signature.
+/// A key nobody uploads: found or not, a clean answer to a signed HEAD proves DNS, TCP, TLS and the
+/// signature (a 403 is followed by a one-byte GET to read S3's error code).
 const PROBE_KEY: &str = "mediaproxy-check/probe.txt";
 
 pub struct ProbeLine {
@@ -66,7 +67,7 @@ async fn probe(up: &Upstream) -> (bool, String) {
     }
     let key = key::parse(&format!("/{PROBE_KEY}"), "").expect("probe key is valid");
     let ms = |s: Instant| s.elapsed().as_millis();
-    match up.fetch(Method::Get, &key, None).await {
+    match up.fetch(Method::Head, &key, None).await {
         Ok(Fetched::NotFound) | Ok(Fetched::Found(_)) => {
             (true, format!("ok: {addr}, answered in {} ms", ms(start)))
         }

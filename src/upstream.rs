@@ -206,17 +206,36 @@ impl Upstream {
                 self.to_object(method, resp).map(Fetched::Found)
             }
             StatusCode::NOT_FOUND | StatusCode::GONE => Ok(Fetched::NotFound),
-            StatusCode::FORBIDDEN => self.forbidden(resp).await,
+            StatusCode::FORBIDDEN => self.forbidden(method, key, resp).await,
             _ => Err(UpstreamError::Status(status)),
         }
     }
 
     /// A public bucket answers 403 for a key it lacks, and so does S3 for a signed request without
     /// `s3:ListBucket`; but a bad signature is a broken upstream, not a missing object.
-    async fn forbidden(&self, resp: reqwest::Response) -> Result<Fetched, UpstreamError> {
+    async fn forbidden(
+        &self,
+        method: Method,
+        key: &Key,
+        resp: reqwest::Response,
+    ) -> Result<Fetched, UpstreamError> {
         if matches!(self.kind, Kind::Http { .. }) {
             return Ok(Fetched::NotFound);
         }
+        let resp = match method {
+            Method::Get => resp,
+            // A HEAD answer has no body to say why: ask for one byte to read the error code.
+            Method::Head => {
+                let get = self
+                    .client
+                    .get(self.url(Method::Get, key))
+                    .header(http::header::RANGE, "bytes=0-0");
+                match tokio::time::timeout(self.first_byte_timeout, get.send()).await {
+                    Ok(Ok(r)) if r.status() == StatusCode::FORBIDDEN => r,
+                    _ => return Ok(Fetched::NotFound),
+                }
+            }
+        };
         let body = read_prefix(resp, 8192).await;
         let code = xml_tag(&body, "Code").unwrap_or_default();
         match code.as_str() {

@@ -87,6 +87,8 @@ pub struct Server {
     pub tls: Option<Tls>,
     /// Also bounds how long an idle keep-alive connection is held (hyper starts the clock while waiting).
     pub header_read_timeout: Duration,
+    /// A response write that makes no progress for this long closes the connection (nginx's send_timeout).
+    pub send_timeout: Duration,
     pub shutdown_timeout: Duration,
 }
 
@@ -264,6 +266,7 @@ fn validate_server(s: FileServer) -> Result<Server, ConfigError> {
             key: t.key,
         }),
         header_read_timeout: s.header_read_timeout.0,
+        send_timeout: s.send_timeout.0,
         shutdown_timeout: s.shutdown_timeout.0,
     })
 }

@@ -25,6 +25,9 @@ use crate::metrics::Metrics;
 use crate::runtime::{Runtime, RuntimeError};
 use crate::{admin, proxy};
 
+mod stall;
+use stall::StallGuard;
+
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
     #[error("cannot listen on {addr}: {source}")]
@@ -107,20 +110,21 @@ pub async fn run(config: Config, config_path: Option<PathBuf>) -> Result<(), Ser
                 let watcher = graceful.watcher();
                 let (builder, shared, tls) = (builder.clone(), shared.clone(), tls.clone());
                 let handshake_timeout = server_cfg.header_read_timeout;
+                let send_timeout = server_cfg.send_timeout;
                 tokio::spawn(async move {
                     let service = service_fn(move |req| {
                         let rt = shared.load_full();
                         async move { Ok::<_, Infallible>(proxy::handle(rt, req).await) }
                     });
                     let result = match tls {
-                        None => watcher.watch(builder.serve_connection(TokioIo::new(stream), service).into_owned()).await,
+                        None => watcher.watch(builder.serve_connection(TokioIo::new(StallGuard::new(stream, send_timeout)), service).into_owned()).await,
                         Some(acceptor) => {
                             let tls_stream = match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
                                 Ok(Ok(s)) => s,
                                 Ok(Err(e)) => return tracing::debug!(error = %e, "TLS handshake failed"),
                                 Err(_) => return tracing::debug!("TLS handshake timed out"),
                             };
-                            watcher.watch(builder.serve_connection(TokioIo::new(tls_stream), service).into_owned()).await
+                            watcher.watch(builder.serve_connection(TokioIo::new(StallGuard::new(tls_stream, send_timeout)), service).into_owned()).await
                         }
                     };
                     if let Err(e) = result {

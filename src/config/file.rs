@@ -32,6 +32,8 @@ pub(super) struct FileServer {
     pub(super) tls: Option<FileTls>,
     #[serde(default = "secs10")]
     pub(super) header_read_timeout: DurationValue,
+    #[serde(default = "secs60")]
+    pub(super) send_timeout: DurationValue,
     #[serde(default = "secs30")]
     pub(super) shutdown_timeout: DurationValue,
 }
@@ -44,6 +46,7 @@ impl Default for FileServer {
             admin_listen: None,
             tls: None,
             header_read_timeout: secs10(),
+            send_timeout: secs60(),
             shutdown_timeout: secs30(),
         }
     }
@@ -189,6 +192,9 @@ fn secs10() -> DurationValue {
 }
 fn secs30() -> DurationValue {
     DurationValue(Duration::from_secs(30))
+}
+fn secs60() -> DurationValue {
+    DurationValue(Duration::from_secs(60))
 }
 fn secs300() -> DurationValue {
     DurationValue(Duration::from_secs(300))

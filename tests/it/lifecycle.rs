@@ -111,6 +111,38 @@ async fn slow_client_cannot_hold_a_connection() {
 }
 
 #[tokio::test]
+async fn client_that_stops_reading_is_disconnected() {
+    let root = mastodon_root();
+    let data = pattern(40 << 20, 9);
+    write_file(root.path(), KEY, &data);
+    let proxy = Proxy::start_with_server(
+        &format!("[local]\nroots = [\"{}\"]\n", root.path().display()),
+        "send_timeout = \"1s\"",
+    );
+    let mut s = TcpStream::connect(proxy.addr).unwrap();
+    write!(s, "GET /{KEY} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    std::thread::sleep(Duration::from_secs(4)); // read nothing: socket buffers fill, writes stall
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let started = Instant::now();
+    let mut got = 0usize;
+    let mut buf = vec![0u8; 1 << 16];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => got += n,
+        }
+    }
+    assert!(
+        got < data.len(),
+        "the whole body arrived ({got} bytes): the stalled connection was kept"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(9),
+        "closed, not just idle"
+    );
+}
+
+#[tokio::test]
 async fn tls_and_http2() {
     let root = mastodon_root();
     write_file(root.path(), KEY, b"over tls");

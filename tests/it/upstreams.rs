@@ -417,3 +417,36 @@ async fn streams_50mb_with_flat_memory() {
     );
     assert!(peak < 64 * 1024, "peak RSS {peak} KiB");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn upstream_connections_are_pooled() {
+    let s3 = S3Server::start(&["media"], true).await;
+    for i in 0..20 {
+        s3.put(
+            "media",
+            &format!("pool/{i}.png"),
+            vec![i as u8; 1000],
+            "image/png",
+        )
+        .await;
+    }
+    let before = s3.connections();
+    let proxy = Proxy::start(&s3.s3_upstream("b", "media"));
+    for i in 0..20 {
+        let (st, body) = {
+            let r = client()
+                .get(proxy.url(&format!("/pool/{i}.png")))
+                .send()
+                .await
+                .unwrap();
+            (r.status(), r.bytes().await.unwrap())
+        };
+        assert_eq!(st, 200);
+        assert_eq!(&body[..], &vec![i as u8; 1000][..]);
+    }
+    let used = s3.connections() - before;
+    assert!(
+        used <= 2,
+        "20 sequential misses opened {used} connections to the bucket"
+    );
+}

@@ -26,6 +26,7 @@ pub const SECRET_KEY: &str = "test-secret-do-not-log-9f8e7d";
 /// bill would count).
 pub struct S3Server {
     stop: tokio::sync::watch::Sender<bool>,
+    accepted: Arc<AtomicUsize>,
     pub addr: SocketAddr,
     pub root: TempDir,
     counts: Arc<Mutex<HashMap<String, usize>>>,
@@ -51,12 +52,15 @@ impl S3Server {
         let counts: Arc<Mutex<HashMap<String, usize>>> = Arc::default();
         let c = counts.clone();
         let (stop, stopped) = tokio::sync::watch::channel(false);
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let acc = accepted.clone();
         let task = tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
                     continue;
                 };
                 stream.set_nodelay(true).unwrap();
+                acc.fetch_add(1, Ordering::SeqCst);
                 let service = service.clone();
                 let c = c.clone();
                 let mut stopped = stopped.clone();
@@ -83,6 +87,7 @@ impl S3Server {
         });
         S3Server {
             stop,
+            accepted,
             addr,
             root,
             counts,
@@ -155,6 +160,11 @@ impl S3Server {
             .get(method)
             .copied()
             .unwrap_or(0)
+    }
+
+    /// TCP connections accepted so far.
+    pub fn connections(&self) -> usize {
+        self.accepted.load(Ordering::SeqCst)
     }
 
     pub fn reset_counts(&self) {

@@ -11,7 +11,7 @@
 //! open + one read + a hardware CRC32C, the same syscalls as a local file.
 
 use std::fs::{self, File};
-use std::io::{self, Write};
+use std::io;
 use std::os::fd::OwnedFd;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -321,62 +321,6 @@ fn rand_u128() -> u128 {
     ((a as u128) << 64) | h2.finish() as u128
 }
 
-/// A body being written; nothing is visible until [`EntryWriter::commit`]. Dropping it deletes the file.
-pub struct EntryWriter {
-    file: Option<File>,
-    path: PathBuf,
-    crc: u32,
-    written: u64,
-}
-
-impl EntryWriter {
-    pub fn write(&mut self, chunk: &[u8]) -> io::Result<()> {
-        let file = self
-            .file
-            .as_mut()
-            .ok_or_else(|| io::Error::other("writer already failed"))?;
-        file.write_all(chunk)?;
-        self.crc = crc32c::crc32c_append(self.crc, chunk);
-        self.written += chunk.len() as u64;
-        Ok(())
-    }
-
-    pub fn written(&self) -> u64 {
-        self.written
-    }
-
-    /// Appends the trailer and renames the file into place, replacing an older entry for the key.
-    pub fn commit(mut self, store: &Store, meta: &EntryMeta) -> io::Result<u64> {
-        if meta.len != self.written {
-            return Err(io::Error::other("body length differs from the metadata"));
-        }
-        let mut file = self
-            .file
-            .take()
-            .ok_or_else(|| io::Error::other("writer already failed"))?;
-        let json = serde_json::to_vec(meta).map_err(io::Error::other)?;
-        let mut trailer = json;
-        trailer.extend_from_slice(&(trailer.len() as u32).to_le_bytes());
-        trailer.extend_from_slice(&self.crc.to_le_bytes());
-        trailer.extend_from_slice(MAGIC);
-        file.write_all(&trailer)?;
-        let size = self.written + trailer.len() as u64;
-        drop(file);
-        let dest = store.path(hash_key(&meta.key));
-        fs::create_dir_all(dest.parent().expect("entry paths have parents"))?;
-        fs::rename(&self.path, &dest)?;
-        Ok(size)
-    }
-}
-
-impl Drop for EntryWriter {
-    fn drop(&mut self) {
-        if self.file.is_some() || self.path.exists() {
-            let _ = fs::remove_file(&self.path);
-        }
-    }
-}
-
 /// Walks `v1/`, calling `f(hash, size, mtime)` for each entry file (for the index load and `stats`).
 pub fn walk(store: &Store, mut f: impl FnMut(KeyHash, u64, SystemTime)) -> io::Result<()> {
     for a in fs::read_dir(store.entries_dir())? {
@@ -406,6 +350,9 @@ pub fn walk(store: &Store, mut f: impl FnMut(KeyHash, u64, SystemTime)) -> io::R
     }
     Ok(())
 }
+
+mod writer;
+pub use writer::EntryWriter;
 
 #[cfg(test)]
 mod tests;

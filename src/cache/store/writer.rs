@@ -1,0 +1,63 @@
+//! Writing one entry: body chunks as they stream, then the trailer, then the atomic rename.
+
+use std::fs::{self, File};
+use std::io::{self, Write};
+use std::path::PathBuf;
+
+use super::{hash_key, EntryMeta, Store, MAGIC};
+
+/// A body being written; nothing is visible until [`EntryWriter::commit`]. Dropping it deletes the file.
+pub struct EntryWriter {
+    pub(super) file: Option<File>,
+    pub(super) path: PathBuf,
+    pub(super) crc: u32,
+    pub(super) written: u64,
+}
+
+impl EntryWriter {
+    pub fn write(&mut self, chunk: &[u8]) -> io::Result<()> {
+        let file = self
+            .file
+            .as_mut()
+            .ok_or_else(|| io::Error::other("writer already failed"))?;
+        file.write_all(chunk)?;
+        self.crc = crc32c::crc32c_append(self.crc, chunk);
+        self.written += chunk.len() as u64;
+        Ok(())
+    }
+
+    pub fn written(&self) -> u64 {
+        self.written
+    }
+
+    /// Appends the trailer and renames the file into place, replacing an older entry for the key.
+    pub fn commit(mut self, store: &Store, meta: &EntryMeta) -> io::Result<u64> {
+        if meta.len != self.written {
+            return Err(io::Error::other("body length differs from the metadata"));
+        }
+        let mut file = self
+            .file
+            .take()
+            .ok_or_else(|| io::Error::other("writer already failed"))?;
+        let json = serde_json::to_vec(meta).map_err(io::Error::other)?;
+        let mut trailer = json;
+        trailer.extend_from_slice(&(trailer.len() as u32).to_le_bytes());
+        trailer.extend_from_slice(&self.crc.to_le_bytes());
+        trailer.extend_from_slice(MAGIC);
+        file.write_all(&trailer)?;
+        let size = self.written + trailer.len() as u64;
+        drop(file);
+        let dest = store.path(hash_key(&meta.key));
+        fs::create_dir_all(dest.parent().expect("entry paths have parents"))?;
+        fs::rename(&self.path, &dest)?;
+        Ok(size)
+    }
+}
+
+impl Drop for EntryWriter {
+    fn drop(&mut self) {
+        if self.file.is_some() || self.path.exists() {
+            let _ = fs::remove_file(&self.path);
+        }
+    }
+}

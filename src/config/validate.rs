@@ -1,0 +1,200 @@
+//! Semantic checks the TOML parser cannot make (required keys per upstream type, URLs, secrets,
+//! prefixes), each error naming the key as an admin would write it: `upstream[2].bucket`.
+
+use std::path::Path;
+
+use url::Url;
+
+use super::file::{FileServer, FileUpstream};
+use super::{ConfigError, Secret, Server, Tls, UpstreamConfig, UpstreamKind};
+
+pub(super) fn toml_error(text: &str, e: &toml::de::Error) -> ConfigError {
+    let line = e
+        .span()
+        .map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1);
+    let msg = e.message().to_string();
+    // serde names the field for unknown keys; for type errors the span points at the value, so take
+    // the key from the text of that line.
+    let key = msg
+        .strip_prefix("unknown field `")
+        .and_then(|r| r.split('`').next())
+        .map(str::to_string)
+        .or_else(|| {
+            let l = text.lines().nth(line? - 1)?;
+            let k = l.split('=').next()?.trim();
+            (!k.is_empty() && !k.starts_with('[')).then(|| k.to_string())
+        })
+        .unwrap_or_else(|| "(syntax)".into());
+    ConfigError::invalid(key, line, msg)
+}
+
+pub(super) fn validate_server(s: FileServer) -> Result<Server, ConfigError> {
+    if s.listen.is_empty() {
+        return Err(ConfigError::invalid(
+            "server.listen",
+            None,
+            "at least one address is needed",
+        ));
+    }
+    let p = &s.path_prefix;
+    if !p.is_empty()
+        && (!p.starts_with('/') || p.ends_with('/') || p.contains("//") || p.contains(".."))
+    {
+        return Err(ConfigError::invalid(
+            "server.path_prefix",
+            None,
+            format!(
+                "{p:?} must be empty or look like \"/storage\" (leading slash, no trailing slash)"
+            ),
+        ));
+    }
+    Ok(Server {
+        listen: s.listen,
+        path_prefix: s.path_prefix,
+        admin_listen: s.admin_listen,
+        tls: s.tls.map(|t| Tls {
+            cert: t.cert,
+            key: t.key,
+        }),
+        header_read_timeout: s.header_read_timeout.0,
+        send_timeout: s.send_timeout.0,
+        shutdown_timeout: s.shutdown_timeout.0,
+    })
+}
+
+pub(super) fn validate_upstream(
+    n: usize,
+    line: Option<usize>,
+    u: FileUpstream,
+    base: &Path,
+) -> Result<UpstreamConfig, ConfigError> {
+    let key = |k: &str| format!("upstream[{n}].{k}");
+    let bad = |k: &str, msg: String| ConfigError::invalid(key(k), line, msg);
+    let required = |k: &str, v: Option<String>| {
+        v.filter(|s| !s.trim().is_empty())
+            .ok_or_else(|| bad(k, "is required".into()))
+    };
+
+    let name = required("name", u.name)?;
+    if !name
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        || name == "local"
+    {
+        return Err(bad(
+            "name",
+            format!("{name:?}: use letters, digits, '-', '_', '.' (and not \"local\")"),
+        ));
+    }
+    let parse_url = |k: &str, v: String| -> Result<Url, ConfigError> {
+        let url = Url::parse(&v).map_err(|e| bad(k, format!("{v:?} is not a URL ({e})")))?;
+        if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
+            return Err(bad(
+                k,
+                format!("{v:?} must be an http:// or https:// URL with a host"),
+            ));
+        }
+        if url.query().is_some() || url.fragment().is_some() {
+            return Err(bad(k, format!("{v:?} must not have a query or fragment")));
+        }
+        Ok(url)
+    };
+    let kind = match u.kind.as_deref() {
+        Some("http") => {
+            for (k, set) in [
+                ("endpoint", u.endpoint.is_some()),
+                ("bucket", u.bucket.is_some()),
+                ("region", u.region.is_some()),
+                ("access_key_id", u.access_key_id.is_some()),
+                ("secret_access_key", u.secret_access_key.is_some()),
+                ("secret_access_key_file", u.secret_access_key_file.is_some()),
+            ] {
+                if set {
+                    return Err(bad(k, "only applies to type = \"s3\"".into()));
+                }
+            }
+            UpstreamKind::Http {
+                url: parse_url("url", required("url", u.url)?)?,
+            }
+        }
+        Some("s3") => {
+            let credentials = match (
+                u.access_key_id,
+                u.secret_access_key,
+                u.secret_access_key_file,
+            ) {
+                (None, None, None) => None,
+                (Some(_), Some(_), Some(_)) => {
+                    return Err(bad(
+                        "secret_access_key_file",
+                        "give either secret_access_key or secret_access_key_file, not both".into(),
+                    ))
+                }
+                (Some(id), Some(secret), None) => Some((id, Secret(secret))),
+                (Some(id), None, Some(file)) => {
+                    let path = base.join(&file);
+                    let text = std::fs::read_to_string(&path).map_err(|e| {
+                        bad(
+                            "secret_access_key_file",
+                            format!("cannot read {}: {e}", path.display()),
+                        )
+                    })?;
+                    let secret = text.trim().to_string();
+                    if secret.is_empty() {
+                        return Err(bad(
+                            "secret_access_key_file",
+                            format!("{} is empty", path.display()),
+                        ));
+                    }
+                    Some((id, Secret(secret)))
+                }
+                (None, _, _) => {
+                    return Err(bad(
+                        "access_key_id",
+                        "is required when a secret access key is given".into(),
+                    ))
+                }
+                (Some(_), None, None) => {
+                    return Err(bad(
+                        "secret_access_key",
+                        "access_key_id is set: give secret_access_key or secret_access_key_file"
+                            .into(),
+                    ))
+                }
+            };
+            UpstreamKind::S3 {
+                endpoint: parse_url("endpoint", required("endpoint", u.endpoint)?)?,
+                bucket: required("bucket", u.bucket)?,
+                region: u
+                    .region
+                    .filter(|r| !r.is_empty())
+                    .unwrap_or_else(|| "us-east-1".into()),
+                path_style: u.path_style,
+                credentials,
+            }
+        }
+        Some(other) => {
+            return Err(bad(
+                "type",
+                format!("{other:?}: expected \"s3\" or \"http\""),
+            ))
+        }
+        None => return Err(bad("type", "is required (\"s3\" or \"http\")".into())),
+    };
+    let prefix = u.prefix.trim_matches('/').to_string();
+    if prefix.split('/').any(|s| s == ".." || s == ".") {
+        return Err(bad(
+            "prefix",
+            format!("{:?} must not contain . or .. segments", u.prefix),
+        ));
+    }
+    Ok(UpstreamConfig {
+        name,
+        kind,
+        prefix,
+        copy_missing: u.copy_missing,
+        connect_timeout: u.connect_timeout.0,
+        first_byte_timeout: u.first_byte_timeout.0,
+        read_timeout: u.read_timeout.0,
+    })
+}

@@ -38,6 +38,10 @@ pub async fn lookup(
         Lookup::Stale(cached) => Some(cached),
         Lookup::Miss => None,
     };
+    if rt.upstreams.is_empty() {
+        // Nothing to fill from (the embedded default): no negative entries for every missing file.
+        return Outcome::NotFound(None);
+    }
     if method == Method::Get {
         match rt.cache.flight(key.as_str()) {
             Flight::Leader(guard) if starts_past_zero(range) => {

@@ -102,6 +102,14 @@ fn open_beneath(dir: &OwnedFd, root: &Path, key: &str) -> io::Result<Option<File
                 tracing::warn!(root = %root.display(), key, "refused a path that leaves the local root");
                 Ok(None)
             }
+            // Per-key conditions a client can cause (a 300-byte segment, a file the service may not
+            // read): not found here, and not worth a warning per request.
+            rustix::io::Errno::NAMETOOLONG
+            | rustix::io::Errno::ACCESS
+            | rustix::io::Errno::ISDIR => {
+                tracing::debug!(root = %root.display(), key, error = %e, "local key unreadable");
+                Ok(None)
+            }
             e => Err(e.into()),
         },
     }

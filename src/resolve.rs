@@ -5,9 +5,11 @@
 //! never a 404 that clients and caches would believe.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use futures_util::StreamExt;
 use http::HeaderValue;
+use tokio::sync::Semaphore;
 
 use crate::cache::{Cached, FillGuard, Flight, Lookup};
 use crate::key::Key;
@@ -49,7 +51,14 @@ pub async fn lookup(
                 // rather than making the client wait for every byte before its range.
                 background_fill(rt.clone(), key.clone(), guard);
             }
-            Flight::Leader(guard) => return fill(rt, key, guard, stale).await,
+            Flight::Leader(guard) => {
+                // A fill may have committed between our lookup and taking the lead.
+                if let Lookup::Fresh(cached) = rt.cache.lookup(key.as_str(), rt.policy()).await {
+                    drop(guard);
+                    return from_cache(cached, Source::Hit);
+                }
+                return fill(rt, key, guard, stale).await;
+            }
             Flight::Follower(wait) => {
                 if wait.wait(rt.config.cache.lock_timeout).await {
                     if let Lookup::Fresh(cached) = rt.cache.lookup(key.as_str(), rt.policy()).await
@@ -90,16 +99,35 @@ fn starts_past_zero(range: Option<&HeaderValue>) -> bool {
     )
 }
 
+/// At most this many seek-triggered fills run at once; past it a seek is answered without filling.
+const BACKGROUND_FILLS: usize = 64;
+/// And none of them runs longer than this (the same bound as a fill whose client left).
+const BACKGROUND_FILL_LIMIT: Duration = Duration::from_secs(300);
+static BACKGROUND: Semaphore = Semaphore::const_new(BACKGROUND_FILLS);
+
 fn background_fill(rt: Arc<Runtime>, key: Key, guard: FillGuard) {
+    let Ok(permit) = BACKGROUND.try_acquire() else {
+        tracing::debug!(%key, "too many background fills; answering the seek without filling");
+        return;
+    };
     tokio::spawn(async move {
-        match ask(&rt, &key, Method::Get, None).await {
-            Asked::Found(obj) => {
-                if let Body::Stream { mut stream, .. } = guard.tee(obj).body {
-                    while let Some(Ok(_)) = stream.next().await {}
+        let _permit = permit;
+        let work = async {
+            match ask(&rt, &key, Method::Get, None).await {
+                Asked::Found(obj) => {
+                    if let Body::Stream { mut stream, .. } = guard.tee(obj).body {
+                        while let Some(Ok(_)) = stream.next().await {}
+                    }
                 }
+                Asked::NotFound => guard.not_found(),
+                Asked::Failed => {}
             }
-            Asked::NotFound => guard.not_found(),
-            Asked::Failed => {}
+        };
+        if tokio::time::timeout(BACKGROUND_FILL_LIMIT, work)
+            .await
+            .is_err()
+        {
+            tracing::warn!(%key, "background fill abandoned after {BACKGROUND_FILL_LIMIT:?}");
         }
     });
 }

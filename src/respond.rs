@@ -59,8 +59,8 @@ pub fn build(obj: Object, req: &RequestInfo<'_>) -> Response<ResponseBody> {
     if let Some(etag) = meta.etag.as_deref().and_then(value) {
         h.insert(header::ETAG, etag);
     }
-    if let Some(lm) = meta.last_modified {
-        h.insert(header::LAST_MODIFIED, http_date(lm));
+    if let Some(lm) = meta.last_modified.and_then(http_date) {
+        h.insert(header::LAST_MODIFIED, lm);
     }
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static(IMMUTABLE));
 
@@ -73,7 +73,9 @@ pub fn build(obj: Object, req: &RequestInfo<'_>) -> Response<ResponseBody> {
         // Length unknown (a chunked HTTP upstream): no ranges, pass the stream through.
         let body = match obj.body {
             Body::Stream { stream, offset: 0 } if req.method != Method::HEAD => stream_body(stream),
-            _ => empty(),
+            _ if req.method == Method::HEAD => empty(),
+            // A part of an object of unknown size must never pass for the whole of it.
+            _ => return error(StatusCode::BAD_GATEWAY),
         };
         return response(StatusCode::OK, h, body);
     };
@@ -197,8 +199,14 @@ fn value(s: &str) -> Option<HeaderValue> {
     HeaderValue::from_str(s).ok()
 }
 
-fn http_date(t: SystemTime) -> HeaderValue {
-    value(&httpdate::fmt_http_date(t)).expect("http dates are ascii")
+/// `None` outside 1970..=9999, which httpdate cannot format (it panics): a file touched to 1969 must
+/// not take the connection down.
+fn http_date(t: SystemTime) -> Option<HeaderValue> {
+    let secs = t.duration_since(SystemTime::UNIX_EPOCH).ok()?.as_secs();
+    if secs >= 253_402_300_800 {
+        return None;
+    }
+    value(&httpdate::fmt_http_date(t))
 }
 
 fn empty() -> ResponseBody {

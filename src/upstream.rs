@@ -259,7 +259,11 @@ impl Upstream {
                 let (start, _end, total) = content_range(headers).ok_or_else(|| {
                     UpstreamError::Protocol("206 without a usable Content-Range".into())
                 })?;
-                (total, start)
+                // Without the total the responder could not tell a part from the whole.
+                let total = total.ok_or_else(|| {
+                    UpstreamError::Protocol("206 without the object's length".into())
+                })?;
+                (Some(total), start)
             }
             StatusCode::RANGE_NOT_SATISFIABLE => {
                 let total = headers

@@ -82,6 +82,7 @@ impl Index {
     }
 
     fn admit_cold(&self, hash: KeyHash, size: u64, stored: u64) {
+        let size = on_disk(size);
         let mut inner = self.lock();
         if inner.lru.contains(&hash) {
             return;

@@ -86,8 +86,10 @@ impl Cache {
         // are checksummed end to end before serving, which is real work for the blocking pool.
         let hash = hash_key(key);
         let mut checked = None;
+        let mut file_size = 0;
         let loaded = match self.store.open_entry(key) {
             Ok(Some((file, size, stamp))) => {
+                file_size = size;
                 let verify = !self.index.trusted(hash, stamp);
                 checked = verify.then_some(stamp);
                 if Store::is_small(size) || !verify {
@@ -128,7 +130,7 @@ impl Cache {
             Loaded::Bytes(meta, bytes) => (meta, Body::Bytes(bytes)),
             Loaded::File(meta, file) => (meta, Body::File(file)),
         };
-        self.index.touch(hash, meta.len, checked);
+        self.index.touch(hash, file_size, checked);
         let ttl = if meta.status == 200 {
             policy.ttl_ok
         } else {

@@ -279,6 +279,10 @@ fn parse_trailer(buf: &[u8], size: u64, file: &File) -> Result<(EntryMeta, u32, 
         return Err(StoreError::Corrupt("bad magic"));
     }
     let meta_len = u32::from_le_bytes(t[0..4].try_into().expect("4 bytes")) as u64;
+    // Our metadata is a few hundred bytes; a corrupt length must not become a huge allocation.
+    if meta_len > 64 * 1024 {
+        return Err(StoreError::Corrupt("metadata length out of range"));
+    }
     let crc = u32::from_le_bytes(t[4..8].try_into().expect("4 bytes"));
     let body_len = size
         .checked_sub(TRAILER + meta_len)

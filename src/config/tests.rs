@@ -82,3 +82,12 @@ fn sizes_and_durations() {
     let c = Config::parse("[cache]\nmax_size = 1000\n", Path::new(".")).unwrap();
     assert_eq!(c.cache.max_size, 1000);
 }
+
+#[test]
+fn credentials_in_urls_are_refused_without_echoing_them() {
+    let e = err("[[upstream]]\nname = \"h\"\ntype = \"http\"\nurl = \"https://bob:hunter2@cdn.example.org\"\n");
+    assert!(e.contains("upstream[1].url"), "{e}");
+    assert!(!e.contains("hunter2"), "{e}");
+    let e = err("[[upstream]]\nname = \"h\"\ntype = \"http\"\nurl = \"ht!tp://bob:hunter2@x\"\n");
+    assert!(!e.contains("hunter2"), "{e}");
+}

@@ -86,8 +86,21 @@ pub(super) fn validate_upstream(
             format!("{name:?}: use letters, digits, '-', '_', '.' (and not \"local\")"),
         ));
     }
-    let parse_url = |k: &str, v: String| -> Result<Url, ConfigError> {
-        let url = Url::parse(&v).map_err(|e| bad(k, format!("{v:?} is not a URL ({e})")))?;
+    let parse_url = |k: &str, raw: String| -> Result<Url, ConfigError> {
+        // `https://user:password@host` must not reach a log line through an error message.
+        let v = if raw.contains('@') {
+            "(a URL with credentials)".to_string()
+        } else {
+            raw.clone()
+        };
+        let url = Url::parse(&raw).map_err(|e| bad(k, format!("{v:?} is not a URL ({e})")))?;
+        if !url.username().is_empty() || url.password().is_some() {
+            return Err(bad(
+                k,
+                "credentials belong in access_key_id / secret_access_key_file, not in the URL"
+                    .into(),
+            ));
+        }
         if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
             return Err(bad(
                 k,

@@ -166,3 +166,24 @@ async fn upstream_applied_range_is_not_applied_twice() {
     let (s, _, b) = run(obj, Method::GET, &[("range", "bytes=2-4")]).await;
     assert_eq!((s, &b[..]), (StatusCode::PARTIAL_CONTENT, &b"234"[..]));
 }
+
+#[tokio::test]
+async fn dates_httpdate_cannot_format_are_left_out() {
+    let mut obj = object(b"x");
+    obj.meta.last_modified = Some(SystemTime::UNIX_EPOCH - std::time::Duration::from_secs(1));
+    let (s, h, _) = run(obj, Method::GET, &[]).await;
+    assert_eq!(s, StatusCode::OK);
+    assert!(!h.contains_key("last-modified"));
+}
+
+#[tokio::test]
+async fn a_part_of_unknown_size_is_never_a_200() {
+    let mut obj = object(b"part");
+    obj.meta.len = None;
+    obj.body = match obj.body {
+        Body::Stream { stream, .. } => Body::Stream { stream, offset: 10 },
+        b => b,
+    };
+    let (s, _, _) = run(obj, Method::GET, &[]).await;
+    assert_eq!(s, StatusCode::BAD_GATEWAY);
+}

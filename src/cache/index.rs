@@ -61,13 +61,18 @@ impl Index {
             .name("cache-index-load".into())
             .spawn(move || {
                 let started = std::time::Instant::now();
-                let mut n = 0u64;
+                // Admitted newest first, each to the cold end, so the oldest end up coldest: the LRU tail
+                // is then also the longest idle, which is what `inactive` checks. Entries read since
+                // start are already in and stay warmer. (24 bytes per entry while loading.)
+                let mut found: Vec<(u64, KeyHash, u64)> = Vec::new();
                 let result = store::walk(&index.store, |hash, size, mtime| {
-                    // Entries read since start are already in; the rest go to the cold end, oldest first
-                    // would need a sort of the whole set: their mtime (store time) is close enough.
-                    index.admit_cold(hash, size, store::to_unix(mtime));
-                    n += 1;
+                    found.push((store::to_unix(mtime), hash, size));
                 });
+                found.sort_unstable_by(|a, b| b.0.cmp(&a.0));
+                let n = found.len();
+                for (stored, hash, size) in found {
+                    index.admit_cold(hash, size, stored);
+                }
                 index.enforce();
                 match result {
                     Ok(()) => tracing::info!(entries = n, elapsed = ?started.elapsed(), "cache index loaded"),
@@ -268,5 +273,32 @@ mod tests {
             assert!(std::time::Instant::now() < deadline);
             std::thread::sleep(Duration::from_millis(10));
         }
+    }
+
+    #[test]
+    fn restart_drops_entries_idle_past_inactive_whatever_the_directory_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let mut old = Vec::new();
+        for i in 0..20 {
+            let h = entry(&store, &format!("k{i}"), 10);
+            if i % 2 == 0 {
+                let f = std::fs::File::options()
+                    .write(true)
+                    .open(store.path(h))
+                    .unwrap();
+                f.set_modified(std::time::SystemTime::now() - Duration::from_secs(7200))
+                    .unwrap();
+                old.push(h);
+            }
+        }
+        let index = Index::new(store.clone(), u64::MAX, Duration::from_secs(3600));
+        index.load_in_background();
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while index.usage().1 != 10 {
+            assert!(std::time::Instant::now() < deadline, "{:?}", index.usage());
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert!(old.iter().all(|h| !store.path(*h).exists()));
     }
 }

@@ -68,7 +68,7 @@ impl Index {
                 let result = store::walk(&index.store, |hash, size, mtime| {
                     found.push((store::to_unix(mtime), hash, size));
                 });
-                found.sort_unstable_by(|a, b| b.0.cmp(&a.0));
+                found.sort_unstable_by_key(|e| std::cmp::Reverse(e.0));
                 let n = found.len();
                 for (stored, hash, size) in found {
                     index.admit_cold(hash, size, stored);

@@ -22,19 +22,15 @@ pub(super) struct FileConfig {
 }
 
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
+// Missing keys take the values of `Default` below: one list of defaults, not two.
+#[serde(default, deny_unknown_fields)]
 pub(super) struct FileServer {
-    #[serde(default = "default_listen")]
     pub(super) listen: Vec<SocketAddr>,
-    #[serde(default)]
     pub(super) path_prefix: String,
     pub(super) admin_listen: Option<SocketAddr>,
     pub(super) tls: Option<FileTls>,
-    #[serde(default = "secs10")]
     pub(super) header_read_timeout: DurationValue,
-    #[serde(default = "secs60")]
     pub(super) send_timeout: DurationValue,
-    #[serde(default = "secs30")]
     pub(super) shutdown_timeout: DurationValue,
 }
 
@@ -75,19 +71,14 @@ impl Default for FileLocal {
 }
 
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
+// Missing keys take the values of `Default` below: one list of defaults, not two.
+#[serde(default, deny_unknown_fields)]
 pub(super) struct FileCache {
-    #[serde(default = "default_cache_dir")]
     pub(super) dir: PathBuf,
-    #[serde(default = "default_max_size")]
     pub(super) max_size: SizeValue,
-    #[serde(default = "days90")]
     pub(super) inactive: DurationValue,
-    #[serde(default = "days90")]
     pub(super) ttl_ok: DurationValue,
-    #[serde(default = "secs300")]
     pub(super) ttl_error: DurationValue,
-    #[serde(default = "secs5")]
     pub(super) lock_timeout: DurationValue,
 }
 

@@ -12,19 +12,22 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
 
+use crate::cache::Cache;
 use crate::metrics::Metrics;
 
-pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>) {
+pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, cache: Arc<Cache>) {
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             tokio::time::sleep(std::time::Duration::from_millis(50)).await;
             continue;
         };
         let metrics = metrics.clone();
+        let cache = cache.clone();
         tokio::spawn(async move {
             let service = service_fn(move |req| {
                 let metrics = metrics.clone();
-                async move { Ok::<_, Infallible>(answer(&metrics, &req)) }
+                let cache = cache.clone();
+                async move { Ok::<_, Infallible>(answer(&metrics, &cache, &req)) }
             });
             let _ = auto::Builder::new(TokioExecutor::new())
                 .serve_connection(TokioIo::new(stream), service)
@@ -33,14 +36,19 @@ pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>) {
     }
 }
 
-fn answer<B>(metrics: &Metrics, req: &Request<B>) -> Response<Full<Bytes>> {
+fn answer<B>(metrics: &Metrics, cache: &Cache, req: &Request<B>) -> Response<Full<Bytes>> {
     let (status, ctype, body) = match (req.method(), req.uri().path()) {
         (&Method::GET, "/healthz") => (StatusCode::OK, "text/plain", "ok\n".to_string()),
-        (&Method::GET, "/metrics") => (
-            StatusCode::OK,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            metrics.encode(),
-        ),
+        (&Method::GET, "/metrics") => {
+            // Gauges are read when scraped rather than kept up to date on every hit.
+            let (bytes, entries) = cache.usage();
+            metrics.cache.set_usage(bytes, entries, cache.open_files());
+            (
+                StatusCode::OK,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                metrics.encode(),
+            )
+        }
         _ => (
             StatusCode::NOT_FOUND,
             "text/plain",

@@ -112,6 +112,9 @@ pub struct Cache {
     pub ttl_error: Duration,
     /// How long a request waits for another request's fill of the same key before asking upstreams itself.
     pub lock_timeout: Duration,
+    /// Small entries whose descriptor (and parsed metadata) stay open between hits, like nginx's
+    /// `open_file_cache`: a hit on one costs an `fstat` and a `pread` instead of a path walk. 0: none.
+    pub open_files: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -189,6 +192,7 @@ impl Config {
             ttl_ok: file.cache.ttl_ok.0,
             ttl_error: file.cache.ttl_error.0,
             lock_timeout: file.cache.lock_timeout.0,
+            open_files: file.cache.open_files,
         };
 
         let mut upstreams: Vec<UpstreamConfig> = Vec::new();

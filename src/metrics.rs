@@ -4,6 +4,7 @@ use http::{HeaderValue, StatusCode};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -23,6 +24,18 @@ struct UpstreamLabels {
 pub struct CacheCounters {
     pub write_errors: Counter,
     pub corrupt: Counter,
+    bytes: Gauge,
+    entries: Gauge,
+    open_files: Gauge,
+}
+
+impl CacheCounters {
+    pub fn set_usage(&self, bytes: u64, entries: u64, open_files: usize) {
+        let clamp = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        self.bytes.set(clamp(bytes));
+        self.entries.set(clamp(entries));
+        self.open_files.set(clamp(open_files as u64));
+    }
 }
 
 pub struct Metrics {
@@ -63,6 +76,21 @@ impl Metrics {
             "cache_corrupt_entries",
             "Cache entries that failed their checksum and were dropped",
             cache.corrupt.clone(),
+        );
+        registry.register(
+            "cache_bytes",
+            "Disk space the cache index accounts for (4 KiB blocks; entries on disk are counted once the index has loaded)",
+            cache.bytes.clone(),
+        );
+        registry.register(
+            "cache_entries",
+            "Entries in the cache index, negative (404) entries included",
+            cache.entries.clone(),
+        );
+        registry.register(
+            "cache_open_files",
+            "Small cache entries whose descriptor is kept open between hits (cache.open_files)",
+            cache.open_files.clone(),
         );
         Metrics {
             registry,

@@ -53,6 +53,7 @@ pub async fn run(config: Config, config_path: Option<PathBuf>) -> Result<(), Ser
         &config.cache.dir,
         config.cache.max_size,
         config.cache.inactive,
+        open_files_within_limit(config.cache.open_files),
         metrics.cache.clone(),
     )?;
     let cache_cfg = config.cache.clone();
@@ -81,7 +82,7 @@ pub async fn run(config: Config, config_path: Option<PathBuf>) -> Result<(), Ser
             .await
             .map_err(|source| ServerError::Bind { addr, source })?;
         tracing::info!(%addr, "admin listening");
-        accept_tasks.push(tokio::spawn(admin::serve(listener, metrics.clone())));
+        accept_tasks.push(tokio::spawn(admin::serve(listener, metrics.clone(), cache.clone())));
     }
 
     let mut builder = auto::Builder::new(TokioExecutor::new());
@@ -237,4 +238,31 @@ fn tls_acceptor(tls: &Tls) -> Result<TlsAcceptor, ServerError> {
         .map_err(|e| ServerError::Tls(format!("server.tls: {e}")))?;
     cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(TlsAcceptor::from(Arc::new(cfg)))
+}
+
+/// Kept-open cache entries count against `RLIMIT_NOFILE`, whose soft value is often 1024: raise it to the
+/// hard limit (as Go's runtime does at start) and keep at most half of it for cache entries, leaving the
+/// rest for connections.
+fn open_files_within_limit(wanted: usize) -> usize {
+    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+    let limit = getrlimit(Resource::Nofile);
+    if limit.current < limit.maximum {
+        let raised = Rlimit {
+            current: limit.maximum,
+            maximum: limit.maximum,
+        };
+        if let Err(e) = setrlimit(Resource::Nofile, raised) {
+            tracing::debug!(error = %e, "could not raise the open-file limit");
+        }
+    }
+    let soft = getrlimit(Resource::Nofile).current.unwrap_or(u64::MAX);
+    let allowed = usize::try_from(soft / 2).unwrap_or(usize::MAX);
+    if wanted > allowed {
+        tracing::warn!(
+            wanted,
+            allowed,
+            "cache.open_files is above half the open-file limit (LimitNOFILE); keeping fewer open"
+        );
+    }
+    wanted.min(allowed)
 }

@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use lru::LruCache;
 
+use super::open::{OpenFiles, Opened};
 use super::store::{self, KeyHash, Store};
 
 /// Sizes are counted in whole file-system blocks: a flood of tiny negative entries (404s for random
@@ -38,18 +39,21 @@ struct Inner {
 pub struct Index {
     inner: Arc<Mutex<Inner>>,
     store: Store,
+    /// Descriptors of recently read small entries; dropped here whenever their file goes.
+    open: Arc<OpenFiles>,
     max_size: u64,
     inactive: u64,
 }
 
 impl Index {
-    pub fn new(store: Store, max_size: u64, inactive: Duration) -> Index {
+    pub fn new(store: Store, max_size: u64, inactive: Duration, open_files: usize) -> Index {
         Index {
             inner: Arc::new(Mutex::new(Inner {
                 lru: LruCache::unbounded(),
                 bytes: 0,
             })),
             store,
+            open: Arc::new(OpenFiles::new(open_files)),
             max_size,
             inactive: inactive.as_secs(),
         }
@@ -102,6 +106,20 @@ impl Index {
         );
         inner.lru.demote(&hash);
         inner.bytes += size;
+    }
+
+    /// The kept-open entry for `hash`, if any (still to be checked with [`Opened::read_current`]).
+    pub fn opened(&self, hash: KeyHash) -> Option<Arc<Opened>> {
+        self.open.get(hash)
+    }
+
+    pub fn keep_open(&self, hash: KeyHash, opened: Opened) {
+        self.open.put(hash, opened);
+    }
+
+    /// The kept descriptor no longer matches the directory: forget it (the entry itself may be fine).
+    pub fn close(&self, hash: KeyHash) {
+        self.open.drop_entry(hash);
     }
 
     /// True when this process verified the entry's checksum and the file has not been written since
@@ -158,6 +176,7 @@ impl Index {
             // `push` returns the replaced value for the same key (its file was replaced by the rename).
             inner.bytes -= old.size;
         }
+        self.open.drop_entry(hash);
         inner.bytes += size;
         let victims = self.victims(&mut inner, now);
         drop(inner);
@@ -176,6 +195,8 @@ impl Index {
         if let Some(slot) = inner.lru.pop(&hash) {
             inner.bytes -= slot.size;
         }
+        drop(inner);
+        self.open.drop_entry(hash);
     }
 
     fn enforce(&self) {
@@ -205,8 +226,14 @@ impl Index {
     /// File deletion happens outside the lock: it is I/O.
     fn delete(&self, victims: Vec<KeyHash>) {
         for hash in victims {
+            // Closed too, or the unlinked file would keep its blocks until the descriptor is pushed out.
+            self.open.drop_entry(hash);
             self.store.remove(hash);
         }
+    }
+
+    pub fn open_count(&self) -> usize {
+        self.open.len()
     }
 
     pub fn usage(&self) -> (u64, u64) {
@@ -239,7 +266,7 @@ mod tests {
     fn evicts_least_recently_used_beyond_max_size() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
-        let index = Index::new(store.clone(), 10_000, Duration::from_secs(3600));
+        let index = Index::new(store.clone(), 10_000, Duration::from_secs(3600), 16);
         // Each entry takes one 4 KiB block: two fit under 10,000 bytes, a third evicts one.
         let a = entry(&store, "a", 4000);
         index.insert(a, 4000);
@@ -258,7 +285,7 @@ mod tests {
     fn drops_inactive_entries_and_reloads_from_disk() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
-        let index = Index::new(store.clone(), u64::MAX, Duration::from_secs(3600));
+        let index = Index::new(store.clone(), u64::MAX, Duration::from_secs(3600), 16);
         let old = entry(&store, "old", 10);
         index.admit_cold(old, 100, store::unix_now() - 7200);
         let fresh = entry(&store, "fresh", 10);
@@ -266,7 +293,7 @@ mod tests {
         assert!(!store.path(old).exists(), "idle past `inactive`");
         assert!(store.path(fresh).exists());
 
-        let reloaded = Index::new(store.clone(), u64::MAX, Duration::from_secs(3600));
+        let reloaded = Index::new(store.clone(), u64::MAX, Duration::from_secs(3600), 16);
         reloaded.load_in_background();
         let deadline = std::time::Instant::now() + Duration::from_secs(5);
         while reloaded.usage().1 != 1 {
@@ -292,7 +319,7 @@ mod tests {
                 old.push(h);
             }
         }
-        let index = Index::new(store.clone(), u64::MAX, Duration::from_secs(3600));
+        let index = Index::new(store.clone(), u64::MAX, Duration::from_secs(3600), 16);
         index.load_in_background();
         let deadline = std::time::Instant::now() + Duration::from_secs(5);
         while index.usage().1 != 10 {

@@ -10,6 +10,7 @@
 
 mod fill;
 mod index;
+mod open;
 pub mod store;
 
 use std::sync::Arc;
@@ -64,13 +65,14 @@ impl Cache {
         dir: &std::path::Path,
         max_size: u64,
         inactive: Duration,
+        open_files: usize,
         counters: CacheCounters,
     ) -> Result<Arc<Cache>, CacheError> {
         let store = Store::open(dir).map_err(|source| CacheError {
             dir: dir.display().to_string(),
             source,
         })?;
-        let index = Index::new(store.clone(), max_size, inactive);
+        let index = Index::new(store.clone(), max_size, inactive, open_files);
         index.load_in_background();
         Ok(Arc::new(Cache {
             store,
@@ -82,14 +84,26 @@ impl Cache {
 
     /// Reads an entry; a corrupt one is dropped (and counted) so it is refetched.
     pub async fn lookup(&self, key: &str, policy: Policy) -> Lookup {
+        let hash = hash_key(key);
+        if let Some(opened) = self.index.opened(hash) {
+            // Collisions of 128-bit hashes aside, the key check keeps a file from serving another key.
+            match opened.read_current() {
+                Some(bytes) if opened.meta.key == key => {
+                    self.index.touch(hash, opened.size, None);
+                    return classify(opened.meta.clone(), Body::Bytes(bytes), policy);
+                }
+                _ => self.index.close(hash),
+            }
+        }
         // Small entries are one pread and a hardware CRC, done right here like a local file; large ones
         // are checksummed end to end before serving, which is real work for the blocking pool.
-        let hash = hash_key(key);
         let mut checked = None;
         let mut file_size = 0;
+        let mut stamp = 0;
         let loaded = match self.store.open_entry(key) {
-            Ok(Some((file, size, stamp))) => {
+            Ok(Some((file, size, mtime))) => {
                 file_size = size;
+                stamp = mtime;
                 let verify = !self.index.trusted(hash, stamp);
                 checked = verify.then_some(stamp);
                 if Store::is_small(size) || !verify {
@@ -126,38 +140,15 @@ impl Cache {
                 return Lookup::Miss;
             }
         };
-        let (meta, body) = match loaded {
-            Loaded::Bytes(meta, bytes) => (meta, Body::Bytes(bytes)),
-            Loaded::File(meta, file) => (meta, Body::File(file)),
-        };
         self.index.touch(hash, file_size, checked);
-        let ttl = if meta.status == 200 {
-            policy.ttl_ok
-        } else {
-            policy.ttl_error
-        };
-        let fresh = meta.age() < ttl;
-        let cached = if meta.status == 200 {
-            Cached::Found(Object {
-                meta: Meta {
-                    len: Some(meta.len),
-                    content_type: meta.content_type,
-                    last_modified: meta
-                        .last_modified
-                        .map(|s| UNIX_EPOCH + Duration::from_secs(s)),
-                    etag: meta.etag,
-                    source: if fresh { Source::Hit } else { Source::Stale },
-                    upstream: None,
-                },
-                body,
-            })
-        } else {
-            Cached::NotFound
-        };
-        if fresh {
-            Lookup::Fresh(cached)
-        } else {
-            Lookup::Stale(cached)
+        match loaded {
+            Loaded::Bytes(meta, bytes, file) => {
+                // Verified just now or earlier by this process at this very mtime.
+                let opened = open::Opened::new(file, meta.clone(), file_size, stamp);
+                self.index.keep_open(hash, opened);
+                classify(meta, Body::Bytes(bytes), policy)
+            }
+            Loaded::File(meta, file) => classify(meta, Body::File(file), policy),
         }
     }
 
@@ -199,6 +190,42 @@ impl Cache {
     /// Bytes and entries the index accounts for (after a restart, once it has loaded).
     pub fn usage(&self) -> (u64, u64) {
         self.index.usage()
+    }
+
+    pub fn open_files(&self) -> usize {
+        self.index.open_count()
+    }
+}
+
+/// Applies the TTLs to a verified entry.
+fn classify(meta: EntryMeta, body: Body, policy: Policy) -> Lookup {
+    let ttl = if meta.status == 200 {
+        policy.ttl_ok
+    } else {
+        policy.ttl_error
+    };
+    let fresh = meta.age() < ttl;
+    let cached = if meta.status == 200 {
+        Cached::Found(Object {
+            meta: Meta {
+                len: Some(meta.len),
+                content_type: meta.content_type,
+                last_modified: meta
+                    .last_modified
+                    .map(|s| UNIX_EPOCH + Duration::from_secs(s)),
+                etag: meta.etag,
+                source: if fresh { Source::Hit } else { Source::Stale },
+                upstream: None,
+            },
+            body,
+        })
+    } else {
+        Cached::NotFound
+    };
+    if fresh {
+        Lookup::Fresh(cached)
+    } else {
+        Lookup::Stale(cached)
     }
 }
 

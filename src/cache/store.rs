@@ -88,9 +88,10 @@ pub enum StoreError {
     Corrupt(&'static str),
 }
 
-/// A verified entry. Small bodies come back in memory; large ones as the open file, already checked.
+/// A verified entry. Small bodies come back in memory (with the file, to keep open); large ones as the
+/// open file, already checked.
 pub enum Loaded {
-    Bytes(EntryMeta, Bytes),
+    Bytes(EntryMeta, Bytes, File),
     File(EntryMeta, File),
 }
 
@@ -205,7 +206,7 @@ impl Store {
             if verify && crc32c::crc32c(&body) != crc {
                 return Err(StoreError::Corrupt("checksum mismatch"));
             }
-            return Ok(Loaded::Bytes(meta, body));
+            return Ok(Loaded::Bytes(meta, body, file));
         }
         let tail = read_at(&file, size - TRAILER, TRAILER as usize)?;
         let (meta, crc, body_len) = parse_trailer(&tail[..], size, &file)?;

@@ -80,6 +80,7 @@ pub(super) struct FileCache {
     pub(super) ttl_ok: DurationValue,
     pub(super) ttl_error: DurationValue,
     pub(super) lock_timeout: DurationValue,
+    pub(super) open_files: usize,
 }
 
 impl Default for FileCache {
@@ -91,6 +92,7 @@ impl Default for FileCache {
             ttl_ok: days90(),
             ttl_error: secs300(),
             lock_timeout: secs5(),
+            open_files: 10_000,
         }
     }
 }

@@ -39,7 +39,7 @@ fn write_commit_load_small_and_large() {
         }
         w.commit(&store, &meta(key, len as u64)).unwrap();
         match store.load(key).unwrap().unwrap() {
-            Loaded::Bytes(m, b) => {
+            Loaded::Bytes(m, b, _) => {
                 assert_eq!(m, meta(key, len as u64).clone_with_stored(m.stored_at_ms));
                 assert_eq!(&b[..], &body[..]);
             }

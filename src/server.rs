@@ -82,7 +82,11 @@ pub async fn run(config: Config, config_path: Option<PathBuf>) -> Result<(), Ser
             .await
             .map_err(|source| ServerError::Bind { addr, source })?;
         tracing::info!(%addr, "admin listening");
-        accept_tasks.push(tokio::spawn(admin::serve(listener, metrics.clone(), cache.clone())));
+        accept_tasks.push(tokio::spawn(admin::serve(
+            listener,
+            metrics.clone(),
+            cache.clone(),
+        )));
     }
 
     let mut builder = auto::Builder::new(TokioExecutor::new());

@@ -199,8 +199,20 @@ async fn eviction_keeps_the_directory_under_max_size() {
         let (st, _, b) = get(&proxy, &format!("m/{i}.jpg")).await;
         assert_eq!(st, 200);
         assert_eq!(b, pattern(100_000, i));
+        // Read again: a hit keeps the descriptor open, which must not pin an evicted file's blocks.
+        assert_eq!(get(&proxy, &format!("m/{i}.jpg")).await.2, b);
         peak = peak.max(du(&dir));
     }
+    let pinned: Vec<_> = std::fs::read_dir(format!("/proc/{}/fd", proxy.pid()))
+        .unwrap()
+        .flatten()
+        .filter_map(|fd| std::fs::read_link(fd.path()).ok())
+        .filter(|target| target.to_string_lossy().ends_with(" (deleted)"))
+        .collect();
+    assert!(
+        pinned.is_empty(),
+        "evicted files still held open: {pinned:?}"
+    );
     // Slack: one entry being filled beyond the cap, plus KiB rounding.
     assert!(
         peak <= (1 << 20) + 110_000,
@@ -456,6 +468,8 @@ async fn cache_command_stats_purge_clear_on_a_running_proxy() {
     let proxy = Proxy::start(&s3.s3_upstream("b", "media"));
     for i in 0..3 {
         get(&proxy, &format!("p/{i}.png")).await;
+        // A hit keeps the entry's descriptor open: purge and clear must still take effect.
+        assert_eq!(get(&proxy, &format!("p/{i}.png")).await.1, "HIT");
     }
     let run = |args: &[&str]| {
         let out = Command::new(env!("CARGO_BIN_EXE_mediaproxy"))
@@ -490,4 +504,45 @@ async fn cache_command_stats_purge_clear_on_a_running_proxy() {
     assert!(cleared.contains("removed 3"), "{cleared}");
     assert_eq!(get(&proxy, "p/1.png").await.1, "MISS");
     assert!(run(&["stats"]).contains("entries  1"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn metrics_show_cache_size_entries_and_open_files() {
+    let s3 = S3Server::start(&["media"], true).await;
+    for i in 0..3 {
+        s3.put(
+            "media",
+            &format!("g/{i}.png"),
+            pattern(5_000, i),
+            "image/png",
+        )
+        .await;
+    }
+    let admin = closed_port();
+    let proxy = Proxy::start_with_server(
+        &s3.s3_upstream("b", "media"),
+        &format!("admin_listen = \"127.0.0.1:{admin}\""),
+    );
+    for i in 0..3 {
+        get(&proxy, &format!("g/{i}.png")).await;
+    }
+    assert_eq!(get(&proxy, "g/0.png").await.1, "HIT");
+    assert_eq!(get(&proxy, "g/missing.png").await.0, 404);
+    let m = client()
+        .get(format!("http://127.0.0.1:{admin}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    // Three 5,000-byte objects (two 4 KiB blocks each with their metadata) and one negative entry (one
+    // block); one entry was read as a hit, so one descriptor is kept.
+    for line in [
+        "mediaproxy_cache_entries 4",
+        "mediaproxy_cache_bytes 28672",
+        "mediaproxy_cache_open_files 1",
+    ] {
+        assert!(m.lines().any(|l| l == line), "{line} in\n{m}");
+    }
 }

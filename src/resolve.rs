@@ -7,13 +7,12 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::StreamExt;
 use http::HeaderValue;
 use tokio::sync::Semaphore;
 
 use crate::cache::{Cached, FillGuard, Flight, Lookup};
 use crate::key::Key;
-use crate::object::{Body, Object, Source};
+use crate::object::{Object, Source};
 use crate::respond::RangeSpec;
 use crate::runtime::Runtime;
 use crate::upstream::{Fetched, Method};
@@ -114,11 +113,7 @@ fn background_fill(rt: Arc<Runtime>, key: Key, guard: FillGuard) {
         let _permit = permit;
         let work = async {
             match ask(&rt, &key, Method::Get, None).await {
-                Asked::Found(obj) => {
-                    if let Body::Stream { mut stream, .. } = guard.tee(obj).body {
-                        while let Some(Ok(_)) = stream.next().await {}
-                    }
-                }
+                Asked::Found(obj) => guard.fill(obj).await,
                 Asked::NotFound => guard.not_found(),
                 Asked::Failed => {}
             }

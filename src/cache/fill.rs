@@ -1,31 +1,42 @@
-//! One fill per key, and the tee that writes a body to the cache while it streams to the first client.
+//! One fill per key, and the fill itself: an upstream body written to the cache at the upstream's pace,
+//! whatever its first client does.
 //!
 //! Like nginx's `proxy_cache_lock`: the first request for an uncached key leads the fill; others that
 //! arrive meanwhile wait for it (up to `lock_timeout`) and are then served from the cache, so 50
 //! concurrent requests cost the bucket one GET. A follower whose wait times out goes to the upstream
 //! itself, without filling.
 //!
-//! The fill is driven by the leader's client. If that client goes away, the rest of the body is still
-//! read into the cache in a background task, bounded in time, so a seek or an aborted video load does
-//! not waste the bytes already paid for.
+//! The fill runs in its own task, like nginx's buffering to a temp file: it reads the upstream and writes
+//! the entry as fast as both allow, and hands each chunk to the leader's client through a short queue.
+//! A client that falls behind (a phone on a slow link, an HTTP/2 stream whose window stays shut) misses
+//! chunks from the queue and reads them back from the file being written instead, so it neither slows
+//! the fill nor holds the key's lock, and memory stays bounded. A client that leaves does not stop the
+//! fill either (within [`BACKGROUND_FILL_LIMIT`]), so the bytes already paid for are kept. If the disk
+//! write fails, the fill stops being one (followers are released) and the client gets the rest of the
+//! body straight from the upstream, at its own pace.
 
 use std::collections::HashMap;
+use std::fs::File;
 use std::io;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures_util::{Stream, StreamExt};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 
 use super::store::{self, hash_key, EntryMeta, EntryWriter, KeyHash};
 use super::Cache;
-use crate::object::{Body, ByteStream, Object};
+use crate::object::{read_at, Body, ByteStream, Object};
 
-/// How long a fill may go on after its client left.
-const BACKGROUND_FILL_LIMIT: Duration = Duration::from_secs(300);
+/// How long a fill may go on after its client left (or, for a fill without a client, at all).
+pub const BACKGROUND_FILL_LIMIT: Duration = Duration::from_secs(300);
+/// Chunks queued for the leader's client before it counts as behind and reads from the file.
+const CLIENT_QUEUE: usize = 16;
+/// Largest read from the file for a client that is behind.
+const FILE_CHUNK: u64 = 256 * 1024;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Status {
@@ -91,19 +102,22 @@ impl FillGuard {
         self.status = Status::Done;
     }
 
-    /// Wraps a full upstream response so its body is written to the cache as the client reads it.
-    /// Anything that cannot be cached as a whole (unknown length, a partial body) passes through.
+    /// Starts filling from a full upstream response and returns what the client reads: the same bytes,
+    /// from memory while it keeps up, from the entry's file when it falls behind. Anything that cannot
+    /// be cached as a whole (unknown length, a partial body) passes through untouched.
     pub fn tee(self, obj: Object) -> Object {
         let Object { meta, body } = obj;
         let (len, stream) = match (meta.len, body) {
             (Some(len), Body::Stream { stream, offset: 0 }) => (len, stream),
             (_, body) => return Object { meta, body },
         };
-        let writer = match self.cache.store().writer() {
-            Ok(w) => Some(w),
-            Err(e) => {
-                self.cache.write_failed(&self.key, &e);
-                None
+        let (writer, file) = match self.writer() {
+            Some(w) => w,
+            None => {
+                return Object {
+                    meta,
+                    body: Body::Stream { stream, offset: 0 },
+                }
             }
         };
         let entry = EntryMeta {
@@ -115,18 +129,60 @@ impl FillGuard {
             last_modified: meta.last_modified.map(store::to_unix),
             stored_at_ms: store::unix_now_ms(),
         };
-        let tee = Tee {
-            inner: Some(stream),
-            writer,
-            entry: Some(entry),
-            guard: Some(self),
+        let (tx, rx) = mpsc::channel(CLIENT_QUEUE);
+        let ended = Arc::new(Mutex::new(Ended::Running));
+        tokio::spawn(run(self, stream, writer, entry, Some(tx), ended.clone()));
+        let reader = Reader {
+            rx,
+            file,
+            ended,
+            pos: 0,
+            len,
+            pending: None,
         };
         Object {
             meta,
             body: Body::Stream {
-                stream: Box::pin(tee),
+                stream: Box::pin(reader),
                 offset: 0,
             },
+        }
+    }
+
+    /// Fills from a full upstream response with no client reading it (a seek was answered with a
+    /// ranged GET); returns when the fill has ended.
+    pub async fn fill(self, obj: Object) {
+        let Object { meta, body } = obj;
+        let (Some(len), Body::Stream { stream, offset: 0 }) = (meta.len, body) else {
+            return;
+        };
+        let Some((writer, _)) = self.writer() else {
+            return;
+        };
+        let entry = EntryMeta {
+            key: self.key.clone(),
+            status: 200,
+            len,
+            content_type: meta.content_type,
+            etag: meta.etag,
+            last_modified: meta.last_modified.map(store::to_unix),
+            stored_at_ms: store::unix_now_ms(),
+        };
+        run(self, stream, writer, entry, None, Arc::default()).await;
+    }
+
+    fn writer(&self) -> Option<(EntryWriter, File)> {
+        let opened = self
+            .cache
+            .store()
+            .writer()
+            .and_then(|w| w.reader().map(|r| (w, r)));
+        match opened {
+            Ok(pair) => Some(pair),
+            Err(e) => {
+                self.cache.write_failed(&self.key, &e);
+                None
+            }
         }
     }
 }
@@ -145,107 +201,150 @@ impl Drop for FillGuard {
     }
 }
 
-struct Tee {
-    inner: Option<ByteStream>,
-    writer: Option<EntryWriter>,
-    entry: Option<EntryMeta>,
-    guard: Option<FillGuard>,
+/// How a fill ended, for a client that fell behind and must know whether the file holds the rest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+enum Ended {
+    #[default]
+    Running,
+    /// The whole body was read and written.
+    Complete,
+    /// The upstream failed, or the fill was abandoned.
+    Failed,
 }
 
-impl Tee {
-    fn write(&mut self, chunk: &Bytes) {
-        if let Some(w) = self.writer.as_mut() {
-            if let Err(e) = w.write(chunk) {
-                if let Some(g) = &self.guard {
-                    g.cache.write_failed(&g.key, &e);
-                }
-                self.writer = None;
-            }
-        }
-    }
-
-    /// The body ended cleanly: make the entry visible if it is complete.
-    fn finish(&mut self) {
-        let (Some(writer), Some(entry), Some(mut guard)) =
-            (self.writer.take(), self.entry.take(), self.guard.take())
-        else {
-            return;
+/// The fill task: upstream → file (→ the client's queue), then the commit that makes the entry visible.
+async fn run(
+    guard: FillGuard,
+    mut upstream: ByteStream,
+    writer: EntryWriter,
+    entry: EntryMeta,
+    mut client: Option<mpsc::Sender<(u64, Bytes)>>,
+    ended: Arc<Mutex<Ended>>,
+) {
+    let cache = guard.cache.clone();
+    let mut guard = Some(guard);
+    let mut writer = Some(writer);
+    let mut left_at = client.is_none().then(Instant::now);
+    let mut pos = 0u64;
+    let outcome = loop {
+        let chunk = match upstream.next().await {
+            Some(Ok(chunk)) => chunk,
+            Some(Err(_)) => break Ended::Failed,
+            None if pos == entry.len => break Ended::Complete,
+            None => break Ended::Failed,
         };
-        if writer.written() != entry.len {
-            return; // a short body is never cached (the client got an error from the length check)
-        }
-        match writer.commit(guard.cache.store(), &entry) {
-            Ok(size) => {
-                guard.cache.index.insert(guard.hash, size);
-                guard.status = Status::Done;
+        if let Some(w) = writer.as_mut() {
+            if let Err(e) = w.write(&chunk) {
+                cache.write_failed(&entry.key, &e);
+                writer = None; // deletes the partial file
+                guard = None; // followers: failed, they go to the upstream themselves
             }
-            Err(e) => guard.cache.write_failed(&guard.key, &e),
         }
+        let offset = pos;
+        pos += chunk.len() as u64;
+        if let Some(tx) = &client {
+            let gone = if writer.is_some() {
+                // Behind is fine: what the queue cannot take, the client reads back from the file.
+                matches!(
+                    tx.try_send((offset, chunk)),
+                    Err(mpsc::error::TrySendError::Closed(_))
+                )
+            } else {
+                // Nothing on disk from here on: the client gets every chunk, at its own pace.
+                tx.send((offset, chunk)).await.is_err()
+            };
+            if gone {
+                client = None;
+                left_at = Some(Instant::now());
+            }
+        }
+        if let Some(left) = left_at {
+            if writer.is_none() {
+                break Ended::Failed;
+            }
+            if left.elapsed() > BACKGROUND_FILL_LIMIT {
+                tracing::warn!(key = %entry.key, "fill abandoned {BACKGROUND_FILL_LIMIT:?} after its client left");
+                break Ended::Failed;
+            }
+        }
+    };
+    if outcome == Ended::Complete {
+        if let (Some(w), Some(g)) = (writer.take(), guard.as_mut()) {
+            match w.commit(cache.store(), &entry) {
+                Ok(size) => {
+                    cache.index.insert(g.hash, size);
+                    g.status = Status::Done;
+                }
+                Err(e) => cache.write_failed(&entry.key, &e),
+            }
+        }
+    }
+    // Order matters: the client, seeing its queue closed, reads `ended` to learn whether to finish from
+    // the file. Then followers are released (the guard drops), and a failed fill's file is deleted.
+    *ended.lock().expect("fill state") = outcome;
+    drop(client);
+    drop(guard);
+    drop(writer);
+}
+
+/// The leader's client's body: chunks from the fill's queue, and from the file for whatever it missed.
+struct Reader {
+    rx: mpsc::Receiver<(u64, Bytes)>,
+    /// The entry's file as it is written; still readable after a commit renames it or a failure unlinks it.
+    file: File,
+    ended: Arc<Mutex<Ended>>,
+    /// The next byte this client needs.
+    pos: u64,
+    len: u64,
+    /// A chunk from the queue that lies ahead of `pos` (the client missed the ones before it).
+    pending: Option<(u64, Bytes)>,
+}
+
+impl Reader {
+    fn read_back(&mut self, up_to: u64) -> io::Result<Bytes> {
+        let n = (up_to - self.pos).min(FILE_CHUNK) as usize;
+        let bytes = read_at(&self.file, self.pos, n)?;
+        self.pos += n as u64;
+        Ok(bytes)
     }
 }
 
-impl Stream for Tee {
+impl Stream for Reader {
     type Item = io::Result<Bytes>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        let Some(inner) = self.inner.as_mut() else {
-            return Poll::Ready(None);
-        };
-        match inner.as_mut().poll_next(cx) {
-            Poll::Pending => Poll::Pending,
-            Poll::Ready(Some(Ok(chunk))) => {
-                self.write(&chunk);
-                Poll::Ready(Some(Ok(chunk)))
+        let this = &mut *self;
+        loop {
+            if this.pos >= this.len {
+                return Poll::Ready(None);
             }
-            Poll::Ready(Some(Err(e))) => {
-                self.inner = None;
-                self.writer = None; // deletes the partial file
-                self.guard = None; // followers: failed
-                Poll::Ready(Some(Err(e)))
+            if let Some((offset, chunk)) = this.pending.take() {
+                let end = offset + chunk.len() as u64;
+                if end <= this.pos {
+                    continue; // already read from the file
+                }
+                if offset <= this.pos {
+                    let rest = chunk.slice((this.pos - offset) as usize..);
+                    this.pos = end;
+                    return Poll::Ready(Some(Ok(rest)));
+                }
+                // Everything before a queued chunk was written before it was queued.
+                this.pending = Some((offset, chunk));
+                return Poll::Ready(Some(this.read_back(offset)));
             }
-            Poll::Ready(None) => {
-                self.inner = None;
-                self.finish();
-                Poll::Ready(None)
+            match this.rx.poll_recv(cx) {
+                Poll::Ready(Some(queued)) => this.pending = Some(queued),
+                Poll::Ready(None) => {
+                    if *this.ended.lock().expect("fill state") == Ended::Complete {
+                        return Poll::Ready(Some(this.read_back(this.len)));
+                    }
+                    this.pos = this.len; // ends the body after this error
+                    return Poll::Ready(Some(Err(io::Error::other(
+                        "the upstream body failed mid-transfer",
+                    ))));
+                }
+                Poll::Pending => return Poll::Pending,
             }
         }
-    }
-}
-
-impl Drop for Tee {
-    /// The client left before the end: finish the fill in the background, within a bound.
-    fn drop(&mut self) {
-        let (Some(mut inner), Some(_)) = (self.inner.take(), self.writer.as_ref()) else {
-            return;
-        };
-        let Ok(handle) = tokio::runtime::Handle::try_current() else {
-            return;
-        };
-        let mut rest = Tee {
-            inner: None,
-            writer: self.writer.take(),
-            entry: self.entry.take(),
-            guard: self.guard.take(),
-        };
-        handle.spawn(async move {
-            let drained = tokio::time::timeout(BACKGROUND_FILL_LIMIT, async {
-                while let Some(chunk) = inner.next().await {
-                    match chunk {
-                        Ok(c) => {
-                            rest.write(&c);
-                            if rest.writer.is_none() {
-                                return false;
-                            }
-                        }
-                        Err(_) => return false,
-                    }
-                }
-                true
-            })
-            .await;
-            if drained == Ok(true) {
-                rest.finish();
-            }
-        });
     }
 }

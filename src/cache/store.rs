@@ -238,6 +238,7 @@ impl Store {
         let name = format!("{:032x}.part", rand_u128());
         let path = self.root.join("tmp").join(name);
         let file = fs::OpenOptions::new()
+            .read(true)
             .write(true)
             .create_new(true)
             .open(&path)?;

@@ -546,3 +546,51 @@ async fn metrics_show_cache_size_entries_and_open_files() {
         assert!(m.lines().any(|l| l == line), "{line} in\n{m}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_that_stops_reading_does_not_hold_the_fill() {
+    let s3 = S3Server::start(&["media"], true).await;
+    let data = pattern(24 << 20, 40);
+    s3.put("media", KEY, data.clone(), "video/mp4").await;
+    let cfg = format!(
+        "[cache]\ndir = \"{{dir}}/cache\"\nlock_timeout = \"60s\"\n\n{}",
+        s3.s3_upstream("b", "media")
+    );
+    let proxy = Proxy::start(&cfg);
+    // The leader asks, then reads nothing: a paused video, a phone gone into a tunnel. Loopback socket
+    // buffers hold a few MiB of the 24 MiB; the rest must still reach the cache at the bucket's pace.
+    let addr = proxy.url("").trim_start_matches("http://").to_string();
+    let mut stalled = std::net::TcpStream::connect(&addr).unwrap();
+    std::io::Write::write_all(
+        &mut stalled,
+        format!("GET /{KEY} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes(),
+    )
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let started = Instant::now();
+    let (st, xc, body) = get(&proxy, KEY).await;
+    assert_eq!(st, 200);
+    assert!(body == data, "follower got the right bytes");
+    assert_eq!(xc, "HIT", "the follower was served by the finished fill");
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "the follower waited {:?} behind a stalled client",
+        started.elapsed()
+    );
+    assert_eq!(s3.count("GET"), 1, "one upstream GET");
+    // The stalled client, once it reads, still gets every byte in order (from the file it fell behind on).
+    let mut reader = std::io::BufReader::new(stalled);
+    let mut head = String::new();
+    loop {
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut reader, &mut line).unwrap();
+        head.push_str(&line);
+        if line == "\r\n" {
+            break;
+        }
+    }
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let mut rest = vec![0u8; data.len()];
+    std::io::Read::read_exact(&mut reader, &mut rest).unwrap();
+    assert!(rest == data, "the slow client's bytes differ");
+}

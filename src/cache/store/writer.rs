@@ -26,8 +26,13 @@ impl EntryWriter {
         Ok(())
     }
 
-    pub fn written(&self) -> u64 {
-        self.written
+    /// Another descriptor of the file being written, for a client that reads back what it missed;
+    /// it stays readable after the rename (or the unlink of a failed fill).
+    pub fn reader(&self) -> io::Result<File> {
+        self.file
+            .as_ref()
+            .ok_or_else(|| io::Error::other("writer already failed"))?
+            .try_clone()
     }
 
     /// Appends the trailer and renames the file into place, replacing an older entry for the key.

@@ -65,12 +65,12 @@ impl Index {
             .name("cache-index-load".into())
             .spawn(move || {
                 let started = std::time::Instant::now();
-                // Admitted newest first, each to the cold end, so the oldest end up coldest: the LRU tail
+                // Admitted most recently read first, each to the cold end, so the longest idle end up coldest: the LRU tail
                 // is then also the longest idle, which is what `inactive` checks. Entries read since
                 // start are already in and stay warmer. (24 bytes per entry while loading.)
                 let mut found: Vec<(u64, KeyHash, u64)> = Vec::new();
-                let result = store::walk(&index.store, |hash, size, mtime| {
-                    found.push((store::to_unix(mtime), hash, size));
+                let result = store::walk(&index.store, |hash, size, _, last_read| {
+                    found.push((store::to_unix(last_read), hash, size));
                 });
                 found.sort_unstable_by_key(|e| std::cmp::Reverse(e.0));
                 let n = found.len();
@@ -90,7 +90,7 @@ impl Index {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn admit_cold(&self, hash: KeyHash, size: u64, stored: u64) {
+    fn admit_cold(&self, hash: KeyHash, size: u64, last_read: u64) {
         let size = on_disk(size);
         let mut inner = self.lock();
         if inner.lru.contains(&hash) {
@@ -100,7 +100,7 @@ impl Index {
             hash,
             Slot {
                 size,
-                last_read: stored,
+                last_read,
                 verified: 0,
             },
         );
@@ -314,8 +314,14 @@ mod tests {
                     .write(true)
                     .open(store.path(h))
                     .unwrap();
-                f.set_modified(std::time::SystemTime::now() - Duration::from_secs(7200))
-                    .unwrap();
+                // Stored and last read two hours ago.
+                let then = std::time::SystemTime::now() - Duration::from_secs(7200);
+                f.set_times(
+                    std::fs::FileTimes::new()
+                        .set_accessed(then)
+                        .set_modified(then),
+                )
+                .unwrap();
                 old.push(h);
             }
         }

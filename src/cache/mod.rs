@@ -101,7 +101,13 @@ impl Cache {
         let mut file_size = 0;
         let mut stamp = 0;
         let loaded = match self.store.open_entry(key) {
-            Ok(Some((file, size, mtime))) => {
+            Ok(Some(store::EntryFile {
+                file,
+                size,
+                stamp: mtime,
+                accessed,
+            })) => {
+                store::note_read(&file, accessed);
                 file_size = size;
                 stamp = mtime;
                 let verify = !self.index.trusted(hash, stamp);
@@ -247,7 +253,7 @@ pub fn stats(dir: &std::path::Path) -> std::io::Result<Stats> {
     if !store.entries_dir().exists() {
         return Ok(s);
     }
-    store::walk(&store, |_, size, mtime| {
+    store::walk(&store, |_, size, mtime, _| {
         s.entries += 1;
         s.bytes += size;
         s.oldest = Some(s.oldest.map_or(mtime, |o| o.min(mtime)));
@@ -273,7 +279,7 @@ pub fn clear(dir: &std::path::Path) -> std::io::Result<u64> {
     }
     let mut n = 0;
     let mut hashes = Vec::new();
-    store::walk(&store, |hash, _, _| hashes.push(hash))?;
+    store::walk(&store, |hash, _, _, _| hashes.push(hash))?;
     for hash in hashes {
         if store.remove(hash) {
             n += 1;

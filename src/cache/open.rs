@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex};
 use bytes::Bytes;
 use lru::LruCache;
 
-use super::store::{EntryMeta, KeyHash};
+use super::store::{mtime_stamp, note_read, EntryMeta, KeyHash};
 use crate::object::read_at;
 
 /// An entry whose checksum was verified when it was opened.
@@ -43,13 +43,10 @@ impl Opened {
     /// The body, if the file is still the one verified (linked, unwritten since).
     pub fn read_current(&self) -> Option<Bytes> {
         let md = self.file.metadata().ok()?;
-        let stamp = md
-            .mtime()
-            .saturating_mul(1_000_000_000)
-            .saturating_add(md.mtime_nsec());
-        if md.nlink() == 0 || stamp != self.stamp || md.len() != self.size {
+        if md.nlink() == 0 || mtime_stamp(&md) != self.stamp || md.len() != self.size {
             return None;
         }
+        note_read(&self.file, md.atime());
         read_at(&self.file, 0, self.meta.len as usize).ok()
     }
 }

@@ -88,6 +88,36 @@ pub enum StoreError {
     Corrupt(&'static str),
 }
 
+/// An entry's open file, before verification.
+pub struct EntryFile {
+    pub file: File,
+    pub size: u64,
+    /// Modification time in nanoseconds: any write to the file changes it.
+    pub stamp: i64,
+    /// Access time (Unix seconds): the entry's last read, as it survives a restart.
+    pub accessed: i64,
+}
+
+pub fn mtime_stamp(md: &fs::Metadata) -> i64 {
+    md.mtime()
+        .saturating_mul(1_000_000_000)
+        .saturating_add(md.mtime_nsec())
+}
+
+/// An entry's last read is kept in its file's atime, so `inactive` and the LRU order hold across a
+/// restart. Written explicitly (mounts are often `noatime` or `relatime`), at most once an hour per entry:
+/// one `futimens` that leaves the mtime, and so the checksum memo, alone.
+pub fn note_read(file: &File, accessed: i64) {
+    const EVERY: i64 = 3600;
+    let now = SystemTime::now();
+    if (to_unix(now) as i64).saturating_sub(accessed) < EVERY {
+        return;
+    }
+    if let Err(e) = file.set_times(fs::FileTimes::new().set_accessed(now)) {
+        tracing::debug!(error = %e, "could not record a cache entry's last read");
+    }
+}
+
 /// A verified entry. Small bodies come back in memory (with the file, to keep open); large ones as the
 /// open file, already checked.
 pub enum Loaded {
@@ -148,15 +178,14 @@ impl Store {
     /// `Ok(None)` when there is no entry. A corrupt or foreign entry is an error (the caller drops it).
     pub fn load(&self, key: &str) -> Result<Option<Loaded>, StoreError> {
         match self.open_entry(key)? {
-            Some((file, size, _)) => Self::load_opened(file, size, key, true).map(Some),
+            Some(e) => Self::load_opened(e.file, e.size, key, true).map(Some),
             None => Ok(None),
         }
     }
 
     /// Opens the entry's file and returns it with its size, so the caller can decide where to do the
     /// (possibly long) verification of a large entry.
-    /// The third value is the file's modification time in nanoseconds: any write to the file changes it.
-    pub fn open_entry(&self, key: &str) -> io::Result<Option<(File, u64, i64)>> {
+    pub fn open_entry(&self, key: &str) -> io::Result<Option<EntryFile>> {
         let hash = hash_key(key);
         let opened = match &self.entries {
             Some(dir) => rustix::fs::openat(
@@ -175,11 +204,12 @@ impl Store {
             Err(e) => return Err(e),
         };
         let md = file.metadata()?;
-        let stamp = md
-            .mtime()
-            .saturating_mul(1_000_000_000)
-            .saturating_add(md.mtime_nsec());
-        Ok(Some((file, md.len(), stamp)))
+        Ok(Some(EntryFile {
+            size: md.len(),
+            stamp: mtime_stamp(&md),
+            accessed: md.atime(),
+            file,
+        }))
     }
 
     /// True when [`Store::load_opened`] is one read and a CRC of at most [`SMALL`] bytes.
@@ -327,8 +357,12 @@ fn rand_u128() -> u128 {
     ((a as u128) << 64) | h2.finish() as u128
 }
 
-/// Walks `v1/`, calling `f(hash, size, mtime)` for each entry file (for the index load and `stats`).
-pub fn walk(store: &Store, mut f: impl FnMut(KeyHash, u64, SystemTime)) -> io::Result<()> {
+/// Walks `v1/`, calling `f(hash, size, stored, last_read)` for each entry file (for the index load and
+/// `stats`): `stored` is the mtime, `last_read` the later of it and the atime.
+pub fn walk(
+    store: &Store,
+    mut f: impl FnMut(KeyHash, u64, SystemTime, SystemTime),
+) -> io::Result<()> {
     for a in fs::read_dir(store.entries_dir())? {
         let a = a?;
         if !a.file_type()?.is_dir() {
@@ -349,7 +383,9 @@ pub fn walk(store: &Store, mut f: impl FnMut(KeyHash, u64, SystemTime)) -> io::R
                     continue;
                 };
                 if let Ok(md) = e.metadata() {
-                    f(hash, md.len(), md.modified().unwrap_or(UNIX_EPOCH));
+                    let stored = md.modified().unwrap_or(UNIX_EPOCH);
+                    let read = md.accessed().unwrap_or(UNIX_EPOCH).max(stored);
+                    f(hash, md.len(), stored, read);
                 }
             }
         }

@@ -594,3 +594,52 @@ async fn a_client_that_stops_reading_does_not_hold_the_fill() {
     std::io::Read::read_exact(&mut reader, &mut rest).unwrap();
     assert!(rest == data, "the slow client's bytes differ");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn last_read_survives_a_restart_for_inactive() {
+    let s3 = S3Server::start(&["media"], true).await;
+    for k in ["r/read.png", "r/idle.png"] {
+        s3.put("media", k, pattern(20_000, 50), "image/png").await;
+    }
+    let cache_dir = tempfile::tempdir().unwrap();
+    let cfg = format!(
+        "[cache]\ndir = \"{}\"\ninactive = \"2h\"\nttl_ok = \"30d\"\n\n{}",
+        cache_dir.path().display(),
+        s3.s3_upstream("b", "media")
+    );
+    let proxy = Proxy::start(&cfg);
+    for k in ["r/read.png", "r/idle.png"] {
+        assert_eq!(get(&proxy, k).await.1, "MISS");
+    }
+    // Both were stored, and last read, three hours ago...
+    let three_hours_ago = std::time::SystemTime::now() - Duration::from_secs(3 * 3600);
+    for f in cache_files(cache_dir.path()) {
+        std::fs::File::options()
+            .write(true)
+            .open(&f)
+            .unwrap()
+            .set_times(
+                std::fs::FileTimes::new()
+                    .set_accessed(three_hours_ago)
+                    .set_modified(three_hours_ago),
+            )
+            .unwrap();
+    }
+    // ...and one is read now.
+    assert_eq!(get(&proxy, "r/read.png").await.1, "HIT");
+    drop(proxy);
+
+    // After a restart, `inactive` (2h) drops the idle one only: the read is remembered on disk.
+    let proxy = Proxy::start(&cfg);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while cache_files(cache_dir.path()).len() != 1 {
+        assert!(
+            Instant::now() < deadline,
+            "expected only the idle entry dropped; {} entries left",
+            cache_files(cache_dir.path()).len()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(get(&proxy, "r/read.png").await.1, "HIT");
+    assert_eq!(get(&proxy, "r/idle.png").await.1, "MISS");
+}

@@ -1,7 +1,9 @@
 //! One cache entry = one file, written to `tmp/` and renamed into `v1/` only when complete.
 //!
-//! Layout: `<body><meta JSON><u32 meta_len><u32 crc32c(body)><"MPCACHE1">`. The trailer comes last
-//! because the checksum is known only once the body has streamed through. A rename is atomic, so a
+//! Layout: `<body><meta JSON><u32 meta_len><u32 crc32c(body ‖ meta JSON)><"MPCACHE2">`. The trailer
+//! comes last because the checksum is known only once the body has streamed through. The checksum covers
+//! the metadata too, so a flipped bit cannot change a served `Content-Type` or `ETag`. (Entries written
+//! by the first release end in `MPCACHE1`, with a checksum of the body alone; they are still read.) A rename is atomic, so a
 //! reader sees a whole entry or none, and a `kill -9` mid-fill leaves only a `tmp/` file that the next
 //! start deletes. The checksum is verified before a single byte is served, so a corrupt entry (bit rot,
 //! a torn write after power loss) is dropped and refetched instead of sent.
@@ -25,7 +27,9 @@ use rustix::fs::{Mode, OFlags};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-const MAGIC: &[u8; 8] = b"MPCACHE1";
+const MAGIC: &[u8; 8] = b"MPCACHE2";
+/// The first release's trailer: the checksum covers the body only.
+const MAGIC_V1: &[u8; 8] = b"MPCACHE1";
 const TRAILER: u64 = 16;
 /// Entries up to this size are read with one `pread` and served from memory.
 pub const SMALL: u64 = 512 * 1024;
@@ -230,32 +234,33 @@ impl Store {
         }
         if Self::is_small(size) {
             let buf = read_at(&file, 0, size as usize)?;
-            let (meta, crc, body_len) = parse_trailer(&buf[..], size, &file)?;
-            check_key(&meta, key)?;
-            let body = buf.slice(..body_len as usize);
-            if verify && crc32c::crc32c(&body) != crc {
+            let t = parse_trailer(&buf[..], size, &file)?;
+            check_key(&t.meta, key)?;
+            let body = buf.slice(..t.body_len as usize);
+            if verify && t.checksum(crc32c::crc32c(&body)) != t.crc {
                 return Err(StoreError::Corrupt("checksum mismatch"));
             }
+            let meta = t.meta;
             return Ok(Loaded::Bytes(meta, body, file));
         }
         let tail = read_at(&file, size - TRAILER, TRAILER as usize)?;
-        let (meta, crc, body_len) = parse_trailer(&tail[..], size, &file)?;
-        check_key(&meta, key)?;
+        let t = parse_trailer(&tail[..], size, &file)?;
+        check_key(&t.meta, key)?;
         if !verify {
-            return Ok(Loaded::File(meta, file));
+            return Ok(Loaded::File(t.meta, file));
         }
         let mut sum = 0u32;
         let mut pos = 0u64;
-        while pos < body_len {
-            let n = (body_len - pos).min(VERIFY_CHUNK as u64) as usize;
+        while pos < t.body_len {
+            let n = (t.body_len - pos).min(VERIFY_CHUNK as u64) as usize;
             let chunk = read_at(&file, pos, n)?;
             sum = crc32c::crc32c_append(sum, &chunk);
             pos += n as u64;
         }
-        if sum != crc {
+        if t.checksum(sum) != t.crc {
             return Err(StoreError::Corrupt("checksum mismatch"));
         }
-        Ok(Loaded::File(meta, file))
+        Ok(Loaded::File(t.meta, file))
     }
 
     /// Removes the entry for `hash`; true if there was one.
@@ -304,12 +309,33 @@ fn relative_path(hash: KeyHash) -> RelPath {
     RelPath(out)
 }
 
-/// `buf` holds at least the trailer at its end; for small entries it is the whole file.
-fn parse_trailer(buf: &[u8], size: u64, file: &File) -> Result<(EntryMeta, u32, u64), StoreError> {
-    let t = &buf[buf.len() - TRAILER as usize..];
-    if &t[8..16] != MAGIC {
-        return Err(StoreError::Corrupt("bad magic"));
+struct Trailer {
+    meta: EntryMeta,
+    meta_bytes: Bytes,
+    crc: u32,
+    body_len: u64,
+    covers_meta: bool,
+}
+
+impl Trailer {
+    /// The entry's checksum, given the CRC of its body.
+    fn checksum(&self, body_crc: u32) -> u32 {
+        if self.covers_meta {
+            crc32c::crc32c_append(body_crc, &self.meta_bytes)
+        } else {
+            body_crc
+        }
     }
+}
+
+/// `buf` holds at least the trailer at its end; for small entries it is the whole file.
+fn parse_trailer(buf: &[u8], size: u64, file: &File) -> Result<Trailer, StoreError> {
+    let t = &buf[buf.len() - TRAILER as usize..];
+    let covers_meta = match &t[8..16] {
+        m if m == MAGIC => true,
+        m if m == MAGIC_V1 => false,
+        _ => return Err(StoreError::Corrupt("bad magic")),
+    };
     let meta_len = u32::from_le_bytes(t[0..4].try_into().expect("4 bytes")) as u64;
     // Our metadata is a few hundred bytes; a corrupt length must not become a huge allocation.
     if meta_len > 64 * 1024 {
@@ -329,7 +355,13 @@ fn parse_trailer(buf: &[u8], size: u64, file: &File) -> Result<(EntryMeta, u32, 
     if meta.len != body_len {
         return Err(StoreError::Corrupt("length mismatch"));
     }
-    Ok((meta, crc, body_len))
+    Ok(Trailer {
+        meta,
+        meta_bytes,
+        crc,
+        body_len,
+        covers_meta,
+    })
 }
 
 /// Two keys sharing a 128-bit hash prefix is practically impossible, but a file must never be served

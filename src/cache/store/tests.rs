@@ -77,6 +77,53 @@ fn corruption_is_detected() {
 }
 
 #[test]
+fn corrupt_metadata_is_detected_even_when_it_still_parses() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    for len in [5000usize, 2 << 20] {
+        let key = format!("m{len}");
+        let mut w = store.writer().unwrap();
+        w.write(&vec![7u8; len]).unwrap();
+        w.commit(&store, &meta(&key, len as u64)).unwrap();
+        let path = store.path(hash_key(&key));
+        let bytes = fs::read(&path).unwrap();
+        let at = len + find(&bytes[len..], b"image/png").unwrap() + 8;
+        // `image/png` becomes `image/pnh`: valid JSON, wrong Content-Type.
+        let f = fs::OpenOptions::new().write(true).open(&path).unwrap();
+        f.write_all_at(b"h", at as u64).unwrap();
+        assert!(matches!(store.load(&key), Err(StoreError::Corrupt(_))));
+    }
+}
+
+#[test]
+fn entries_of_the_first_format_are_still_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let key = "v1/entry";
+    let body = vec![3u8; 3000];
+    let json = serde_json::to_vec(&meta(key, body.len() as u64)).unwrap();
+    let mut file = body.clone();
+    file.extend_from_slice(&json);
+    file.extend_from_slice(&(json.len() as u32).to_le_bytes());
+    file.extend_from_slice(&crc32c::crc32c(&body).to_le_bytes());
+    file.extend_from_slice(b"MPCACHE1");
+    let path = store.path(hash_key(key));
+    fs::create_dir_all(path.parent().unwrap()).unwrap();
+    fs::write(&path, file).unwrap();
+    match store.load(key).unwrap().unwrap() {
+        Loaded::Bytes(m, b, _) => {
+            assert_eq!(&b[..], &body[..]);
+            assert_eq!(m.content_type.as_deref(), Some("image/png"));
+        }
+        Loaded::File(..) => panic!("small entries load into memory"),
+    }
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+#[test]
 fn abandoned_writer_leaves_nothing_and_restart_cleans_tmp() {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(dir.path()).unwrap();

@@ -45,9 +45,10 @@ impl EntryWriter {
             .take()
             .ok_or_else(|| io::Error::other("writer already failed"))?;
         let json = serde_json::to_vec(meta).map_err(io::Error::other)?;
+        let crc = crc32c::crc32c_append(self.crc, &json);
         let mut trailer = json;
         trailer.extend_from_slice(&(trailer.len() as u32).to_le_bytes());
-        trailer.extend_from_slice(&self.crc.to_le_bytes());
+        trailer.extend_from_slice(&crc.to_le_bytes());
         trailer.extend_from_slice(MAGIC);
         file.write_all(&trailer)?;
         let size = self.written + trailer.len() as u64;

@@ -270,11 +270,11 @@ async fn run(
     };
     if outcome == Ended::Complete {
         if let (Some(w), Some(g)) = (writer.take(), guard.as_mut()) {
-            match w.commit(cache.store(), &entry) {
-                Ok(size) => {
-                    cache.index.insert(g.hash, size);
-                    g.status = Status::Done;
-                }
+            match w
+                .seal(cache.store(), &entry)
+                .and_then(|sealed| cache.index.publish(g.hash, sealed))
+            {
+                Ok(_) => g.status = Status::Done,
                 Err(e) => cache.write_failed(&entry.key, &e),
             }
         }

@@ -7,6 +7,7 @@
 //! on every insert and read: no sweeper thread. The index is rebuilt from the directory in a background
 //! thread at start; lookups never wait for it, because they open the entry's file directly.
 
+use std::os::unix::fs::MetadataExt;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -160,11 +161,30 @@ impl Index {
         self.delete(victims);
     }
 
-    /// A new or replaced entry of `size` bytes on disk; evicts at once so the directory stays under the cap.
+    /// A new or replaced entry of `size` bytes on disk, already in place (tests; fills use `publish`).
+    #[cfg(test)]
     pub fn insert(&self, hash: KeyHash, size: u64) {
+        let mut inner = self.lock();
+        let victims = self.insert_locked(&mut inner, hash, size);
+        drop(inner);
+        self.delete(victims);
+    }
+
+    /// Makes a sealed entry visible and counts it, as one step under the index lock: an eviction or a
+    /// `forget` of the same key cannot fall between the rename and the count, so it never deletes or
+    /// un-counts the fresh file in place of the old one.
+    pub fn publish(&self, hash: KeyHash, sealed: store::Sealed) -> std::io::Result<u64> {
+        let mut inner = self.lock();
+        let size = sealed.publish()?;
+        let victims = self.insert_locked(&mut inner, hash, size);
+        drop(inner);
+        self.delete(victims);
+        Ok(size)
+    }
+
+    fn insert_locked(&self, inner: &mut Inner, hash: KeyHash, size: u64) -> Vec<KeyHash> {
         let size = on_disk(size);
         let now = store::unix_now();
-        let mut inner = self.lock();
         if let Some((_, old)) = inner.lru.push(
             hash,
             Slot {
@@ -176,24 +196,33 @@ impl Index {
             // `push` returns the replaced value for the same key (its file was replaced by the rename).
             inner.bytes -= old.size;
         }
-        self.open.drop_entry(hash);
         inner.bytes += size;
-        let victims = self.victims(&mut inner, now);
+        self.open.drop_entry(hash);
+        self.victims(inner, now)
+    }
+
+    /// Drops a corrupt entry: the file whose inode is `ino`, unless a refill has replaced it already.
+    pub fn remove(&self, hash: KeyHash, ino: u64) {
+        let mut inner = self.lock();
+        let path = self.store.path(hash);
+        if std::fs::metadata(&path).is_ok_and(|md| md.ino() == ino) {
+            if let Some(slot) = inner.lru.pop(&hash) {
+                inner.bytes -= slot.size;
+            }
+            self.store.remove(hash);
+        }
         drop(inner);
-        self.delete(victims);
+        self.open.drop_entry(hash);
     }
 
-    /// Drops the entry and its file.
-    pub fn remove(&self, hash: KeyHash) {
-        self.forget(hash);
-        self.store.remove(hash);
-    }
-
-    /// The file is already gone (purged by `mediaproxy cache purge`, say).
+    /// The file is gone (purged by `mediaproxy cache purge`, say): stop counting it, unless a fill has
+    /// just published a new one.
     pub fn forget(&self, hash: KeyHash) {
         let mut inner = self.lock();
-        if let Some(slot) = inner.lru.pop(&hash) {
-            inner.bytes -= slot.size;
+        if !self.store.path(hash).exists() {
+            if let Some(slot) = inner.lru.pop(&hash) {
+                inner.bytes -= slot.size;
+            }
         }
         drop(inner);
         self.open.drop_entry(hash);
@@ -223,12 +252,18 @@ impl Index {
         out
     }
 
-    /// File deletion happens outside the lock: it is I/O.
+    /// Each unlink happens under the lock, after checking the key was not published again since it was
+    /// chosen (see [`Index::publish`]); the lock is taken per file, so hits interleave with a long eviction.
     fn delete(&self, victims: Vec<KeyHash>) {
         for hash in victims {
+            let inner = self.lock();
+            if inner.lru.contains(&hash) {
+                continue;
+            }
+            self.store.remove(hash);
+            drop(inner);
             // Closed too, or the unlinked file would keep its blocks until the descriptor is pushed out.
             self.open.drop_entry(hash);
-            self.store.remove(hash);
         }
     }
 
@@ -243,95 +278,4 @@ impl Index {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn entry(store: &Store, key: &str, len: usize) -> KeyHash {
-        let meta = store::EntryMeta {
-            key: key.into(),
-            status: 200,
-            len: len as u64,
-            content_type: None,
-            etag: None,
-            last_modified: None,
-            stored_at_ms: store::unix_now_ms(),
-        };
-        let mut w = store.writer().unwrap();
-        w.write(&vec![1u8; len]).unwrap();
-        w.commit(store, &meta).unwrap();
-        store::hash_key(key)
-    }
-
-    #[test]
-    fn evicts_least_recently_used_beyond_max_size() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).unwrap();
-        let index = Index::new(store.clone(), 10_000, Duration::from_secs(3600), 16);
-        // Each entry takes one 4 KiB block: two fit under 10,000 bytes, a third evicts one.
-        let a = entry(&store, "a", 4000);
-        index.insert(a, 4000);
-        let b = entry(&store, "b", 4000);
-        index.insert(b, 4000);
-        index.touch(a, 4000, None); // a is now more recent than b
-        let c = entry(&store, "c", 4000);
-        index.insert(c, 4000);
-        assert!(store.path(a).exists(), "recently read survives");
-        assert!(!store.path(b).exists(), "least recently used is evicted");
-        assert!(store.path(c).exists());
-        assert_eq!(index.usage(), (8192, 2));
-    }
-
-    #[test]
-    fn drops_inactive_entries_and_reloads_from_disk() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).unwrap();
-        let index = Index::new(store.clone(), u64::MAX, Duration::from_secs(3600), 16);
-        let old = entry(&store, "old", 10);
-        index.admit_cold(old, 100, store::unix_now() - 7200);
-        let fresh = entry(&store, "fresh", 10);
-        index.insert(fresh, 100);
-        assert!(!store.path(old).exists(), "idle past `inactive`");
-        assert!(store.path(fresh).exists());
-
-        let reloaded = Index::new(store.clone(), u64::MAX, Duration::from_secs(3600), 16);
-        reloaded.load_in_background();
-        let deadline = std::time::Instant::now() + Duration::from_secs(5);
-        while reloaded.usage().1 != 1 {
-            assert!(std::time::Instant::now() < deadline);
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-
-    #[test]
-    fn restart_drops_entries_idle_past_inactive_whatever_the_directory_order() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).unwrap();
-        let mut old = Vec::new();
-        for i in 0..20 {
-            let h = entry(&store, &format!("k{i}"), 10);
-            if i % 2 == 0 {
-                let f = std::fs::File::options()
-                    .write(true)
-                    .open(store.path(h))
-                    .unwrap();
-                // Stored and last read two hours ago.
-                let then = std::time::SystemTime::now() - Duration::from_secs(7200);
-                f.set_times(
-                    std::fs::FileTimes::new()
-                        .set_accessed(then)
-                        .set_modified(then),
-                )
-                .unwrap();
-                old.push(h);
-            }
-        }
-        let index = Index::new(store.clone(), u64::MAX, Duration::from_secs(3600), 16);
-        index.load_in_background();
-        let deadline = std::time::Instant::now() + Duration::from_secs(5);
-        while index.usage().1 != 10 {
-            assert!(std::time::Instant::now() < deadline, "{:?}", index.usage());
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        assert!(old.iter().all(|h| !store.path(*h).exists()));
-    }
-}
+mod tests;

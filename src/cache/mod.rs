@@ -100,14 +100,17 @@ impl Cache {
         let mut checked = None;
         let mut file_size = 0;
         let mut stamp = 0;
+        let mut ino = 0;
         let loaded = match self.store.open_entry(key) {
             Ok(Some(store::EntryFile {
                 file,
                 size,
                 stamp: mtime,
                 accessed,
+                ino: inode,
             })) => {
                 store::note_read(&file, accessed);
+                ino = inode;
                 file_size = size;
                 stamp = mtime;
                 let verify = !self.index.trusted(hash, stamp);
@@ -138,7 +141,7 @@ impl Cache {
             Err(StoreError::Corrupt(why)) => {
                 tracing::warn!(key, why, "corrupt cache entry dropped; refetching");
                 self.counters.corrupt.inc();
-                self.index.remove(hash);
+                self.index.remove(hash, ino);
                 return Lookup::Miss;
             }
             Err(StoreError::Io(e)) => {
@@ -177,10 +180,10 @@ impl Cache {
         let result = self
             .store
             .writer()
-            .and_then(|w| w.commit(&self.store, &meta));
-        match result {
-            Ok(size) => self.index.insert(hash_key(key), size),
-            Err(e) => self.write_failed(key, &e),
+            .and_then(|w| w.seal(&self.store, &meta))
+            .and_then(|sealed| self.index.publish(hash_key(key), sealed));
+        if let Err(e) = result {
+            self.write_failed(key, &e);
         }
     }
 

@@ -100,6 +100,8 @@ pub struct EntryFile {
     pub stamp: i64,
     /// Access time (Unix seconds): the entry's last read, as it survives a restart.
     pub accessed: i64,
+    /// Tells this file from one a refill renames over it meanwhile.
+    pub ino: u64,
 }
 
 pub fn mtime_stamp(md: &fs::Metadata) -> i64 {
@@ -212,6 +214,7 @@ impl Store {
             size: md.len(),
             stamp: mtime_stamp(&md),
             accessed: md.atime(),
+            ino: md.ino(),
             file,
         }))
     }
@@ -426,7 +429,7 @@ pub fn walk(
 }
 
 mod writer;
-pub use writer::EntryWriter;
+pub use writer::{EntryWriter, Sealed};
 
 #[cfg(test)]
 mod tests;

@@ -36,7 +36,12 @@ impl EntryWriter {
     }
 
     /// Appends the trailer and renames the file into place, replacing an older entry for the key.
-    pub fn commit(mut self, store: &Store, meta: &EntryMeta) -> io::Result<u64> {
+    pub fn commit(self, store: &Store, meta: &EntryMeta) -> io::Result<u64> {
+        self.seal(store, meta)?.publish()
+    }
+
+    /// Appends the trailer: the entry is complete but not yet visible.
+    pub fn seal(mut self, store: &Store, meta: &EntryMeta) -> io::Result<Sealed> {
         if meta.len != self.written {
             return Err(io::Error::other("body length differs from the metadata"));
         }
@@ -51,18 +56,49 @@ impl EntryWriter {
         trailer.extend_from_slice(&crc.to_le_bytes());
         trailer.extend_from_slice(MAGIC);
         file.write_all(&trailer)?;
-        let size = self.written + trailer.len() as u64;
-        drop(file);
-        let dest = store.path(hash_key(&meta.key));
-        fs::create_dir_all(dest.parent().expect("entry paths have parents"))?;
-        fs::rename(&self.path, &dest)?;
-        Ok(size)
+        Ok(Sealed {
+            path: std::mem::take(&mut self.path),
+            dest: store.path(hash_key(&meta.key)),
+            size: self.written + trailer.len() as u64,
+            published: false,
+        })
+    }
+}
+
+/// A complete entry in `tmp/`, one rename away from being served. Dropping it deletes the file.
+pub struct Sealed {
+    path: PathBuf,
+    dest: PathBuf,
+    size: u64,
+    published: bool,
+}
+
+impl Sealed {
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// The atomic rename into `v1/`; returns the entry's size on disk.
+    pub fn publish(mut self) -> io::Result<u64> {
+        fs::create_dir_all(self.dest.parent().expect("entry paths have parents"))?;
+        fs::rename(&self.path, &self.dest)?;
+        self.published = true;
+        Ok(self.size)
+    }
+}
+
+impl Drop for Sealed {
+    fn drop(&mut self) {
+        if !self.published {
+            let _ = fs::remove_file(&self.path);
+        }
     }
 }
 
 impl Drop for EntryWriter {
     fn drop(&mut self) {
-        if self.file.is_some() || self.path.exists() {
+        // Empty once sealed: the `Sealed` owns the file from then on.
+        if !self.path.as_os_str().is_empty() {
             let _ = fs::remove_file(&self.path);
         }
     }

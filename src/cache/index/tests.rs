@@ -1,0 +1,121 @@
+use super::*;
+
+fn entry(store: &Store, key: &str, len: usize) -> KeyHash {
+    let meta = store::EntryMeta {
+        key: key.into(),
+        status: 200,
+        len: len as u64,
+        content_type: None,
+        etag: None,
+        last_modified: None,
+        stored_at_ms: store::unix_now_ms(),
+    };
+    let mut w = store.writer().unwrap();
+    w.write(&vec![1u8; len]).unwrap();
+    w.commit(store, &meta).unwrap();
+    store::hash_key(key)
+}
+
+#[test]
+fn evicts_least_recently_used_beyond_max_size() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let index = Index::new(store.clone(), 10_000, Duration::from_secs(3600), 16);
+    // Each entry takes one 4 KiB block: two fit under 10,000 bytes, a third evicts one.
+    let a = entry(&store, "a", 4000);
+    index.insert(a, 4000);
+    let b = entry(&store, "b", 4000);
+    index.insert(b, 4000);
+    index.touch(a, 4000, None); // a is now more recent than b
+    let c = entry(&store, "c", 4000);
+    index.insert(c, 4000);
+    assert!(store.path(a).exists(), "recently read survives");
+    assert!(!store.path(b).exists(), "least recently used is evicted");
+    assert!(store.path(c).exists());
+    assert_eq!(index.usage(), (8192, 2));
+}
+
+#[test]
+fn an_entry_published_again_after_being_chosen_for_eviction_is_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let index = Index::new(store.clone(), 1 << 20, Duration::from_secs(3600), 16);
+    let a = entry(&store, "a", 100);
+    index.insert(a, 100);
+    // An eviction picks `a` (idle, seen from two hours on)...
+    let victims = index.victims(&mut index.lock(), store::unix_now() + 7200);
+    assert_eq!(victims, vec![a]);
+    // ...and before it deletes the file, a fill publishes a fresh copy of the same key.
+    let mut w = store.writer().unwrap();
+    w.write(&[2u8; 100]).unwrap();
+    let meta = store::EntryMeta {
+        key: "a".into(),
+        status: 200,
+        len: 100,
+        content_type: None,
+        etag: None,
+        last_modified: None,
+        stored_at_ms: store::unix_now_ms(),
+    };
+    index.publish(a, w.seal(&store, &meta).unwrap()).unwrap();
+    index.delete(victims);
+    assert!(store.path(a).exists(), "the fresh entry survives");
+    assert_eq!(index.usage().1, 1, "and is counted");
+    // A lookup that found no file a moment before the publish does not un-count it either.
+    index.forget(a);
+    assert_eq!(index.usage().1, 1);
+}
+
+#[test]
+fn drops_inactive_entries_and_reloads_from_disk() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let index = Index::new(store.clone(), u64::MAX, Duration::from_secs(3600), 16);
+    let old = entry(&store, "old", 10);
+    index.admit_cold(old, 100, store::unix_now() - 7200);
+    let fresh = entry(&store, "fresh", 10);
+    index.insert(fresh, 100);
+    assert!(!store.path(old).exists(), "idle past `inactive`");
+    assert!(store.path(fresh).exists());
+
+    let reloaded = Index::new(store.clone(), u64::MAX, Duration::from_secs(3600), 16);
+    reloaded.load_in_background();
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while reloaded.usage().1 != 1 {
+        assert!(std::time::Instant::now() < deadline);
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn restart_drops_entries_idle_past_inactive_whatever_the_directory_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let mut old = Vec::new();
+    for i in 0..20 {
+        let h = entry(&store, &format!("k{i}"), 10);
+        if i % 2 == 0 {
+            let f = std::fs::File::options()
+                .write(true)
+                .open(store.path(h))
+                .unwrap();
+            // Stored and last read two hours ago.
+            let then = std::time::SystemTime::now() - Duration::from_secs(7200);
+            f.set_times(
+                std::fs::FileTimes::new()
+                    .set_accessed(then)
+                    .set_modified(then),
+            )
+            .unwrap();
+            old.push(h);
+        }
+    }
+    let index = Index::new(store.clone(), u64::MAX, Duration::from_secs(3600), 16);
+    index.load_in_background();
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while index.usage().1 != 10 {
+        assert!(std::time::Instant::now() < deadline, "{:?}", index.usage());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(old.iter().all(|h| !store.path(*h).exists()));
+}

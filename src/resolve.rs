@@ -7,12 +7,13 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures_util::StreamExt;
 use http::HeaderValue;
 use tokio::sync::Semaphore;
 
-use crate::cache::{Cached, FillGuard, Flight, Lookup};
+use crate::cache::{fill_failed_at, Cached, FillGuard, Flight, Joined, Lookup};
 use crate::key::Key;
-use crate::object::{Object, Source};
+use crate::object::{Body, Object, Source};
 use crate::respond::RangeSpec;
 use crate::runtime::Runtime;
 use crate::upstream::{Fetched, Method};
@@ -58,14 +59,18 @@ pub async fn lookup(
                 }
                 return fill(rt, key, guard, stale).await;
             }
-            Flight::Follower(wait) => {
-                if wait.wait(rt.config.cache.lock_timeout).await {
+            Flight::Follower(follower) => match follower.join(rt.config.cache.lock_timeout).await {
+                Joined::Streaming(obj) => {
+                    return Outcome::Found(resume_on_fill_failure(rt.clone(), key.clone(), obj))
+                }
+                Joined::Finished => {
                     if let Lookup::Fresh(cached) = rt.cache.lookup(key.as_str(), rt.policy()).await
                     {
                         return from_cache(cached, Source::Hit);
                     }
                 }
-            }
+                Joined::GaveUp => {}
+            },
         }
     }
     // HEAD, or a follower whose fill failed or timed out: ask upstreams directly, without filling.
@@ -77,9 +82,13 @@ pub async fn lookup(
 }
 
 /// The leader of a fill: fetch the whole object (whatever the client's Range), tee it into the cache.
-async fn fill(rt: &Runtime, key: &Key, guard: FillGuard, stale: Option<Cached>) -> Outcome {
+async fn fill(rt: &Arc<Runtime>, key: &Key, guard: FillGuard, stale: Option<Cached>) -> Outcome {
     match ask(rt, key, Method::Get, None).await {
-        Asked::Found(obj) => Outcome::Found(guard.tee(obj)),
+        Asked::Found(obj) => Outcome::Found(resume_on_fill_failure(
+            rt.clone(),
+            key.clone(),
+            guard.tee(obj),
+        )),
         Asked::NotFound => {
             guard.not_found();
             Outcome::NotFound(None)
@@ -125,6 +134,58 @@ fn background_fill(rt: Arc<Runtime>, key: Key, guard: FillGuard) {
             tracing::warn!(%key, "background fill abandoned after {BACKGROUND_FILL_LIMIT:?}");
         }
     });
+}
+
+/// A fill may fail part-way (the upstream dies mid-body, or, for followers, the disk fills up): then the
+/// rest of the body comes from the upstreams, a ranged GET from where the client stopped, so the client
+/// gets the whole object if any upstream can still give it.
+fn resume_on_fill_failure(rt: Arc<Runtime>, key: Key, obj: Object) -> Object {
+    let Object { meta, body } = obj;
+    let (stream, len) = match (body, meta.len) {
+        (Body::Stream { stream, offset: 0 }, Some(len)) => (stream, len),
+        (body, _) => return Object { meta, body },
+    };
+    let state = Some((stream, rt, key));
+    let resumed = futures_util::stream::unfold(state, move |state| async move {
+        let (mut stream, rt, key) = state?;
+        loop {
+            let at = match stream.next().await {
+                None => return None,
+                Some(Ok(bytes)) => return Some((Ok(bytes), Some((stream, rt, key)))),
+                Some(Err(e)) => match fill_failed_at(&e) {
+                    Some(at) => at,
+                    None => return Some((Err(e), None)),
+                },
+            };
+            let range = HeaderValue::from_str(&format!("bytes={at}-")).expect("ascii");
+            match ask(&rt, &key, Method::Get, Some(&range)).await {
+                Asked::Found(Object {
+                    meta: m,
+                    body:
+                        Body::Stream {
+                            stream: rest,
+                            offset,
+                        },
+                }) if offset == at && m.len == Some(len) => {
+                    tracing::info!(%key, at, "fill failed; the rest comes from the upstreams");
+                    stream = rest;
+                }
+                _ => {
+                    let e = std::io::Error::other(format!(
+                        "the cache fill failed at byte {at} and no upstream could resume it"
+                    ));
+                    return Some((Err(e), None));
+                }
+            }
+        }
+    });
+    Object {
+        meta,
+        body: Body::Stream {
+            stream: Box::pin(resumed),
+            offset: 0,
+        },
+    }
 }
 
 /// Varnish's grace, nginx's `proxy_cache_use_stale error timeout`: every upstream failed, so an expired

@@ -19,7 +19,7 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::io;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -27,9 +27,11 @@ use bytes::Bytes;
 use futures_util::{Stream, StreamExt};
 use tokio::sync::{mpsc, watch};
 
+use super::follow::FillFailed;
+pub use super::follow::Follower;
 use super::store::{self, hash_key, EntryMeta, EntryWriter, KeyHash};
 use super::Cache;
-use crate::object::{read_at, Body, ByteStream, Object};
+use crate::object::{read_at, Body, ByteStream, Meta, Object, Source};
 
 /// How long a fill may go on after its client left (or, for a fill without a client, at all).
 pub const BACKGROUND_FILL_LIMIT: Duration = Duration::from_secs(300);
@@ -45,9 +47,30 @@ pub enum Status {
     Failed,
 }
 
+/// What followers watch: the fill's status and how many bytes of the body are on disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Progress {
+    pub status: Status,
+    pub written: u64,
+    /// The body is being written and [`Flight::body`] is set: followers can stream it.
+    pub streaming: bool,
+}
+
+/// One fill in flight, shared by its leader and followers.
+pub(super) struct Shared {
+    pub progress: watch::Sender<Progress>,
+    pub body: OnceLock<Growing>,
+}
+
+/// The entry being written, as a follower reads it.
+pub(super) struct Growing {
+    pub meta: Meta,
+    pub file: File,
+}
+
 #[derive(Default)]
 pub struct Flights {
-    running: Mutex<HashMap<KeyHash, watch::Receiver<Status>>>,
+    running: Mutex<HashMap<KeyHash, Arc<Shared>>>,
 }
 
 pub enum Flight {
@@ -55,33 +78,29 @@ pub enum Flight {
     Follower(Follower),
 }
 
-pub struct Follower(watch::Receiver<Status>);
-
-impl Follower {
-    /// True when the fill finished (successfully or not) within `timeout`.
-    pub async fn wait(mut self, timeout: Duration) -> bool {
-        tokio::time::timeout(timeout, self.0.wait_for(|s| *s != Status::Running))
-            .await
-            .is_ok()
-    }
-}
-
 impl Flights {
     pub fn join(&self, cache: Arc<Cache>, key: &str) -> Flight {
         let hash = hash_key(key);
         let mut running = self.running.lock().expect("flights lock");
-        if let Some(rx) = running.get(&hash) {
-            if *rx.borrow() == Status::Running {
-                return Flight::Follower(Follower(rx.clone()));
+        if let Some(shared) = running.get(&hash) {
+            if shared.progress.borrow().status == Status::Running {
+                return Flight::Follower(Follower::new(shared.clone()));
             }
         }
-        let (tx, rx) = watch::channel(Status::Running);
-        running.insert(hash, rx);
+        let shared = Arc::new(Shared {
+            progress: watch::Sender::new(Progress {
+                status: Status::Running,
+                written: 0,
+                streaming: false,
+            }),
+            body: OnceLock::new(),
+        });
+        running.insert(hash, shared.clone());
         Flight::Leader(FillGuard {
             cache,
             key: key.to_string(),
             hash,
-            tx,
+            shared,
             status: Status::Failed,
         })
     }
@@ -92,7 +111,7 @@ pub struct FillGuard {
     cache: Arc<Cache>,
     key: String,
     hash: KeyHash,
-    tx: watch::Sender<Status>,
+    shared: Arc<Shared>,
     status: Status,
 }
 
@@ -129,6 +148,7 @@ impl FillGuard {
             last_modified: meta.last_modified.map(store::to_unix),
             stored_at_ms: store::unix_now_ms(),
         };
+        self.share_body(&meta, &file);
         let (tx, rx) = mpsc::channel(CLIENT_QUEUE);
         let ended = Arc::new(Mutex::new(Ended::Running));
         tokio::spawn(run(self, stream, writer, entry, Some(tx), ended.clone()));
@@ -156,9 +176,10 @@ impl FillGuard {
         let (Some(len), Body::Stream { stream, offset: 0 }) = (meta.len, body) else {
             return;
         };
-        let Some((writer, _)) = self.writer() else {
+        let Some((writer, file)) = self.writer() else {
             return;
         };
+        self.share_body(&meta, &file);
         let entry = EntryMeta {
             key: self.key.clone(),
             status: 200,
@@ -169,6 +190,20 @@ impl FillGuard {
             stored_at_ms: store::unix_now_ms(),
         };
         run(self, stream, writer, entry, None, Arc::default()).await;
+    }
+
+    /// Lets followers stream the body from the file as it is written.
+    fn share_body(&self, meta: &Meta, file: &File) {
+        let Ok(file) = file.try_clone() else {
+            return; // followers then wait for the end, as before
+        };
+        let mut meta = meta.clone();
+        // Followers cost the upstream nothing: counted as hits, as nginx counts requests served after
+        // waiting on its cache lock, so hit ratios on dashboards mean what they say.
+        meta.source = Source::Hit;
+        if self.shared.body.set(Growing { meta, file }).is_ok() {
+            self.shared.progress.send_modify(|p| p.streaming = true);
+        }
     }
 
     fn writer(&self) -> Option<(EntryWriter, File)> {
@@ -192,12 +227,13 @@ impl Drop for FillGuard {
         let mut running = self.cache.flights.running.lock().expect("flights lock");
         if running
             .get(&self.hash)
-            .is_some_and(|rx| rx.same_channel(&self.tx.subscribe()))
+            .is_some_and(|s| Arc::ptr_eq(s, &self.shared))
         {
             running.remove(&self.hash);
         }
         drop(running);
-        let _ = self.tx.send(self.status);
+        let status = self.status;
+        self.shared.progress.send_modify(|p| p.status = status);
     }
 }
 
@@ -233,15 +269,22 @@ async fn run(
             None if pos == entry.len => break Ended::Complete,
             None => break Ended::Failed,
         };
-        if let Some(w) = writer.as_mut() {
-            if let Err(e) = w.write(&chunk) {
-                cache.write_failed(&entry.key, &e);
-                writer = None; // deletes the partial file
-                guard = None; // followers: failed, they go to the upstream themselves
-            }
-        }
         let offset = pos;
         pos += chunk.len() as u64;
+        if let Some(w) = writer.as_mut() {
+            match w.write(&chunk) {
+                Ok(()) => {
+                    if let Some(g) = &guard {
+                        g.shared.progress.send_modify(|p| p.written = pos);
+                    }
+                }
+                Err(e) => {
+                    cache.write_failed(&entry.key, &e);
+                    writer = None; // deletes the partial file
+                    guard = None; // followers: failed; they resume from the upstreams themselves
+                }
+            }
+        }
         if let Some(tx) = &client {
             let gone = if writer.is_some() {
                 // Behind is fine: what the queue cannot take, the client reads back from the file.
@@ -338,10 +381,10 @@ impl Stream for Reader {
                     if *this.ended.lock().expect("fill state") == Ended::Complete {
                         return Poll::Ready(Some(this.read_back(this.len)));
                     }
+                    // The upstream failed mid-body: say how far this client got, so it can be resumed.
+                    let at = this.pos;
                     this.pos = this.len; // ends the body after this error
-                    return Poll::Ready(Some(Err(io::Error::other(
-                        "the upstream body failed mid-transfer",
-                    ))));
+                    return Poll::Ready(Some(Err(io::Error::other(FillFailed { at }))));
                 }
                 Poll::Pending => return Poll::Pending,
             }

@@ -3,12 +3,14 @@
 //!
 //! - `store`: one file per entry, atomic rename, checksummed (crash and corruption safety).
 //! - `index`: in-memory LRU/size/inactivity accounting over the files; eviction deletes files.
-//! - `fill`: one fill per key (cache lock) and the tee that writes a body while it streams to a client.
+//! - `fill`: one fill per key (cache lock), run at the upstream's pace, streamed to its first client.
+//! - `follow`: requests that arrive during a fill stream the body from the file being written.
 //!
 //! A lookup reads the file directly (its path derives from the key), so the cache serves at once after
 //! a restart while the index is still loading in the background.
 
 mod fill;
+mod follow;
 mod index;
 mod open;
 pub mod store;
@@ -20,6 +22,7 @@ use crate::metrics::CacheCounters;
 use crate::object::{Body, Meta, Object, Source};
 
 pub use fill::{FillGuard, Flight};
+pub use follow::{fill_failed_at, Joined};
 use index::Index;
 use store::{hash_key, EntryMeta, Loaded, Store, StoreError};
 

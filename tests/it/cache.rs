@@ -421,6 +421,15 @@ async fn disk_full_still_serves_the_client() {
         assert_eq!((st, xc.as_str()), (200, "MISS"));
         assert!(b == data, "full body despite the full disk");
     }
+    // Concurrent clients: followers streaming the fill when the disk fills up are resumed from the
+    // bucket, so every one of them still gets the whole body.
+    for (st, _, b) in burst(&proxy, KEY, 4).await {
+        assert_eq!(st, 200);
+        assert!(
+            b == data,
+            "full body for every concurrent client despite the full disk"
+        );
+    }
     let small = b"fits".to_vec();
     s3.put("media", "s/small.png", small.clone(), "image/png")
         .await;
@@ -571,7 +580,7 @@ async fn a_client_that_stops_reading_does_not_hold_the_fill() {
     let (st, xc, body) = get(&proxy, KEY).await;
     assert_eq!(st, 200);
     assert!(body == data, "follower got the right bytes");
-    assert_eq!(xc, "HIT", "the follower was served by the finished fill");
+    assert_eq!(xc, "HIT", "the follower was served from the fill");
     assert!(
         started.elapsed() < Duration::from_secs(20),
         "the follower waited {:?} behind a stalled client",
@@ -642,4 +651,86 @@ async fn last_read_survives_a_restart_for_inactive() {
     }
     assert_eq!(get(&proxy, "r/read.png").await.1, "HIT");
     assert_eq!(get(&proxy, "r/idle.png").await.1, "MISS");
+}
+
+/// `n` concurrent GETs of `key`; returns (status, X-Cache, body) for each.
+async fn burst(proxy: &Proxy, key: &str, n: usize) -> Vec<(u16, String, Vec<u8>)> {
+    let tasks: Vec<_> = (0..n)
+        .map(|_| {
+            let url = proxy.url(&format!("/{key}"));
+            tokio::spawn(async move {
+                let r = client().get(url).send().await.unwrap();
+                let xc = r.headers()["x-cache"].to_str().unwrap().to_string();
+                let st = r.status().as_u16();
+                (
+                    st,
+                    xc,
+                    r.bytes().await.map(|b| b.to_vec()).unwrap_or_default(),
+                )
+            })
+        })
+        .collect();
+    let mut out = Vec::new();
+    for t in tasks {
+        out.push(t.await.unwrap());
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn followers_stream_a_fill_longer_than_lock_timeout_with_one_upstream_get() {
+    // 3 MiB at 64 KiB per 20 ms: about a second, well past the 200 ms lock timeout. nginx's waiters
+    // would each go to the upstream after the timeout; here they stream the fill.
+    let body = pattern(3 << 20, 60);
+    let up = RawUpstream::start(Behaviour::Paced {
+        body: body.clone(),
+        chunk: 64 << 10,
+        pace: Duration::from_millis(20),
+        die_after: None,
+    })
+    .await;
+    let proxy = Proxy::start(&format!(
+        "[cache]\ndir = \"{{dir}}/cache\"\nlock_timeout = \"200ms\"\n\n{}",
+        up.http_upstream("slow")
+    ));
+    let results = burst(&proxy, "v/slow.mp4", 10).await;
+    for (st, _, b) in &results {
+        assert_eq!(*st, 200);
+        assert!(*b == body, "a client got different bytes");
+    }
+    let misses = results.iter().filter(|r| r.1 == "MISS").count();
+    assert_eq!(misses, 1, "one leader, nine followers served from the fill");
+    assert_eq!(
+        up.hits.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "one upstream GET"
+    );
+    assert_eq!(get(&proxy, "v/slow.mp4").await.1, "HIT");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_fill_that_dies_part_way_is_resumed_for_every_client() {
+    // The upstream's full GETs die after 1 MiB of 3 MiB; a ranged GET from there succeeds.
+    let body = pattern(3 << 20, 61);
+    let up = RawUpstream::start(Behaviour::Paced {
+        body: body.clone(),
+        chunk: 64 << 10,
+        pace: Duration::from_millis(20),
+        die_after: Some(1 << 20),
+    })
+    .await;
+    let proxy = Proxy::start(&format!(
+        "[cache]\ndir = \"{{dir}}/cache\"\n\n{}",
+        up.http_upstream("flaky")
+    ));
+    for (st, _, b) in burst(&proxy, "v/flaky.mp4", 5).await {
+        assert_eq!(st, 200);
+        assert_eq!(b.len(), body.len(), "a client was cut off");
+        assert!(b == body, "a resumed body differs");
+    }
+    assert!(
+        cache_files(&proxy.dir.path().join("cache")).is_empty(),
+        "a failed fill is never cached"
+    );
+    assert!(proxy.log().contains("the rest comes from the upstreams"));
 }

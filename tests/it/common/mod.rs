@@ -397,6 +397,14 @@ pub enum Behaviour {
     DieMidBody { len: usize, sent: usize },
     /// Accept and never answer.
     Silent,
+    /// A media server on a slow link: a GET gets `body` paced `chunk` bytes per `pace`, and dies after
+    /// `die_after` bytes when set; `Range: bytes=N-` gets the rest at once (206). One request per connection.
+    Paced {
+        body: Vec<u8>,
+        chunk: usize,
+        pace: Duration,
+        die_after: Option<usize>,
+    },
     /// A full response with these extra header lines.
     Respond {
         status: u16,
@@ -437,6 +445,39 @@ impl RawUpstream {
                             // dropped: the connection closes with the body incomplete
                         }
                         Behaviour::Silent => tokio::time::sleep(Duration::from_secs(120)).await,
+                        Behaviour::Paced {
+                            body,
+                            chunk,
+                            pace,
+                            die_after,
+                        } => {
+                            let head = String::from_utf8_lossy(&got).to_ascii_lowercase();
+                            let from = head
+                                .split("range: bytes=")
+                                .nth(1)
+                                .and_then(|r| r.split('-').next())
+                                .and_then(|n| n.parse::<usize>().ok());
+                            if let Some(from) = from {
+                                let head = format!(
+                                    "HTTP/1.1 206 Partial\r\nContent-Length: {}\r\nContent-Range: bytes {from}-{}/{}\r\nContent-Type: video/mp4\r\nConnection: close\r\n\r\n",
+                                    body.len() - from,
+                                    body.len() - 1,
+                                    body.len()
+                                );
+                                let _ = s.write_all(head.as_bytes()).await;
+                                let _ = s.write_all(&body[from..]).await;
+                                return;
+                            }
+                            let head = format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\nContent-Type: video/mp4\r\nConnection: close\r\n\r\n", body.len());
+                            let _ = s.write_all(head.as_bytes()).await;
+                            let stop = die_after.unwrap_or(body.len());
+                            for part in body[..stop].chunks(chunk) {
+                                if s.write_all(part).await.is_err() {
+                                    return;
+                                }
+                                tokio::time::sleep(pace).await;
+                            }
+                        }
                         Behaviour::Respond {
                             status,
                             headers,

@@ -8,9 +8,10 @@
 //! start deletes. The checksum is verified before a single byte is served, so a corrupt entry (bit rot,
 //! a torn write after power loss) is dropped and refetched instead of sent.
 //!
-//! Why not cacache: its read path parses an index bucket and verifies a SHA-256 on every hit; at
-//! 30–80 KB objects that alone costs more per hit than nginx spends on the whole request. Here a hit is
-//! open + one read + a hardware CRC32C, the same syscalls as a local file.
+//! Why not cacache: its read path parses an index bucket and verifies a SHA-256 on every hit. Measured
+//! (benches/store-vs-cacache, 10,000 entries of 30–80 KB, warm): 49 µs a read against 14–15 µs for this
+//! format, while nginx serves a whole cache hit in about 23 µs of CPU. Here a hit is open + one read + a
+//! hardware CRC32C, the same syscalls as a local file (and after the first, an `fstat` and a `pread`).
 
 use std::fs::{self, File};
 use std::io;

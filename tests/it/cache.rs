@@ -131,20 +131,10 @@ async fn fifty_concurrent_requests_cost_one_upstream_get() {
     let data = pattern(2_000_000, 23);
     s3.put("media", KEY, data.clone(), "video/mp4").await;
     let proxy = Proxy::start(&s3.s3_upstream("b", "media"));
-    let mut tasks = Vec::new();
-    for _ in 0..50 {
-        let url = proxy.url(&format!("/{KEY}"));
-        tasks.push(tokio::spawn(async move {
-            let r = client().get(url).send().await.unwrap();
-            let xc = r.headers()["x-cache"].to_str().unwrap().to_string();
-            (r.status().as_u16(), xc, r.bytes().await.unwrap())
-        }));
-    }
     let mut misses = 0;
-    for t in tasks {
-        let (st, xc, b) = t.await.unwrap();
+    for (st, xc, b) in burst(&proxy, KEY, 50).await {
         assert_eq!(st, 200);
-        assert_eq!(&b[..], &data[..]);
+        assert!(b == data, "a client got different bytes");
         misses += usize::from(xc == "MISS");
     }
     assert_eq!(s3.count("GET"), 1, "counted at the S3 server");

@@ -315,7 +315,7 @@ async fn run(
         if let (Some(w), Some(g)) = (writer.take(), guard.as_mut()) {
             match w
                 .seal(cache.store(), &entry)
-                .and_then(|sealed| cache.index.publish(g.hash, sealed))
+                .and_then(|sealed| cache.index.publish(g.hash, sealed, false))
             {
                 Ok(_) => g.status = Status::Done,
                 Err(e) => cache.write_failed(&entry.key, &e),

@@ -34,6 +34,30 @@ struct Slot {
 struct Inner {
     lru: LruCache<KeyHash, Slot>,
     bytes: u64,
+    /// Negative (404) entries stored by this process, oldest first, and their share of `bytes`: capped
+    /// at [`NEGATIVE_SHARE`] of `max_size`, so a flood of requests for random keys evicts its own 404s
+    /// instead of the media everyone reads.
+    negatives: LruCache<KeyHash, ()>,
+    negative_bytes: u64,
+}
+
+/// Negative entries may take at most 1/8 of `max_size`.
+const NEGATIVE_SHARE: u64 = 8;
+
+impl Inner {
+    /// Stops counting `hash` (its file is gone or about to be).
+    fn take(&mut self, hash: KeyHash) -> Option<Slot> {
+        let slot = self.lru.pop(&hash)?;
+        self.uncount(hash, slot);
+        Some(slot)
+    }
+
+    fn uncount(&mut self, hash: KeyHash, slot: Slot) {
+        self.bytes -= slot.size;
+        if self.negatives.pop(&hash).is_some() {
+            self.negative_bytes -= slot.size;
+        }
+    }
 }
 
 #[derive(Clone)]
@@ -52,6 +76,8 @@ impl Index {
             inner: Arc::new(Mutex::new(Inner {
                 lru: LruCache::unbounded(),
                 bytes: 0,
+                negatives: LruCache::unbounded(),
+                negative_bytes: 0,
             })),
             store,
             open: Arc::new(OpenFiles::new(open_files)),
@@ -163,9 +189,9 @@ impl Index {
 
     /// A new or replaced entry of `size` bytes on disk, already in place (tests; fills use `publish`).
     #[cfg(test)]
-    pub fn insert(&self, hash: KeyHash, size: u64) {
+    pub fn insert(&self, hash: KeyHash, size: u64, negative: bool) {
         let mut inner = self.lock();
-        let victims = self.insert_locked(&mut inner, hash, size);
+        let victims = self.insert_locked(&mut inner, hash, size, negative);
         drop(inner);
         self.delete(victims);
     }
@@ -173,30 +199,45 @@ impl Index {
     /// Makes a sealed entry visible and counts it, as one step under the index lock: an eviction or a
     /// `forget` of the same key cannot fall between the rename and the count, so it never deletes or
     /// un-counts the fresh file in place of the old one.
-    pub fn publish(&self, hash: KeyHash, sealed: store::Sealed) -> std::io::Result<u64> {
+    /// `negative`: a 404 entry (see [`NEGATIVE_SHARE`]).
+    pub fn publish(
+        &self,
+        hash: KeyHash,
+        sealed: store::Sealed,
+        negative: bool,
+    ) -> std::io::Result<u64> {
         let mut inner = self.lock();
         let size = sealed.publish()?;
-        let victims = self.insert_locked(&mut inner, hash, size);
+        let victims = self.insert_locked(&mut inner, hash, size, negative);
         drop(inner);
         self.delete(victims);
         Ok(size)
     }
 
-    fn insert_locked(&self, inner: &mut Inner, hash: KeyHash, size: u64) -> Vec<KeyHash> {
+    fn insert_locked(
+        &self,
+        inner: &mut Inner,
+        hash: KeyHash,
+        size: u64,
+        negative: bool,
+    ) -> Vec<KeyHash> {
         let size = on_disk(size);
         let now = store::unix_now();
-        if let Some((_, old)) = inner.lru.push(
+        // The file was replaced by the rename: the old entry's count goes.
+        inner.take(hash);
+        inner.lru.push(
             hash,
             Slot {
                 size,
                 last_read: now,
                 verified: 0,
             },
-        ) {
-            // `push` returns the replaced value for the same key (its file was replaced by the rename).
-            inner.bytes -= old.size;
-        }
+        );
         inner.bytes += size;
+        if negative {
+            inner.negatives.push(hash, ());
+            inner.negative_bytes += size;
+        }
         self.open.drop_entry(hash);
         self.victims(inner, now)
     }
@@ -206,9 +247,7 @@ impl Index {
         let mut inner = self.lock();
         let path = self.store.path(hash);
         if std::fs::metadata(&path).is_ok_and(|md| md.ino() == ino) {
-            if let Some(slot) = inner.lru.pop(&hash) {
-                inner.bytes -= slot.size;
-            }
+            inner.take(hash);
             self.store.remove(hash);
         }
         drop(inner);
@@ -220,9 +259,7 @@ impl Index {
     pub fn forget(&self, hash: KeyHash) {
         let mut inner = self.lock();
         if !self.store.path(hash).exists() {
-            if let Some(slot) = inner.lru.pop(&hash) {
-                inner.bytes -= slot.size;
-            }
+            inner.take(hash);
         }
         drop(inner);
         self.open.drop_entry(hash);
@@ -235,9 +272,17 @@ impl Index {
         self.delete(victims);
     }
 
-    /// Pops from the cold end while over `max_size` or idle past `inactive`.
+    /// The oldest negative entries while they take more than their share; then from the cold end while
+    /// over `max_size` or idle past `inactive`.
     fn victims(&self, inner: &mut Inner, now: u64) -> Vec<KeyHash> {
         let mut out = Vec::new();
+        while inner.negative_bytes > self.max_size / NEGATIVE_SHARE {
+            let Some((hash, ())) = inner.negatives.peek_lru().map(|(h, u)| (*h, *u)) else {
+                break;
+            };
+            inner.take(hash);
+            out.push(hash);
+        }
         while let Some((_, slot)) = inner.lru.peek_lru() {
             let idle = now.saturating_sub(slot.last_read) > self.inactive;
             if inner.bytes <= self.max_size && !idle {
@@ -246,7 +291,7 @@ impl Index {
             let Some((hash, slot)) = inner.lru.pop_lru() else {
                 break;
             };
-            inner.bytes -= slot.size;
+            inner.uncount(hash, slot);
             out.push(hash);
         }
         out

@@ -184,7 +184,7 @@ impl Cache {
             .store
             .writer()
             .and_then(|w| w.seal(&self.store, &meta))
-            .and_then(|sealed| self.index.publish(hash_key(key), sealed));
+            .and_then(|sealed| self.index.publish(hash_key(key), sealed, true));
         if let Err(e) = result {
             self.write_failed(key, &e);
         }

@@ -23,12 +23,12 @@ fn evicts_least_recently_used_beyond_max_size() {
     let index = Index::new(store.clone(), 10_000, Duration::from_secs(3600), 16);
     // Each entry takes one 4 KiB block: two fit under 10,000 bytes, a third evicts one.
     let a = entry(&store, "a", 4000);
-    index.insert(a, 4000);
+    index.insert(a, 4000, false);
     let b = entry(&store, "b", 4000);
-    index.insert(b, 4000);
+    index.insert(b, 4000, false);
     index.touch(a, 4000, None); // a is now more recent than b
     let c = entry(&store, "c", 4000);
-    index.insert(c, 4000);
+    index.insert(c, 4000, false);
     assert!(store.path(a).exists(), "recently read survives");
     assert!(!store.path(b).exists(), "least recently used is evicted");
     assert!(store.path(c).exists());
@@ -41,7 +41,7 @@ fn an_entry_published_again_after_being_chosen_for_eviction_is_kept() {
     let store = Store::open(dir.path()).unwrap();
     let index = Index::new(store.clone(), 1 << 20, Duration::from_secs(3600), 16);
     let a = entry(&store, "a", 100);
-    index.insert(a, 100);
+    index.insert(a, 100, false);
     // An eviction picks `a` (idle, seen from two hours on)...
     let victims = index.victims(&mut index.lock(), store::unix_now() + 7200);
     assert_eq!(victims, vec![a]);
@@ -57,7 +57,9 @@ fn an_entry_published_again_after_being_chosen_for_eviction_is_kept() {
         last_modified: None,
         stored_at_ms: store::unix_now_ms(),
     };
-    index.publish(a, w.seal(&store, &meta).unwrap()).unwrap();
+    index
+        .publish(a, w.seal(&store, &meta).unwrap(), false)
+        .unwrap();
     index.delete(victims);
     assert!(store.path(a).exists(), "the fresh entry survives");
     assert_eq!(index.usage().1, 1, "and is counted");
@@ -74,7 +76,7 @@ fn drops_inactive_entries_and_reloads_from_disk() {
     let old = entry(&store, "old", 10);
     index.admit_cold(old, 100, store::unix_now() - 7200);
     let fresh = entry(&store, "fresh", 10);
-    index.insert(fresh, 100);
+    index.insert(fresh, 100, false);
     assert!(!store.path(old).exists(), "idle past `inactive`");
     assert!(store.path(fresh).exists());
 
@@ -118,4 +120,33 @@ fn restart_drops_entries_idle_past_inactive_whatever_the_directory_order() {
         std::thread::sleep(Duration::from_millis(10));
     }
     assert!(old.iter().all(|h| !store.path(*h).exists()));
+}
+
+#[test]
+fn a_flood_of_404s_evicts_its_own_entries_not_media() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    // 80 blocks in all; negative entries may take 10 of them.
+    let index = Index::new(store.clone(), 80 * 4096, Duration::from_secs(3600), 16);
+    let media: Vec<_> = (0..40)
+        .map(|i| {
+            let h = entry(&store, &format!("media{i}"), 4000);
+            index.insert(h, 4000, false);
+            h
+        })
+        .collect();
+    for i in 0..1000 {
+        let h = entry(&store, &format!("random{i}"), 0);
+        index.insert(h, 0, true);
+    }
+    assert!(
+        media.iter().all(|h| store.path(*h).exists()),
+        "media survives the flood"
+    );
+    let (bytes, entries) = index.usage();
+    assert_eq!(entries, 40 + 10, "ten negative entries left");
+    assert_eq!(bytes, 50 * 4096);
+    // The newest 404s are the ones kept.
+    assert!(store.path(store::hash_key("random999")).exists());
+    assert!(!store.path(store::hash_key("random0")).exists());
 }

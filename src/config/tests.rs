@@ -50,7 +50,16 @@ fn secrets_are_hidden_from_debug() {
 
 #[test]
 fn errors_name_keys() {
-    assert!(err("[cache]\nttl_error = \"5 fortnights\"\n").contains("`ttl_error`"));
+    assert!(err("[cache]\nttl_error = \"5 fortnights\"\n").contains("`cache.ttl_error`"));
+    assert!(err("[cache]\nopen_files = -1\n").contains("`cache.open_files`"));
+    assert!(
+        err("[server]\nlisten = [\"127.0.0.1:1\"]\n[server.tls]\ncert = 5\n")
+            .contains("`server.tls.cert`")
+    );
+    assert!(err(
+        "[[upstream]]\nname = \"a\"\ntype = \"http\"\nurl = \"http://x\"\n[[upstream]]\nname = \"b\"\nnope = 1\n"
+    )
+    .contains("`upstream[2].nope`"));
     assert!(err("[local]\nroot = []\n").contains("`root`"));
     assert!(err("[[upstream]]\nname = \"x\"\n").contains("upstream[1].type"));
     assert!(

@@ -25,7 +25,38 @@ pub(super) fn toml_error(text: &str, e: &toml::de::Error) -> ConfigError {
             (!k.is_empty() && !k.starts_with('[')).then(|| k.to_string())
         })
         .unwrap_or_else(|| "(syntax)".into());
+    let key = match (key.as_str(), line.and_then(|l| table_at(text, l))) {
+        ("(syntax)", _) | (_, None) => key,
+        (_, Some(table)) => format!("{table}.{key}"),
+    };
     ConfigError::invalid(key, line, msg)
+}
+
+/// The table that line `line` (1-based) belongs to, as the other errors name it: `cache`,
+/// `server.tls`, `upstream[2]` (the second `[[upstream]]`).
+fn table_at(text: &str, line: usize) -> Option<String> {
+    let lines: Vec<&str> = text.lines().take(line).collect();
+    let (at, header) = lines
+        .iter()
+        .enumerate()
+        .rev()
+        .find_map(|(i, l)| l.trim_start().starts_with('[').then_some((i, l.trim())))?;
+    let header = header.split('#').next().unwrap_or(header).trim();
+    if let Some(name) = header.strip_prefix("[[").and_then(|h| h.strip_suffix("]]")) {
+        let name = name.trim();
+        let nth = lines[..=at]
+            .iter()
+            .filter(|l| {
+                l.trim()
+                    .strip_prefix("[[")
+                    .and_then(|h| h.split("]]").next())
+                    .is_some_and(|h| h.trim() == name)
+            })
+            .count();
+        return Some(format!("{name}[{nth}]"));
+    }
+    let name = header.strip_prefix('[')?.split(']').next()?.trim();
+    Some(name.to_string())
 }
 
 pub(super) fn validate_server(s: FileServer) -> Result<Server, ConfigError> {

@@ -313,71 +313,6 @@ fn relative_path(hash: KeyHash) -> RelPath {
     RelPath(out)
 }
 
-struct Trailer {
-    meta: EntryMeta,
-    meta_bytes: Bytes,
-    crc: u32,
-    body_len: u64,
-    covers_meta: bool,
-}
-
-impl Trailer {
-    /// The entry's checksum, given the CRC of its body.
-    fn checksum(&self, body_crc: u32) -> u32 {
-        if self.covers_meta {
-            crc32c::crc32c_append(body_crc, &self.meta_bytes)
-        } else {
-            body_crc
-        }
-    }
-}
-
-/// `buf` holds at least the trailer at its end; for small entries it is the whole file.
-fn parse_trailer(buf: &[u8], size: u64, file: &File) -> Result<Trailer, StoreError> {
-    let t = &buf[buf.len() - TRAILER as usize..];
-    let covers_meta = match &t[8..16] {
-        m if m == MAGIC => true,
-        m if m == MAGIC_V1 => false,
-        _ => return Err(StoreError::Corrupt("bad magic")),
-    };
-    let meta_len = u32::from_le_bytes(t[0..4].try_into().expect("4 bytes")) as u64;
-    // Our metadata is a few hundred bytes; a corrupt length must not become a huge allocation.
-    if meta_len > 64 * 1024 {
-        return Err(StoreError::Corrupt("metadata length out of range"));
-    }
-    let crc = u32::from_le_bytes(t[4..8].try_into().expect("4 bytes"));
-    let body_len = size
-        .checked_sub(TRAILER + meta_len)
-        .ok_or(StoreError::Corrupt("metadata longer than the file"))?;
-    let meta_bytes = if buf.len() as u64 == size {
-        Bytes::copy_from_slice(&buf[body_len as usize..(body_len + meta_len) as usize])
-    } else {
-        read_at(file, body_len, meta_len as usize)?
-    };
-    let meta: EntryMeta = serde_json::from_slice(&meta_bytes)
-        .map_err(|_| StoreError::Corrupt("unreadable metadata"))?;
-    if meta.len != body_len {
-        return Err(StoreError::Corrupt("length mismatch"));
-    }
-    Ok(Trailer {
-        meta,
-        meta_bytes,
-        crc,
-        body_len,
-        covers_meta,
-    })
-}
-
-/// Two keys sharing a 128-bit hash prefix is practically impossible, but a file must never be served
-/// for a key it was not written for.
-fn check_key(meta: &EntryMeta, key: &str) -> Result<(), StoreError> {
-    if meta.key == key {
-        Ok(())
-    } else {
-        Err(StoreError::Corrupt("entry belongs to another key"))
-    }
-}
-
 fn rand_u128() -> u128 {
     use std::hash::{BuildHasher, Hasher};
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
@@ -429,7 +364,9 @@ pub fn walk(
     Ok(())
 }
 
+mod trailer;
 mod writer;
+use trailer::{check_key, parse_trailer};
 pub use writer::{EntryWriter, Sealed};
 
 #[cfg(test)]

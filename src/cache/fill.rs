@@ -139,15 +139,7 @@ impl FillGuard {
                 }
             }
         };
-        let entry = EntryMeta {
-            key: self.key.clone(),
-            status: 200,
-            len,
-            content_type: meta.content_type.clone(),
-            etag: meta.etag.clone(),
-            last_modified: meta.last_modified.map(store::to_unix),
-            stored_at_ms: store::unix_now_ms(),
-        };
+        let entry = self.entry_meta(&meta, len);
         self.share_body(&meta, &file);
         let (tx, rx) = mpsc::channel(CLIENT_QUEUE);
         let ended = Arc::new(Mutex::new(Ended::Running));
@@ -180,16 +172,20 @@ impl FillGuard {
             return;
         };
         self.share_body(&meta, &file);
-        let entry = EntryMeta {
+        let entry = self.entry_meta(&meta, len);
+        run(self, stream, writer, entry, None, Arc::default()).await;
+    }
+
+    fn entry_meta(&self, meta: &Meta, len: u64) -> EntryMeta {
+        EntryMeta {
             key: self.key.clone(),
             status: 200,
             len,
-            content_type: meta.content_type,
-            etag: meta.etag,
+            content_type: meta.content_type.clone(),
+            etag: meta.etag.clone(),
             last_modified: meta.last_modified.map(store::to_unix),
             stored_at_ms: store::unix_now_ms(),
-        };
-        run(self, stream, writer, entry, None, Arc::default()).await;
+        }
     }
 
     /// Lets followers stream the body from the file as it is written.

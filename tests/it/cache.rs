@@ -424,14 +424,7 @@ async fn disk_full_still_serves_the_client() {
     s3.put("media", "s/small.png", small.clone(), "image/png")
         .await;
     assert_eq!(get(&proxy, "s/small.png").await.2, small);
-    let m = client()
-        .get(format!("http://127.0.0.1:{admin}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let m = metrics(admin).await;
     let line = m
         .lines()
         .find(|l| l.starts_with("mediaproxy_cache_write_errors_total"))
@@ -527,14 +520,7 @@ async fn metrics_show_cache_size_entries_and_open_files() {
     }
     assert_eq!(get(&proxy, "g/0.png").await.1, "HIT");
     assert_eq!(get(&proxy, "g/missing.png").await.0, 404);
-    let m = client()
-        .get(format!("http://127.0.0.1:{admin}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let m = metrics(admin).await;
     // Three 5,000-byte objects (two 4 KiB blocks each with their metadata) and one negative entry (one
     // block); one entry was read as a hit, so one descriptor is kept.
     for line in [
@@ -667,18 +653,23 @@ async fn burst(proxy: &Proxy, key: &str, n: usize) -> Vec<(u16, String, Vec<u8>)
     out
 }
 
+/// A slow upstream for `body`: 64 KiB every 20 ms; a full GET dies after `die_after` bytes when set.
+async fn paced(body: &[u8], die_after: Option<usize>) -> RawUpstream {
+    RawUpstream::start(Behaviour::Paced {
+        body: body.to_vec(),
+        chunk: 64 << 10,
+        pace: Duration::from_millis(20),
+        die_after,
+    })
+    .await
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn followers_stream_a_fill_longer_than_lock_timeout_with_one_upstream_get() {
     // 3 MiB at 64 KiB per 20 ms: about a second, well past the 200 ms lock timeout. nginx's waiters
     // would each go to the upstream after the timeout; here they stream the fill.
     let body = pattern(3 << 20, 60);
-    let up = RawUpstream::start(Behaviour::Paced {
-        body: body.clone(),
-        chunk: 64 << 10,
-        pace: Duration::from_millis(20),
-        die_after: None,
-    })
-    .await;
+    let up = paced(&body, None).await;
     let proxy = Proxy::start(&format!(
         "[cache]\ndir = \"{{dir}}/cache\"\nlock_timeout = \"200ms\"\n\n{}",
         up.http_upstream("slow")
@@ -702,13 +693,7 @@ async fn followers_stream_a_fill_longer_than_lock_timeout_with_one_upstream_get(
 async fn a_fill_that_dies_part_way_is_resumed_for_every_client() {
     // The upstream's full GETs die after 1 MiB of 3 MiB; a ranged GET from there succeeds.
     let body = pattern(3 << 20, 61);
-    let up = RawUpstream::start(Behaviour::Paced {
-        body: body.clone(),
-        chunk: 64 << 10,
-        pace: Duration::from_millis(20),
-        die_after: Some(1 << 20),
-    })
-    .await;
+    let up = paced(&body, Some(1 << 20)).await;
     let proxy = Proxy::start(&format!(
         "[cache]\ndir = \"{{dir}}/cache\"\n\n{}",
         up.http_upstream("flaky")

@@ -208,14 +208,7 @@ async fn admin_listener_serves_health_and_metrics() {
         .await
         .unwrap();
     assert_eq!(h.status(), 200);
-    let m = client()
-        .get(format!("http://127.0.0.1:{admin_port}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let m = metrics(admin_port).await;
     assert!(
         m.contains("mediaproxy_requests_total{status=\"200\",x_cache=\"LOCAL\"} 1"),
         "{m}"

@@ -205,6 +205,18 @@ pub fn client() -> reqwest::Client {
 }
 
 /// A port nothing listens on (bound, then released).
+/// The Prometheus text served on the admin listener at `port`.
+pub async fn metrics(port: u16) -> String {
+    client()
+        .get(format!("http://127.0.0.1:{port}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
 pub fn closed_port() -> u16 {
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     l.local_addr().unwrap().port()

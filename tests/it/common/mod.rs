@@ -204,7 +204,6 @@ pub fn client() -> reqwest::Client {
         .unwrap()
 }
 
-/// A port nothing listens on (bound, then released).
 /// The Prometheus text served on the admin listener at `port`.
 pub async fn metrics(port: u16) -> String {
     client()
@@ -217,6 +216,7 @@ pub async fn metrics(port: u16) -> String {
         .unwrap()
 }
 
+/// A port nothing listens on (bound, then released).
 pub fn closed_port() -> u16 {
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     l.local_addr().unwrap().port()

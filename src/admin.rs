@@ -42,7 +42,9 @@ fn answer<B>(metrics: &Metrics, cache: &Cache, req: &Request<B>) -> Response<Ful
         (&Method::GET, "/metrics") => {
             // Gauges are read when scraped rather than kept up to date on every hit.
             let (bytes, entries) = cache.usage();
-            metrics.cache.set_usage(bytes, entries, cache.open_files());
+            metrics
+                .cache
+                .set_usage(bytes, entries, cache.open_files(), cache.tombstone_count());
             (
                 StatusCode::OK,
                 "application/openmetrics-text; version=1.0.0; charset=utf-8",

@@ -90,6 +90,18 @@ pub struct Server {
     /// A response write that makes no progress for this long closes the connection (nginx's send_timeout).
     pub send_timeout: Duration,
     pub shutdown_timeout: Duration,
+    /// Key prefixes served (each ending in `/`; an empty string allows every key). Anything else is 404
+    /// from every source, so private objects in the same bucket (user archives) never leak.
+    pub allow_prefixes: Vec<String>,
+    pub cache_buster: Option<CacheBuster>,
+}
+
+/// Mastodon's `CACHE_BUSTER_SECRET_HEADER` and `CACHE_BUSTER_SECRET`: a request carrying both purges
+/// and tombstones its key.
+#[derive(Debug, Clone)]
+pub struct CacheBuster {
+    pub header: http::HeaderName,
+    pub secret: Secret,
 }
 
 #[derive(Debug, Clone)]
@@ -115,6 +127,8 @@ pub struct Cache {
     /// Small entries whose descriptor (and parsed metadata) stay open between hits, like nginx's
     /// `open_file_cache`: a hit on one costs an `fstat` and a `pread` instead of a path walk. 0: none.
     pub open_files: usize,
+    /// How long a key Mastodon busted is asked only of the upstream it writes to (a migration window).
+    pub tombstone_ttl: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -141,7 +155,18 @@ pub enum UpstreamKind {
         region: String,
         path_style: bool,
         credentials: Option<(String, Secret)>,
+        reads: Reads,
     },
+}
+
+/// How an `s3` upstream reads (writes are always signed).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reads {
+    /// Signed GET/HEAD: sees every object, private ones included (a bucket with no public access).
+    Signed,
+    /// Unsigned GET/HEAD: the bucket's ACLs decide, as for any browser, so what Mastodon made private
+    /// (suspended accounts, user archives) stays private.
+    Anonymous,
 }
 
 impl UpstreamKind {
@@ -177,7 +202,7 @@ impl Config {
         let file: FileConfig = toml::from_str(text).map_err(|e| toml_error(text, &e))?;
         let line_of = |offset: usize| Some(text[..offset.min(text.len())].lines().count().max(1));
 
-        let server = validate_server(file.server)?;
+        let server = validate_server(file.server, base)?;
         if file.local.roots.iter().any(|r| r.as_os_str().is_empty()) {
             return Err(ConfigError::invalid(
                 "local.roots",
@@ -193,6 +218,7 @@ impl Config {
             ttl_error: file.cache.ttl_error.0,
             lock_timeout: file.cache.lock_timeout.0,
             open_files: file.cache.open_files,
+            tombstone_ttl: file.cache.tombstone_ttl.0,
         };
 
         let mut upstreams: Vec<UpstreamConfig> = Vec::new();

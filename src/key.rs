@@ -20,6 +20,17 @@ impl Key {
     pub fn as_str(&self) -> &str {
         &self.0
     }
+
+    /// Whether `server.allow_prefixes` lets this key be served: it starts with one of `prefixes` (each
+    /// ending in `/`; an empty one allows everything), directly or under Mastodon's `cache/` (remote
+    /// media). Mastodon keeps private objects in the same bucket (`backups/`, `imports/`), so what is
+    /// not listed is never served, from any source.
+    pub fn is_allowed(&self, prefixes: &[String]) -> bool {
+        let rest = self.0.strip_prefix("cache/").unwrap_or(&self.0);
+        prefixes
+            .iter()
+            .any(|p| self.0.starts_with(p.as_str()) || rest.starts_with(p.as_str()))
+    }
 }
 
 impl fmt::Display for Key {

@@ -14,6 +14,11 @@ struct RequestLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabel {
+    result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct UpstreamLabels {
     upstream: String,
     result: String,
@@ -27,14 +32,16 @@ pub struct CacheCounters {
     bytes: Gauge,
     entries: Gauge,
     open_files: Gauge,
+    tombstones: Gauge,
 }
 
 impl CacheCounters {
-    pub fn set_usage(&self, bytes: u64, entries: u64, open_files: usize) {
+    pub fn set_usage(&self, bytes: u64, entries: u64, open_files: usize, tombstones: usize) {
         let clamp = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
         self.bytes.set(clamp(bytes));
         self.entries.set(clamp(entries));
         self.open_files.set(clamp(open_files as u64));
+        self.tombstones.set(clamp(tombstones as u64));
     }
 }
 
@@ -43,6 +50,7 @@ pub struct Metrics {
     pub cache: CacheCounters,
     requests: Family<RequestLabels, Counter>,
     upstream: Family<UpstreamLabels, Counter>,
+    busts: Family<ResultLabel, Counter>,
 }
 
 impl Default for Metrics {
@@ -65,6 +73,12 @@ impl Metrics {
             "upstream_requests",
             "Questions asked of each upstream, by result (found, not_found, error)",
             upstream.clone(),
+        );
+        let busts = Family::<ResultLabel, Counter>::default();
+        registry.register(
+            "cache_busts",
+            "Mastodon cache-buster requests: ok (purged and tombstoned), refused (wrong secret: served as a read), error (tombstone not saved)",
+            busts.clone(),
         );
         let cache = CacheCounters::default();
         registry.register(
@@ -92,11 +106,17 @@ impl Metrics {
             "Small cache entries whose descriptor is kept open between hits (cache.open_files)",
             cache.open_files.clone(),
         );
+        registry.register(
+            "tombstones",
+            "Keys Mastodon busted within cache.tombstone_ttl: asked only of the write upstream, never copied",
+            cache.tombstones.clone(),
+        );
         Metrics {
             registry,
             cache,
             requests,
             upstream,
+            busts,
         }
     }
 
@@ -124,6 +144,10 @@ impl Metrics {
                 result: result.to_string(),
             })
             .inc();
+    }
+
+    pub fn bust(&self, result: &'static str) {
+        self.busts.get_or_create(&ResultLabel { result }).inc();
     }
 
     pub fn encode(&self) -> String {

@@ -1,6 +1,10 @@
-//! One request, top to bottom: method → key → sources (via `resolve`) → one responder.
+//! One request, top to bottom: Mastodon's cache buster → method → key → allowed prefixes → sources (via
+//! `resolve`) → one responder.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+
+use subtle::ConstantTimeEq;
 
 use http::{Method, Request, Response, StatusCode};
 
@@ -18,6 +22,9 @@ pub async fn handle<B>(rt: Arc<Runtime>, req: Request<B>) -> Response<ResponseBo
 }
 
 async fn answer<B>(rt: &Arc<Runtime>, req: &Request<B>) -> Response<ResponseBody> {
+    if let Some(resp) = cache_buster(rt, req).await {
+        return resp;
+    }
     let method = match *req.method() {
         Method::GET => upstream::Method::Get,
         Method::HEAD => upstream::Method::Head,
@@ -34,6 +41,11 @@ async fn answer<B>(rt: &Arc<Runtime>, req: &Request<B>) -> Response<ResponseBody
             );
         }
     };
+    if !key.is_allowed(&rt.config.server.allow_prefixes) {
+        // Before any source is asked: a user archive in the same bucket must not even cost a GET.
+        tracing::debug!(%key, "key outside server.allow_prefixes");
+        return respond::error(StatusCode::NOT_FOUND);
+    }
     let range = match method {
         upstream::Method::Get => respond::forwardable_range(req.headers()),
         upstream::Method::Head => None,
@@ -57,5 +69,60 @@ async fn answer<B>(rt: &Arc<Runtime>, req: &Request<B>) -> Response<ResponseBody
             resp
         }
         Outcome::Failed => respond::error(StatusCode::BAD_GATEWAY),
+    }
+}
+
+/// Mastodon's cache buster (`CACHE_BUSTER_ENABLED`): a GET or PURGE carrying the configured header with
+/// the right secret purges and tombstones the key. `None`: not a bust, serve the request as usual (a
+/// wrong or missing secret included, so no client without it can hide media).
+async fn cache_buster<B>(rt: &Runtime, req: &Request<B>) -> Option<Response<ResponseBody>> {
+    let buster = rt.config.server.cache_buster.as_ref()?;
+    if !(req.method() == Method::GET || req.method().as_str() == "PURGE") {
+        return None;
+    }
+    let given = req.headers().get(&buster.header)?;
+    if !bool::from(given.as_bytes().ct_eq(buster.secret.expose().as_bytes())) {
+        rt.metrics.bust("refused");
+        warn_refused_bust();
+        return None;
+    }
+    let key = match key::parse(req.uri().path(), &rt.config.server.path_prefix) {
+        Ok(key) => key,
+        Err(e) => {
+            return Some(respond::error(
+                StatusCode::from_u16(e.status()).unwrap_or(StatusCode::BAD_REQUEST),
+            ))
+        }
+    };
+    match rt
+        .cache
+        .bust(key.as_str(), rt.config.cache.tombstone_ttl)
+        .await
+    {
+        Ok(()) => {
+            rt.metrics.bust("ok");
+            tracing::info!(%key, "busted by Mastodon: purged, asked only of the write upstream from now on");
+            Some(respond::done())
+        }
+        Err(e) => {
+            rt.metrics.bust("error");
+            tracing::error!(%key, error = %e, "bust purged the cache, but its tombstone could not be saved: it lasts until restart");
+            Some(respond::error(StatusCode::INTERNAL_SERVER_ERROR))
+        }
+    }
+}
+
+/// A wrong secret is most likely Mastodon's and the admin's config disagreeing, which silently turns
+/// every bust into a plain read: say so, at most once a minute (anyone can send the header).
+fn warn_refused_bust() {
+    static LAST: AtomicU64 = AtomicU64::new(0);
+    let now = crate::cache::store::unix_now();
+    let last = LAST.load(Ordering::Relaxed);
+    if now >= last + 60
+        && LAST
+            .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+    {
+        tracing::warn!("a request carried the cache buster header with a wrong secret and was served as a read; if it came from Mastodon, CACHE_BUSTER_SECRET and server.cache_buster_secret_file differ");
     }
 }

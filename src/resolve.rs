@@ -215,7 +215,7 @@ enum Asked {
 
 async fn ask(rt: &Runtime, key: &Key, method: Method, range: Option<&HeaderValue>) -> Asked {
     let mut failed = false;
-    for up in &rt.upstreams {
+    for up in rt.chain(key) {
         match up.fetch(method, key, range).await {
             Ok(Fetched::Found(obj)) => {
                 rt.metrics.upstream_result(&up.name, "found");

@@ -145,6 +145,14 @@ pub fn error(status: StatusCode) -> Response<ResponseBody> {
     )
 }
 
+/// The answer to a cache bust: done, nothing to show or to cache.
+pub fn done() -> Response<ResponseBody> {
+    let mut h = HeaderMap::new();
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    h.insert(header::CONTENT_LENGTH, HeaderValue::from(0));
+    response(StatusCode::OK, h, empty())
+}
+
 /// CORS preflight: media is fetched cross-origin by web clients (Mastodon's own UI on another host).
 pub fn preflight() -> Response<ResponseBody> {
     let mut h = HeaderMap::new();

@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use crate::cache::{Cache, Policy};
 use crate::config::Config;
+use crate::key::Key;
 use crate::local::Roots;
 use crate::metrics::Metrics;
 use crate::upstream::{Upstream, UpstreamError};
@@ -16,6 +17,9 @@ pub struct Runtime {
     pub roots: Roots,
     /// In config order: the first one that has a key serves it.
     pub upstreams: Vec<Upstream>,
+    /// Where Mastodon writes (and deletes): the `copy_missing` upstream, else the first. A tombstoned
+    /// key is asked of this one only.
+    pub write_upstream: usize,
     /// Shared across reloads so counters keep counting.
     pub metrics: Arc<Metrics>,
     /// Opened once per process and shared across reloads (fills in flight, the index).
@@ -48,13 +52,33 @@ impl Runtime {
         for u in config.upstreams.iter().filter(|u| u.copy_missing) {
             tracing::warn!(upstream = %u.name, "copy_missing is set, but this release does not copy objects between upstreams yet; it only serves them");
         }
+        let write_upstream = config
+            .upstreams
+            .iter()
+            .position(|u| u.copy_missing)
+            .unwrap_or(0);
         Ok(Runtime {
+            write_upstream,
             roots: Roots::new(&config.local.roots),
             config,
             upstreams,
             metrics,
             cache,
         })
+    }
+
+    /// The upstreams to ask for `key`, in order: all of them, or only the write upstream while Mastodon's
+    /// bust of the key stands (an older bucket may still hold what Mastodon deleted or hid).
+    pub fn chain(&self, key: &Key) -> &[Upstream] {
+        if self.upstreams.len() > 1
+            && self
+                .cache
+                .tombstoned(key.as_str(), self.config.cache.tombstone_ttl)
+        {
+            let w = self.write_upstream;
+            return &self.upstreams[w..=w];
+        }
+        &self.upstreams
     }
 
     pub fn policy(&self) -> Policy {

@@ -54,6 +54,7 @@ pub async fn run(config: Config, config_path: Option<PathBuf>) -> Result<(), Ser
         config.cache.max_size,
         config.cache.inactive,
         open_files_within_limit(config.cache.open_files),
+        config.cache.tombstone_ttl,
         metrics.cache.clone(),
     )?;
     let cache_cfg = config.cache.clone();

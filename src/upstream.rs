@@ -14,7 +14,7 @@ use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
 use rusty_s3::{Bucket, Credentials, S3Action, UrlStyle};
 use url::Url;
 
-use crate::config::{UpstreamConfig, UpstreamKind};
+use crate::config::{Reads, UpstreamConfig, UpstreamKind};
 use crate::key::Key;
 use crate::object::{Body, Meta, Object, Source};
 
@@ -74,6 +74,7 @@ enum Kind {
     S3 {
         bucket: Bucket,
         credentials: Option<Credentials>,
+        reads: Reads,
     },
 }
 
@@ -104,6 +105,7 @@ impl Upstream {
                 region,
                 path_style,
                 credentials,
+                reads,
             } => {
                 let style = if *path_style {
                     UrlStyle::Path
@@ -118,6 +120,7 @@ impl Upstream {
                 Kind::S3 {
                     bucket,
                     credentials,
+                    reads: *reads,
                 }
             }
         };
@@ -149,14 +152,18 @@ impl Upstream {
             Kind::S3 {
                 bucket,
                 credentials,
-            } => match method {
-                Method::Get => bucket
-                    .get_object(credentials.as_ref(), &object)
-                    .sign(SIGN_TTL),
-                Method::Head => bucket
-                    .head_object(credentials.as_ref(), &object)
-                    .sign(SIGN_TTL),
-            },
+                reads,
+            } => {
+                // Unsigned, the bucket answers as it would a browser: private objects stay private.
+                let credentials = match reads {
+                    Reads::Signed => credentials.as_ref(),
+                    Reads::Anonymous => None,
+                };
+                match method {
+                    Method::Get => bucket.get_object(credentials, &object).sign(SIGN_TTL),
+                    Method::Head => bucket.head_object(credentials, &object).sign(SIGN_TTL),
+                }
+            }
         }
     }
 
@@ -211,15 +218,23 @@ impl Upstream {
         }
     }
 
-    /// A public bucket answers 403 for a key it lacks, and so does S3 for a signed request without
-    /// `s3:ListBucket`; but a bad signature is a broken upstream, not a missing object.
+    /// A public bucket answers 403 for a key it lacks or an object whose ACL is private (what nginx's
+    /// anonymous `proxy_pass` gets too), and so does S3 for a signed request without `s3:ListBucket`;
+    /// but a bad signature is a broken upstream, not a missing object.
     async fn forbidden(
         &self,
         method: Method,
         key: &Key,
         resp: reqwest::Response,
     ) -> Result<Fetched, UpstreamError> {
-        if matches!(self.kind, Kind::Http { .. }) {
+        if matches!(
+            self.kind,
+            Kind::Http { .. }
+                | Kind::S3 {
+                    reads: Reads::Anonymous,
+                    ..
+                }
+        ) {
             return Ok(Fetched::NotFound);
         }
         let resp = match method {

@@ -19,6 +19,7 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::io;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -60,6 +61,9 @@ pub(super) struct Progress {
 pub(super) struct Shared {
     pub progress: watch::Sender<Progress>,
     pub body: OnceLock<Growing>,
+    /// Mastodon busted the key while this fill ran: what it fetched must not become an entry.
+    /// Read and written under the `Flights` lock.
+    voided: AtomicBool,
 }
 
 /// The entry being written, as a follower reads it.
@@ -94,6 +98,7 @@ impl Flights {
                 streaming: false,
             }),
             body: OnceLock::new(),
+            voided: AtomicBool::new(false),
         });
         running.insert(hash, shared.clone());
         Flight::Leader(FillGuard {
@@ -103,6 +108,24 @@ impl Flights {
             shared,
             status: Status::Failed,
         })
+    }
+}
+
+impl Flights {
+    /// The fill running for `hash` (if any) will not be stored, and later requests do not join it: they
+    /// start a new one under the rules in force after the bust.
+    pub fn void(&self, hash: KeyHash) {
+        let mut running = self.running.lock().expect("flights lock");
+        if let Some(shared) = running.remove(&hash) {
+            shared.voided.store(true, Ordering::Relaxed);
+        }
+    }
+
+    /// Runs `store` (the commit of a fill's result) unless the fill was voided. Under the lock `void`
+    /// takes, so a bust either comes before (nothing is stored) or after (it purges what was stored).
+    fn unless_voided<T>(&self, shared: &Shared, store: impl FnOnce() -> T) -> Option<T> {
+        let _running = self.running.lock().expect("flights lock");
+        (!shared.voided.load(Ordering::Relaxed)).then(store)
     }
 }
 
@@ -117,7 +140,10 @@ pub struct FillGuard {
 
 impl FillGuard {
     pub fn not_found(mut self) {
-        self.cache.store_not_found(&self.key);
+        let cache = self.cache.clone();
+        cache
+            .flights
+            .unless_voided(&self.shared, || cache.store_not_found(&self.key));
         self.status = Status::Done;
     }
 
@@ -309,12 +335,15 @@ async fn run(
     };
     if outcome == Ended::Complete {
         if let (Some(w), Some(g)) = (writer.take(), guard.as_mut()) {
-            match w
-                .seal(cache.store(), &entry)
-                .and_then(|sealed| cache.index.publish(g.hash, sealed, false))
-            {
-                Ok(_) => g.status = Status::Done,
-                Err(e) => cache.write_failed(&entry.key, &e),
+            let hash = g.hash;
+            let stored = cache.flights.unless_voided(&g.shared, || {
+                w.seal(cache.store(), &entry)
+                    .and_then(|sealed| cache.index.publish(hash, sealed, false))
+            });
+            match stored {
+                // Voided: waiting followers find no entry and ask the upstreams under the new rules.
+                Some(Ok(_)) | None => g.status = Status::Done,
+                Some(Err(e)) => cache.write_failed(&entry.key, &e),
             }
         }
     }

@@ -254,6 +254,16 @@ impl Index {
         self.open.drop_entry(hash);
     }
 
+    /// Deletes the entry for `hash` (a bust), whatever it holds; true if there was one.
+    pub fn purge(&self, hash: KeyHash) -> bool {
+        let mut inner = self.lock();
+        inner.take(hash);
+        let removed = self.store.remove(hash);
+        drop(inner);
+        self.open.drop_entry(hash);
+        removed
+    }
+
     /// The file is gone (purged by `mediaproxy cache purge`, say): stop counting it, unless a fill has
     /// just published a new one.
     pub fn forget(&self, hash: KeyHash) {

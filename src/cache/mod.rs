@@ -5,6 +5,7 @@
 //! - `index`: in-memory LRU/size/inactivity accounting over the files; eviction deletes files.
 //! - `fill`: one fill per key (cache lock), run at the upstream's pace, streamed to its first client.
 //! - `follow`: requests that arrive during a fill stream the body from the file being written.
+//! - `tombstones`: keys Mastodon busted (deleted or made private), persisted beside the entries.
 //!
 //! A lookup reads the file directly (its path derives from the key), so the cache serves at once after
 //! a restart while the index is still loading in the background.
@@ -14,6 +15,7 @@ mod follow;
 mod index;
 mod open;
 pub mod store;
+mod tombstones;
 
 use std::sync::Arc;
 use std::time::{Duration, UNIX_EPOCH};
@@ -25,6 +27,7 @@ pub use fill::{FillGuard, Flight};
 pub use follow::{fill_failed_at, Joined};
 use index::Index;
 use store::{hash_key, EntryMeta, Loaded, Store, StoreError};
+use tombstones::{key_id, Tombstones};
 
 /// The TTLs in force (from the runtime config, so a reload changes them).
 #[derive(Debug, Clone, Copy)]
@@ -59,6 +62,7 @@ pub struct Cache {
     index: Index,
     flights: fill::Flights,
     counters: CacheCounters,
+    tombstones: Tombstones,
 }
 
 impl Cache {
@@ -69,12 +73,15 @@ impl Cache {
         max_size: u64,
         inactive: Duration,
         open_files: usize,
+        tombstone_ttl: Duration,
         counters: CacheCounters,
     ) -> Result<Arc<Cache>, CacheError> {
-        let store = Store::open(dir).map_err(|source| CacheError {
+        let error = |source| CacheError {
             dir: dir.display().to_string(),
             source,
-        })?;
+        };
+        let store = Store::open(dir).map_err(error)?;
+        let tombstones = Tombstones::open(dir, tombstone_ttl).map_err(error)?;
         let index = Index::new(store.clone(), max_size, inactive, open_files);
         index.load_in_background();
         Ok(Arc::new(Cache {
@@ -82,7 +89,38 @@ impl Cache {
             index,
             flights: fill::Flights::default(),
             counters,
+            tombstones,
         }))
+    }
+
+    /// Mastodon's cache buster: the key is tombstoned (durably, before this returns), any fill of it
+    /// in flight is voided, and its entry, positive or negative, is deleted. An error means the
+    /// tombstone could not be written to disk: it still applies until the process stops.
+    pub async fn bust(
+        self: &Arc<Cache>,
+        key: &str,
+        tombstone_ttl: Duration,
+    ) -> std::io::Result<()> {
+        let hash = hash_key(key);
+        let cache = self.clone();
+        let recorded =
+            tokio::task::spawn_blocking(move || cache.tombstones.add(key_id(hash), tombstone_ttl))
+                .await
+                .unwrap_or_else(|e| Err(std::io::Error::other(e)));
+        // In this order: a request arriving now sees the tombstone, so it cannot start a fill from an
+        // older upstream after the void; what a voided fill would have stored is never stored.
+        self.flights.void(hash);
+        self.index.purge(hash);
+        recorded
+    }
+
+    /// Whether Mastodon busted `key` less than `ttl` ago.
+    pub fn tombstoned(&self, key: &str, ttl: Duration) -> bool {
+        self.tombstones.contains(key_id(hash_key(key)), ttl)
+    }
+
+    pub fn tombstone_count(&self) -> usize {
+        self.tombstones.count()
     }
 
     /// Reads an entry; a corrupt one is dropped (and counted) so it is refetched.

@@ -32,7 +32,20 @@ pub(super) struct FileServer {
     pub(super) header_read_timeout: DurationValue,
     pub(super) send_timeout: DurationValue,
     pub(super) shutdown_timeout: DurationValue,
+    pub(super) allow_prefixes: Vec<String>,
+    pub(super) cache_buster_header: Option<String>,
+    pub(super) cache_buster_secret_file: Option<PathBuf>,
 }
+
+/// What Mastodon publishes under `S3_ALIAS_HOST`; `backups/` (user archives) and `imports/` are private.
+pub(super) const MASTODON_PREFIXES: [&str; 6] = [
+    "media_attachments/",
+    "accounts/",
+    "custom_emojis/",
+    "preview_cards/",
+    "preview_card_providers/",
+    "site_uploads/",
+];
 
 impl Default for FileServer {
     fn default() -> Self {
@@ -44,6 +57,9 @@ impl Default for FileServer {
             header_read_timeout: secs10(),
             send_timeout: secs60(),
             shutdown_timeout: secs30(),
+            allow_prefixes: MASTODON_PREFIXES.iter().map(|p| p.to_string()).collect(),
+            cache_buster_header: None,
+            cache_buster_secret_file: None,
         }
     }
 }
@@ -81,6 +97,7 @@ pub(super) struct FileCache {
     pub(super) ttl_error: DurationValue,
     pub(super) lock_timeout: DurationValue,
     pub(super) open_files: usize,
+    pub(super) tombstone_ttl: DurationValue,
 }
 
 impl Default for FileCache {
@@ -93,6 +110,7 @@ impl Default for FileCache {
             ttl_error: secs300(),
             lock_timeout: secs5(),
             open_files: 10_000,
+            tombstone_ttl: DurationValue(Duration::from_secs(180 * 86400)),
         }
     }
 }
@@ -114,6 +132,7 @@ pub(super) struct FileUpstream {
     pub(super) access_key_id: Option<String>,
     pub(super) secret_access_key: Option<String>,
     pub(super) secret_access_key_file: Option<PathBuf>,
+    pub(super) reads: Option<String>,
     #[serde(default)]
     pub(super) copy_missing: bool,
     #[serde(default = "secs5")]

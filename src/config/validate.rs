@@ -6,7 +6,7 @@ use std::path::Path;
 use url::Url;
 
 use super::file::{FileServer, FileUpstream};
-use super::{ConfigError, Secret, Server, Tls, UpstreamConfig, UpstreamKind};
+use super::{CacheBuster, ConfigError, Reads, Secret, Server, Tls, UpstreamConfig, UpstreamKind};
 
 pub(super) fn toml_error(text: &str, e: &toml::de::Error) -> ConfigError {
     let line = e
@@ -59,7 +59,7 @@ fn table_at(text: &str, line: usize) -> Option<String> {
     Some(name.to_string())
 }
 
-pub(super) fn validate_server(s: FileServer) -> Result<Server, ConfigError> {
+pub(super) fn validate_server(s: FileServer, base: &Path) -> Result<Server, ConfigError> {
     if s.listen.is_empty() {
         return Err(ConfigError::invalid(
             "server.listen",
@@ -79,7 +79,38 @@ pub(super) fn validate_server(s: FileServer) -> Result<Server, ConfigError> {
             ),
         ));
     }
+    let allow_prefixes = allow_prefixes(&s.allow_prefixes)?;
+    let cache_buster = match (s.cache_buster_header, s.cache_buster_secret_file) {
+        (None, None) => None,
+        (Some(_), None) => {
+            return Err(ConfigError::invalid(
+                "server.cache_buster_secret_file",
+                None,
+                "is required with cache_buster_header (the file holding Mastodon's CACHE_BUSTER_SECRET)",
+            ))
+        }
+        (None, Some(_)) => {
+            return Err(ConfigError::invalid(
+                "server.cache_buster_header",
+                None,
+                "is required with cache_buster_secret_file (Mastodon's CACHE_BUSTER_SECRET_HEADER)",
+            ))
+        }
+        (Some(header), Some(file)) => {
+            let header = http::HeaderName::from_bytes(header.trim().as_bytes()).map_err(|_| {
+                ConfigError::invalid(
+                    "server.cache_buster_header",
+                    None,
+                    format!("{header:?} is not a valid HTTP header name"),
+                )
+            })?;
+            let secret = read_secret("server.cache_buster_secret_file", None, base, &file)?;
+            Some(CacheBuster { header, secret })
+        }
+    };
     Ok(Server {
+        allow_prefixes,
+        cache_buster,
         listen: s.listen,
         path_prefix: s.path_prefix,
         admin_listen: s.admin_listen,
@@ -91,6 +122,68 @@ pub(super) fn validate_server(s: FileServer) -> Result<Server, ConfigError> {
         send_timeout: s.send_timeout.0,
         shutdown_timeout: s.shutdown_timeout.0,
     })
+}
+
+/// `"media_attachments"` and `"/media_attachments/"` both mean the directory; `"/"` alone allows every
+/// key (for servers other than Mastodon).
+fn allow_prefixes(raw: &[String]) -> Result<Vec<String>, ConfigError> {
+    const KEY: &str = "server.allow_prefixes";
+    if raw.is_empty() {
+        return Err(ConfigError::invalid(
+            KEY,
+            None,
+            "an empty list would refuse every key; remove the line for Mastodon's prefixes, or write [\"/\"] to serve every key",
+        ));
+    }
+    raw.iter()
+        .map(|p| {
+            let trimmed = p.trim().trim_start_matches('/');
+            if p.trim().is_empty() {
+                return Err(ConfigError::invalid(
+                    KEY,
+                    None,
+                    "an empty prefix; write \"/\" to serve every key",
+                ));
+            }
+            if trimmed.is_empty() {
+                return Ok(String::new());
+            }
+            let dir = trimmed.trim_end_matches('/');
+            if dir
+                .split('/')
+                .any(|seg| seg.is_empty() || seg == "." || seg == "..")
+            {
+                return Err(ConfigError::invalid(
+                    KEY,
+                    None,
+                    format!("{p:?} is not a key prefix like \"media_attachments/\""),
+                ));
+            }
+            Ok(format!("{dir}/"))
+        })
+        .collect()
+}
+
+/// Secret files are read relative to the config file, with surrounding whitespace stripped.
+fn read_secret(
+    key: &str,
+    line: Option<usize>,
+    base: &Path,
+    file: &Path,
+) -> Result<Secret, ConfigError> {
+    let path = base.join(file);
+    let text = std::fs::read_to_string(&path).map_err(|e| {
+        ConfigError::invalid(key, line, format!("cannot read {}: {e}", path.display()))
+    })?;
+    let secret = text.trim().to_string();
+    if secret.is_empty() {
+        return Err(ConfigError::invalid(
+            key,
+            line,
+            format!("{} is empty", path.display()),
+        ));
+    }
+    Ok(Secret(secret))
 }
 
 pub(super) fn validate_upstream(
@@ -152,6 +245,7 @@ pub(super) fn validate_upstream(
                 ("access_key_id", u.access_key_id.is_some()),
                 ("secret_access_key", u.secret_access_key.is_some()),
                 ("secret_access_key_file", u.secret_access_key_file.is_some()),
+                ("reads", u.reads.is_some()),
             ] {
                 if set {
                     return Err(bad(k, "only applies to type = \"s3\"".into()));
@@ -175,23 +269,10 @@ pub(super) fn validate_upstream(
                     ))
                 }
                 (Some(id), Some(secret), None) => Some((id, Secret(secret))),
-                (Some(id), None, Some(file)) => {
-                    let path = base.join(&file);
-                    let text = std::fs::read_to_string(&path).map_err(|e| {
-                        bad(
-                            "secret_access_key_file",
-                            format!("cannot read {}: {e}", path.display()),
-                        )
-                    })?;
-                    let secret = text.trim().to_string();
-                    if secret.is_empty() {
-                        return Err(bad(
-                            "secret_access_key_file",
-                            format!("{} is empty", path.display()),
-                        ));
-                    }
-                    Some((id, Secret(secret)))
-                }
+                (Some(id), None, Some(file)) => Some((
+                    id,
+                    read_secret(&key("secret_access_key_file"), line, base, &file)?,
+                )),
                 (None, _, _) => {
                     return Err(bad(
                         "access_key_id",
@@ -206,7 +287,18 @@ pub(super) fn validate_upstream(
                     ))
                 }
             };
+            let reads = match u.reads.as_deref() {
+                None | Some("signed") => Reads::Signed,
+                Some("anonymous") => Reads::Anonymous,
+                Some(other) => {
+                    return Err(bad(
+                        "reads",
+                        format!("{other:?}: expected \"signed\" or \"anonymous\""),
+                    ))
+                }
+            };
             UpstreamKind::S3 {
+                reads,
                 endpoint: parse_url("endpoint", required("endpoint", u.endpoint)?)?,
                 bucket: required("bucket", u.bucket)?,
                 region: u

@@ -113,3 +113,42 @@ proptest! {
         prop_assert_eq!(parsed.as_str(), key.as_str());
     }
 }
+
+#[test]
+fn allow_prefixes_serve_what_mastodon_publishes_only() {
+    let mastodon: Vec<String> = [
+        "media_attachments/",
+        "accounts/",
+        "custom_emojis/",
+        "preview_cards/",
+        "preview_card_providers/",
+        "site_uploads/",
+    ]
+    .iter()
+    .map(|p| p.to_string())
+    .collect();
+    let key = |k: &str| parse(&format!("/{k}"), "").unwrap();
+    for allowed in [
+        "media_attachments/files/109/383/759/229/326/700/original/x.png",
+        "cache/media_attachments/files/109/383/759/229/326/700/small/x.png",
+        "accounts/avatars/000/000/001/original/a.png",
+        "cache/accounts/headers/000/000/001/original/h.png",
+        "preview_card_providers/icons/000/000/001/original/i.png",
+        "site_uploads/files/000/000/001/@1x/logo.png",
+    ] {
+        assert!(key(allowed).is_allowed(&mastodon), "{allowed}");
+    }
+    for refused in [
+        "backups/dumps/000/000/001/original/archive-20261124-abc.zip",
+        "imports/data/000/000/001/original/follows.csv",
+        "cache/backups/dumps/000/000/001/original/a.zip",
+        "cache/cache/media_attachments/files/1/original/x.png",
+        "media_attachmentsX/files/1/original/x.png",
+        "accounts",
+        "robots.txt",
+        "cache/x.png",
+    ] {
+        assert!(!key(refused).is_allowed(&mastodon), "{refused}");
+    }
+    assert!(key("anything/at/all.bin").is_allowed(&[String::new()]));
+}

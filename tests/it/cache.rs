@@ -176,7 +176,7 @@ async fn eviction_keeps_the_directory_under_max_size() {
     for i in 0..30 {
         s3.put(
             "media",
-            &format!("m/{i}.jpg"),
+            &format!("media_attachments/m/{i}.jpg"),
             pattern(100_000, i),
             "image/jpeg",
         )
@@ -186,11 +186,14 @@ async fn eviction_keeps_the_directory_under_max_size() {
     let dir = proxy.dir.path().join("cache");
     let mut peak = 0;
     for i in 0..30 {
-        let (st, _, b) = get(&proxy, &format!("m/{i}.jpg")).await;
+        let (st, _, b) = get(&proxy, &format!("media_attachments/m/{i}.jpg")).await;
         assert_eq!(st, 200);
         assert_eq!(b, pattern(100_000, i));
         // Read again: a hit keeps the descriptor open, which must not pin an evicted file's blocks.
-        assert_eq!(get(&proxy, &format!("m/{i}.jpg")).await.2, b);
+        assert_eq!(
+            get(&proxy, &format!("media_attachments/m/{i}.jpg")).await.2,
+            b
+        );
         peak = peak.max(du(&dir));
     }
     let pinned: Vec<_> = std::fs::read_dir(format!("/proc/{}/fd", proxy.pid()))
@@ -210,9 +213,9 @@ async fn eviction_keeps_the_directory_under_max_size() {
     );
     assert!(cache_files(&dir).len() < 30, "something was evicted");
     // The most recent is still there; the first was evicted and comes back from the bucket.
-    let (_, xc, _) = get(&proxy, "m/29.jpg").await;
+    let (_, xc, _) = get(&proxy, "media_attachments/m/29.jpg").await;
     assert_eq!(xc, "HIT");
-    let (st, xc, b) = get(&proxy, "m/0.jpg").await;
+    let (st, xc, b) = get(&proxy, "media_attachments/m/0.jpg").await;
     assert_eq!((st, xc.as_str()), (200, "MISS"));
     assert_eq!(b, pattern(100_000, 0));
 }
@@ -260,13 +263,26 @@ async fn corrupt_entry_is_dropped_and_refetched() {
     let s3 = S3Server::start(&["media"], true).await;
     let small = pattern(50_000, 25);
     let large = pattern(3_000_000, 26);
-    s3.put("media", "c/small.png", small.clone(), "image/png")
-        .await;
-    s3.put("media", "c/large.mp4", large.clone(), "video/mp4")
-        .await;
+    s3.put(
+        "media",
+        "media_attachments/c/small.png",
+        small.clone(),
+        "image/png",
+    )
+    .await;
+    s3.put(
+        "media",
+        "media_attachments/c/large.mp4",
+        large.clone(),
+        "video/mp4",
+    )
+    .await;
     let proxy = Proxy::start(&s3.s3_upstream("b", "media"));
     let dir = proxy.dir.path().join("cache");
-    for (key, body) in [("c/small.png", &small), ("c/large.mp4", &large)] {
+    for (key, body) in [
+        ("media_attachments/c/small.png", &small),
+        ("media_attachments/c/large.mp4", &large),
+    ] {
         assert_eq!(&get(&proxy, key).await.2, body);
         // A verified HIT: later hits may skip the checksum, but not once the file has been written to.
         assert_eq!(get(&proxy, key).await.1, "HIT");
@@ -277,7 +293,10 @@ async fn corrupt_entry_is_dropped_and_refetched() {
         bytes[20_000] ^= 0xff;
         std::fs::write(&f, bytes).unwrap();
     }
-    for (key, body) in [("c/small.png", &small), ("c/large.mp4", &large)] {
+    for (key, body) in [
+        ("media_attachments/c/small.png", &small),
+        ("media_attachments/c/large.mp4", &large),
+    ] {
         let (st, xc, b) = get(&proxy, key).await;
         assert_eq!(
             (st, xc.as_str()),
@@ -295,8 +314,13 @@ async fn range_on_a_miss_is_answered_and_the_whole_object_cached() {
     let s3 = S3Server::start(&["media"], true).await;
     let data = pattern(4_000_000, 27);
     s3.put("media", KEY, data.clone(), "video/mp4").await;
-    s3.put("media", "v/zero.mp4", data.clone(), "video/mp4")
-        .await;
+    s3.put(
+        "media",
+        "media_attachments/v/zero.mp4",
+        data.clone(),
+        "video/mp4",
+    )
+    .await;
     let proxy = Proxy::start(&s3.s3_upstream("b", "media"));
     let c = client();
     // A seek deep into the video: the bytes at once, the whole object filled beside it.
@@ -324,14 +348,14 @@ async fn range_on_a_miss_is_answered_and_the_whole_object_cached() {
     // A player's first probe (bytes=0-1): one full GET, sliced; the rest is filled after the client left.
     s3.reset_counts();
     let r = c
-        .get(proxy.url("/v/zero.mp4"))
+        .get(proxy.url("/media_attachments/v/zero.mp4"))
         .header("range", "bytes=0-1")
         .send()
         .await
         .unwrap();
     assert_eq!(&r.bytes().await.unwrap()[..], &data[..2]);
     let deadline = Instant::now() + Duration::from_secs(10);
-    while get(&proxy, "v/zero.mp4").await.1 != "HIT" {
+    while get(&proxy, "media_attachments/v/zero.mp4").await.1 != "HIT" {
         assert!(Instant::now() < deadline, "never cached");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -421,9 +445,14 @@ async fn disk_full_still_serves_the_client() {
         );
     }
     let small = b"fits".to_vec();
-    s3.put("media", "s/small.png", small.clone(), "image/png")
-        .await;
-    assert_eq!(get(&proxy, "s/small.png").await.2, small);
+    s3.put(
+        "media",
+        "media_attachments/s/small.png",
+        small.clone(),
+        "image/png",
+    )
+    .await;
+    assert_eq!(get(&proxy, "media_attachments/s/small.png").await.2, small);
     let m = metrics(admin).await;
     let line = m
         .lines()
@@ -451,7 +480,7 @@ async fn cache_command_stats_purge_clear_on_a_running_proxy() {
     for i in 0..3 {
         s3.put(
             "media",
-            &format!("p/{i}.png"),
+            &format!("media_attachments/p/{i}.png"),
             pattern(10_000, i),
             "image/png",
         )
@@ -459,9 +488,12 @@ async fn cache_command_stats_purge_clear_on_a_running_proxy() {
     }
     let proxy = Proxy::start(&s3.s3_upstream("b", "media"));
     for i in 0..3 {
-        get(&proxy, &format!("p/{i}.png")).await;
+        get(&proxy, &format!("media_attachments/p/{i}.png")).await;
         // A hit keeps the entry's descriptor open: purge and clear must still take effect.
-        assert_eq!(get(&proxy, &format!("p/{i}.png")).await.1, "HIT");
+        assert_eq!(
+            get(&proxy, &format!("media_attachments/p/{i}.png")).await.1,
+            "HIT"
+        );
     }
     let run = |args: &[&str]| {
         let out = Command::new(env!("CARGO_BIN_EXE_mediaproxy"))
@@ -481,20 +513,25 @@ async fn cache_command_stats_purge_clear_on_a_running_proxy() {
     let stats = run(&["stats"]);
     assert!(stats.contains("entries  3"), "{stats}");
     assert!(stats.contains("oldest"), "{stats}");
-    let purged = run(&["purge", "p/0.png", "/p/9.png"]);
+    let purged = run(&[
+        "purge",
+        "media_attachments/p/0.png",
+        "/media_attachments/p/9.png",
+    ]);
     assert!(
-        purged.contains("purged     p/0.png") && purged.contains("not cached p/9.png"),
+        purged.contains("purged     media_attachments/p/0.png")
+            && purged.contains("not cached media_attachments/p/9.png"),
         "{purged}"
     );
     assert_eq!(
-        get(&proxy, "p/0.png").await.1,
+        get(&proxy, "media_attachments/p/0.png").await.1,
         "MISS",
         "purge works on a running proxy"
     );
-    assert_eq!(get(&proxy, "p/1.png").await.1, "HIT");
+    assert_eq!(get(&proxy, "media_attachments/p/1.png").await.1, "HIT");
     let cleared = run(&["clear"]);
     assert!(cleared.contains("removed 3"), "{cleared}");
-    assert_eq!(get(&proxy, "p/1.png").await.1, "MISS");
+    assert_eq!(get(&proxy, "media_attachments/p/1.png").await.1, "MISS");
     assert!(run(&["stats"]).contains("entries  1"));
 }
 
@@ -504,7 +541,7 @@ async fn metrics_show_cache_size_entries_and_open_files() {
     for i in 0..3 {
         s3.put(
             "media",
-            &format!("g/{i}.png"),
+            &format!("media_attachments/g/{i}.png"),
             pattern(5_000, i),
             "image/png",
         )
@@ -516,10 +553,10 @@ async fn metrics_show_cache_size_entries_and_open_files() {
         &format!("admin_listen = \"127.0.0.1:{admin}\""),
     );
     for i in 0..3 {
-        get(&proxy, &format!("g/{i}.png")).await;
+        get(&proxy, &format!("media_attachments/g/{i}.png")).await;
     }
-    assert_eq!(get(&proxy, "g/0.png").await.1, "HIT");
-    assert_eq!(get(&proxy, "g/missing.png").await.0, 404);
+    assert_eq!(get(&proxy, "media_attachments/g/0.png").await.1, "HIT");
+    assert_eq!(get(&proxy, "media_attachments/g/missing.png").await.0, 404);
     let m = metrics(admin).await;
     // Three 5,000-byte objects (two 4 KiB blocks each with their metadata) and one negative entry (one
     // block); one entry was read as a hit, so one descriptor is kept.
@@ -583,7 +620,10 @@ async fn a_client_that_stops_reading_does_not_hold_the_fill() {
 #[tokio::test(flavor = "multi_thread")]
 async fn last_read_survives_a_restart_for_inactive() {
     let s3 = S3Server::start(&["media"], true).await;
-    for k in ["r/read.png", "r/idle.png"] {
+    for k in [
+        "media_attachments/r/read.png",
+        "media_attachments/r/idle.png",
+    ] {
         s3.put("media", k, pattern(20_000, 50), "image/png").await;
     }
     let cache_dir = tempfile::tempdir().unwrap();
@@ -593,7 +633,10 @@ async fn last_read_survives_a_restart_for_inactive() {
         s3.s3_upstream("b", "media")
     );
     let proxy = Proxy::start(&cfg);
-    for k in ["r/read.png", "r/idle.png"] {
+    for k in [
+        "media_attachments/r/read.png",
+        "media_attachments/r/idle.png",
+    ] {
         assert_eq!(get(&proxy, k).await.1, "MISS");
     }
     // Both were stored, and last read, three hours ago...
@@ -611,7 +654,7 @@ async fn last_read_survives_a_restart_for_inactive() {
             .unwrap();
     }
     // ...and one is read now.
-    assert_eq!(get(&proxy, "r/read.png").await.1, "HIT");
+    assert_eq!(get(&proxy, "media_attachments/r/read.png").await.1, "HIT");
     drop(proxy);
 
     // After a restart, `inactive` (2h) drops the idle one only: the read is remembered on disk.
@@ -625,8 +668,8 @@ async fn last_read_survives_a_restart_for_inactive() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert_eq!(get(&proxy, "r/read.png").await.1, "HIT");
-    assert_eq!(get(&proxy, "r/idle.png").await.1, "MISS");
+    assert_eq!(get(&proxy, "media_attachments/r/read.png").await.1, "HIT");
+    assert_eq!(get(&proxy, "media_attachments/r/idle.png").await.1, "MISS");
 }
 
 /// `n` concurrent GETs of `key`; returns (status, X-Cache, body) for each.
@@ -674,7 +717,7 @@ async fn followers_stream_a_fill_longer_than_lock_timeout_with_one_upstream_get(
         "[cache]\ndir = \"{{dir}}/cache\"\nlock_timeout = \"200ms\"\n\n{}",
         up.http_upstream("slow")
     ));
-    let results = burst(&proxy, "v/slow.mp4", 10).await;
+    let results = burst(&proxy, "media_attachments/v/slow.mp4", 10).await;
     for (st, _, b) in &results {
         assert_eq!(*st, 200);
         assert!(*b == body, "a client got different bytes");
@@ -686,7 +729,7 @@ async fn followers_stream_a_fill_longer_than_lock_timeout_with_one_upstream_get(
         1,
         "one upstream GET"
     );
-    assert_eq!(get(&proxy, "v/slow.mp4").await.1, "HIT");
+    assert_eq!(get(&proxy, "media_attachments/v/slow.mp4").await.1, "HIT");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -698,7 +741,7 @@ async fn a_fill_that_dies_part_way_is_resumed_for_every_client() {
         "[cache]\ndir = \"{{dir}}/cache\"\n\n{}",
         up.http_upstream("flaky")
     ));
-    for (st, _, b) in burst(&proxy, "v/flaky.mp4", 5).await {
+    for (st, _, b) in burst(&proxy, "media_attachments/v/flaky.mp4", 5).await {
         assert_eq!(st, 200);
         assert_eq!(b.len(), body.len(), "a client was cut off");
         assert!(b == body, "a resumed body differs");

@@ -144,8 +144,13 @@ async fn range_is_forwarded_and_byte_exact() {
         ("bytes=999999-2000000", 999_999, 999_999),
     ];
     for i in 0..specs.len() {
-        s3.put("media", &format!("r/{i}.mp4"), data.clone(), "video/mp4")
-            .await;
+        s3.put(
+            "media",
+            &format!("media_attachments/r/{i}.mp4"),
+            data.clone(),
+            "video/mp4",
+        )
+        .await;
     }
     s3.put("media", KEY, data.clone(), "video/mp4").await;
     let proxy = Proxy::start(&s3.s3_upstream("b", "media"));
@@ -153,7 +158,7 @@ async fn range_is_forwarded_and_byte_exact() {
     // Each on a key of its own, so each is a miss answered from the bucket.
     for (i, (spec, s, e)) in specs.into_iter().enumerate() {
         let r = c
-            .get(proxy.url(&format!("/r/{i}.mp4")))
+            .get(proxy.url(&format!("/media_attachments/r/{i}.mp4")))
             .header("range", spec)
             .send()
             .await
@@ -424,7 +429,7 @@ async fn upstream_connections_are_pooled() {
     for i in 0..20 {
         s3.put(
             "media",
-            &format!("pool/{i}.png"),
+            &format!("media_attachments/pool/{i}.png"),
             vec![i as u8; 1000],
             "image/png",
         )
@@ -435,7 +440,7 @@ async fn upstream_connections_are_pooled() {
     for i in 0..20 {
         let (st, body) = {
             let r = client()
-                .get(proxy.url(&format!("/pool/{i}.png")))
+                .get(proxy.url(&format!("/media_attachments/pool/{i}.png")))
                 .send()
                 .await
                 .unwrap();

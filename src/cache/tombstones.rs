@@ -1,0 +1,421 @@
+//! Keys Mastodon told us it deleted or made private (its cache buster), kept for `tombstone_ttl`.
+//!
+//! After a bucket switch Mastodon deletes only from the bucket it now writes to; an older upstream still
+//! holds the object. A tombstoned key is therefore asked only of the write upstream and never copied, so
+//! a deletion stays final and an ACL change is seen at the next read. Tombstones must outlive restarts
+//! (Mastodon sends each bust once) and stay small at a million keys:
+//!
+//! - on disk, `cache.dir/tombstones`: a header, then 16-byte records (key id, time, CRC32C of both),
+//!   appended and fdatasync'ed before a bust is answered; a torn last record is ignored at load; the
+//!   file is rewritten without expired and repeated records when they outnumber the live ones;
+//! - in memory, 12 bytes a key: sorted arrays of 64-bit key ids and times, binary-searched, plus a small
+//!   map of recent busts merged into them every [`MERGE_AT`] busts.
+
+use std::collections::HashMap;
+use std::fs::{self, File, OpenOptions};
+use std::hash::{BuildHasherDefault, Hasher};
+use std::io::{self, Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::Duration;
+
+const MAGIC: &[u8; 8] = b"MPTOMB1\n";
+const RECORD: usize = 16;
+/// Recent busts kept in a hash map before they are merged into the sorted arrays (an O(n) merge).
+const MERGE_AT: usize = 4096;
+
+/// The first 8 bytes of the key's SHA-256 (the cache's key hash): a collision among a million keys
+/// has a chance of about 3e-8, and would only make one more key ask the write upstream alone.
+pub type KeyId = u64;
+
+pub fn key_id(hash: super::store::KeyHash) -> KeyId {
+    (hash >> 64) as u64
+}
+
+pub struct Tombstones {
+    path: PathBuf,
+    memory: Mutex<Memory>,
+    /// The append handle and how many records the file holds; separate from `memory` so lookups never
+    /// wait for an fdatasync.
+    file: Mutex<(File, u64)>,
+}
+
+#[derive(Default)]
+struct Memory {
+    ids: Vec<KeyId>,
+    /// Unix seconds of the bust, parallel to `ids`.
+    times: Vec<u32>,
+    recent: HashMap<KeyId, u32, BuildHasherDefault<IdHasher>>,
+}
+
+/// Key ids are already uniform hashes: use them as they are.
+#[derive(Default)]
+struct IdHasher(u64);
+
+impl Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(*b);
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
+}
+
+impl Memory {
+    fn get(&self, id: KeyId) -> Option<u32> {
+        if let Some(t) = self.recent.get(&id) {
+            return Some(*t);
+        }
+        self.ids.binary_search(&id).ok().map(|i| self.times[i])
+    }
+
+    fn insert(&mut self, id: KeyId, at: u32, ttl: Duration, now: u32) {
+        self.recent.insert(id, at);
+        if self.recent.len() >= MERGE_AT {
+            self.merge(ttl, now);
+        }
+    }
+
+    /// Folds the recent busts into the sorted arrays, dropping expired ones; a key busted again keeps
+    /// its newest time.
+    fn merge(&mut self, ttl: Duration, now: u32) {
+        let mut recent: Vec<(KeyId, u32)> = self.recent.drain().collect();
+        recent.sort_unstable();
+        let old_ids = std::mem::take(&mut self.ids);
+        let old_times = std::mem::take(&mut self.times);
+        let mut ids = Vec::with_capacity(old_ids.len() + recent.len());
+        let mut times = Vec::with_capacity(ids.capacity());
+        let mut old = old_ids.into_iter().zip(old_times).peekable();
+        let mut new = recent.into_iter().peekable();
+        loop {
+            let next = match (old.peek(), new.peek()) {
+                (None, None) => break,
+                (Some(_), None) => old.next(),
+                (None, Some(_)) => new.next(),
+                (Some(o), Some(n)) if o.0 < n.0 => old.next(),
+                (Some(o), Some(n)) if o.0 > n.0 => new.next(),
+                (Some(_), Some(_)) => {
+                    old.next();
+                    new.next()
+                }
+            };
+            let (id, at) = next.expect("peeked");
+            if alive(at, ttl, now) {
+                ids.push(id);
+                times.push(at);
+            }
+        }
+        ids.shrink_to_fit();
+        times.shrink_to_fit();
+        self.ids = ids;
+        self.times = times;
+    }
+
+    fn len(&self) -> usize {
+        self.ids.len() + self.recent.len()
+    }
+
+    fn records(&self) -> impl Iterator<Item = (KeyId, u32)> + '_ {
+        self.ids
+            .iter()
+            .copied()
+            .zip(self.times.iter().copied())
+            .chain(self.recent.iter().map(|(id, at)| (*id, *at)))
+    }
+}
+
+fn alive(at: u32, ttl: Duration, now: u32) -> bool {
+    u64::from(now.saturating_sub(at)) < ttl.as_secs()
+}
+
+fn record(id: KeyId, at: u32) -> [u8; RECORD] {
+    let mut r = [0u8; RECORD];
+    r[..8].copy_from_slice(&id.to_le_bytes());
+    r[8..12].copy_from_slice(&at.to_le_bytes());
+    let crc = crc32c::crc32c(&r[..12]);
+    r[12..].copy_from_slice(&crc.to_le_bytes());
+    r
+}
+
+fn parse(r: &[u8]) -> Option<(KeyId, u32)> {
+    let crc = u32::from_le_bytes(r[12..16].try_into().ok()?);
+    (crc32c::crc32c(&r[..12]) == crc).then(|| {
+        (
+            u64::from_le_bytes(r[..8].try_into().expect("8 bytes")),
+            u32::from_le_bytes(r[8..12].try_into().expect("4 bytes")),
+        )
+    })
+}
+
+pub fn unix_now() -> u32 {
+    u32::try_from(super::store::unix_now()).unwrap_or(u32::MAX)
+}
+
+impl Tombstones {
+    /// Loads `dir/tombstones` (creating it), keeping the records still alive under `ttl`, and compacts
+    /// the file when most of it is dead.
+    pub fn open(dir: &Path, ttl: Duration) -> io::Result<Tombstones> {
+        let path = dir.join("tombstones");
+        let now = unix_now();
+        let mut memory = Memory::default();
+        let mut records = 0u64;
+        match File::open(&path) {
+            Ok(mut f) => {
+                let mut bytes = Vec::new();
+                f.read_to_end(&mut bytes)?;
+                if bytes.len() < MAGIC.len() || &bytes[..MAGIC.len()] != MAGIC {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        format!(
+                            "{} is not a mediaproxy tombstone file (move it away to start without tombstones)",
+                            path.display()
+                        ),
+                    ));
+                }
+                // A torn last record (a crash mid-append) is shorter than RECORD and is skipped here.
+                let chunks = bytes[MAGIC.len()..].chunks_exact(RECORD);
+                records = chunks.len() as u64;
+                let mut all: Vec<(KeyId, u32)> = chunks.filter_map(parse).collect();
+                let corrupt = records - all.len() as u64;
+                if corrupt > 0 {
+                    tracing::warn!(path = %path.display(), corrupt, "tombstone records failed their checksum and were skipped");
+                }
+                drop(bytes);
+                // Sorted by id then time: the last of each run of one id is its newest bust.
+                all.sort_unstable();
+                let mut i = 0;
+                while i < all.len() {
+                    let id = all[i].0;
+                    while i + 1 < all.len() && all[i + 1].0 == id {
+                        i += 1;
+                    }
+                    if alive(all[i].1, ttl, now) {
+                        memory.ids.push(id);
+                        memory.times.push(all[i].1);
+                    }
+                    i += 1;
+                }
+                memory.ids.shrink_to_fit();
+                memory.times.shrink_to_fit();
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+        let t = Tombstones {
+            file: Mutex::new((append(&path)?, records)),
+            path,
+            memory: Mutex::new(memory),
+        };
+        t.compact_if_mostly_dead()?;
+        Ok(t)
+    }
+
+    /// Whether `id` was busted less than `ttl` ago.
+    pub fn contains(&self, id: KeyId, ttl: Duration) -> bool {
+        let memory = self.memory.lock().expect("tombstones lock");
+        if memory.len() == 0 {
+            return false;
+        }
+        memory.get(id).is_some_and(|at| alive(at, ttl, unix_now()))
+    }
+
+    /// Records a bust durably (appended and fdatasync'ed), then in memory. Blocking: call it off the
+    /// async runtime. On a write error the tombstone still applies until the process stops.
+    pub fn add(&self, id: KeyId, ttl: Duration) -> io::Result<()> {
+        let now = unix_now();
+        let written = {
+            let mut file = self.file.lock().expect("tombstones file lock");
+            let r = file
+                .0
+                .write_all(&record(id, now))
+                .and_then(|()| file.0.sync_data());
+            if r.is_ok() {
+                file.1 += 1;
+            }
+            r
+        };
+        self.memory
+            .lock()
+            .expect("tombstones lock")
+            .insert(id, now, ttl, now);
+        written?;
+        self.compact_if_mostly_dead()
+    }
+
+    pub fn count(&self) -> usize {
+        self.memory.lock().expect("tombstones lock").len()
+    }
+
+    #[cfg(test)]
+    /// Heap bytes the in-memory set holds (for the size bound the tests and the docs state).
+    pub fn heap_bytes(&self) -> usize {
+        let m = self.memory.lock().expect("tombstones lock");
+        m.ids.capacity() * 8
+            + m.times.capacity() * 4
+            + m.recent.capacity() * (std::mem::size_of::<(KeyId, u32)>() + 1)
+    }
+
+    /// Rewrites the file with only the live records once dead and repeated ones are the majority, so
+    /// it stays proportional to the busts of one `tombstone_ttl`.
+    fn compact_if_mostly_dead(&self) -> io::Result<()> {
+        let mut file = self.file.lock().expect("tombstones file lock");
+        let live: Vec<(KeyId, u32)> = {
+            let m = self.memory.lock().expect("tombstones lock");
+            if file.1 <= 2 * m.len() as u64 + MERGE_AT as u64 {
+                return Ok(());
+            }
+            m.records().collect()
+        };
+        let tmp = self.path.with_extension("tmp");
+        let mut out = io::BufWriter::new(File::create(&tmp)?);
+        out.write_all(MAGIC)?;
+        for (id, at) in &live {
+            out.write_all(&record(*id, *at))?;
+        }
+        out.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+        fs::rename(&tmp, &self.path)?;
+        if let Some(dir) = self.path.parent() {
+            File::open(dir)?.sync_all()?;
+        }
+        *file = (append(&self.path)?, live.len() as u64);
+        tracing::info!(live = live.len(), "tombstone file compacted");
+        Ok(())
+    }
+}
+
+/// Opens the file for appending, writing the header into a new one.
+fn append(path: &Path) -> io::Result<File> {
+    let mut f = OpenOptions::new().create(true).append(true).open(path)?;
+    if f.metadata()?.len() == 0 {
+        f.write_all(MAGIC)?;
+        f.sync_all()?;
+    } else {
+        // A torn record at the end would shift every later one: cut the file back to whole records.
+        let len = f.metadata()?.len();
+        let whole = MAGIC.len() as u64
+            + (len.saturating_sub(MAGIC.len() as u64) / RECORD as u64) * RECORD as u64;
+        if whole != len {
+            f.set_len(whole)?;
+        }
+    }
+    Ok(f)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DAY: Duration = Duration::from_secs(86400);
+
+    #[test]
+    fn survive_reopen_and_expire() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = Tombstones::open(dir.path(), DAY).unwrap();
+        assert!(!t.contains(1, DAY));
+        t.add(1, DAY).unwrap();
+        t.add(u64::MAX, DAY).unwrap();
+        assert!(t.contains(1, DAY) && t.contains(u64::MAX, DAY));
+        assert!(!t.contains(2, DAY));
+        drop(t);
+        let t = Tombstones::open(dir.path(), DAY).unwrap();
+        assert!(t.contains(1, DAY) && t.contains(u64::MAX, DAY));
+        // A zero TTL: every tombstone has expired.
+        assert!(!t.contains(1, Duration::ZERO));
+    }
+
+    #[test]
+    fn torn_and_corrupt_records_are_skipped() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = Tombstones::open(dir.path(), DAY).unwrap();
+        for id in 1..=3 {
+            t.add(id, DAY).unwrap();
+        }
+        drop(t);
+        let path = dir.path().join("tombstones");
+        let mut bytes = fs::read(&path).unwrap();
+        bytes[MAGIC.len() + RECORD + 3] ^= 0xff; // record 2's id
+        bytes.extend_from_slice(&[7; 5]); // a torn append
+        fs::write(&path, &bytes).unwrap();
+        let t = Tombstones::open(dir.path(), DAY).unwrap();
+        assert!(t.contains(1, DAY) && !t.contains(2, DAY) && t.contains(3, DAY));
+        // Appends after a torn tail line up again.
+        t.add(4, DAY).unwrap();
+        drop(t);
+        let t = Tombstones::open(dir.path(), DAY).unwrap();
+        assert!(t.contains(4, DAY) && t.contains(3, DAY));
+    }
+
+    #[test]
+    fn foreign_file_is_a_clear_error() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(dir.path().join("tombstones"), b"hello").unwrap();
+        let e = Tombstones::open(dir.path(), DAY).err().unwrap();
+        assert!(
+            e.to_string().contains("not a mediaproxy tombstone file"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_million_tombstones_take_about_12_bytes_each() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tombstones");
+        let now = unix_now();
+        let mut bytes = MAGIC.to_vec();
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        for _ in 0..1_000_000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            bytes.extend_from_slice(&record(x, now));
+        }
+        fs::write(&path, &bytes).unwrap();
+        let t = Tombstones::open(dir.path(), DAY).unwrap();
+        assert_eq!(t.count(), 1_000_000);
+        assert!(t.contains(x, DAY));
+        let heap = t.heap_bytes();
+        assert!(heap <= 13_000_000, "{heap} bytes for a million tombstones");
+    }
+
+    #[test]
+    fn file_is_compacted_when_mostly_dead() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tombstones");
+        let mut bytes = MAGIC.to_vec();
+        for id in 0..10_000u64 {
+            bytes.extend_from_slice(&record(id, 1_000)); // 1970: long expired
+        }
+        bytes.extend_from_slice(&record(42_424_242, unix_now()));
+        fs::write(&path, &bytes).unwrap();
+        let t = Tombstones::open(dir.path(), DAY).unwrap();
+        assert_eq!(t.count(), 1);
+        assert_eq!(
+            fs::metadata(&path).unwrap().len(),
+            (MAGIC.len() + RECORD) as u64
+        );
+        assert!(t.contains(42_424_242, DAY) && !t.contains(5, DAY));
+    }
+
+    #[test]
+    fn merges_keep_the_newest_time_and_the_order() {
+        let mut m = Memory::default();
+        let ttl = Duration::from_secs(100);
+        for id in (0..(MERGE_AT as u64 * 3)).rev() {
+            m.insert(id * 7, 1_000, ttl, 1_000);
+        }
+        m.insert(7, 1_050, ttl, 1_050);
+        m.merge(ttl, 1_050);
+        assert!(m.ids.windows(2).all(|w| w[0] < w[1]));
+        assert_eq!(m.get(7), Some(1_050));
+        assert_eq!(m.get(14), Some(1_000));
+        assert_eq!(m.get(8), None);
+        // Past the TTL, a merge drops all but the re-busted key.
+        m.merge(ttl, 1_120);
+        assert_eq!(m.len(), 1);
+    }
+}

@@ -100,3 +100,70 @@ fn credentials_in_urls_are_refused_without_echoing_them() {
     let e = err("[[upstream]]\nname = \"h\"\ntype = \"http\"\nurl = \"ht!tp://bob:hunter2@x\"\n");
     assert!(!e.contains("hunter2"), "{e}");
 }
+
+#[test]
+fn privacy_keys_default_to_mastodon_and_name_themselves_when_wrong() {
+    let c = Config::embedded_default();
+    assert!(c
+        .server
+        .allow_prefixes
+        .contains(&"media_attachments/".to_string()));
+    assert!(!c
+        .server
+        .allow_prefixes
+        .iter()
+        .any(|p| p.starts_with("backups")));
+    assert!(c.server.cache_buster.is_none());
+    assert_eq!(c.cache.tombstone_ttl, Duration::from_secs(180 * 86400));
+
+    let ok = Config::parse(
+        "[server]\nallow_prefixes = [\"/media_attachments\", \"accounts/\", \"/\"]\n",
+        Path::new("."),
+    )
+    .unwrap();
+    assert_eq!(
+        ok.server.allow_prefixes,
+        ["media_attachments/", "accounts/", ""]
+    );
+    assert!(err("[server]\nallow_prefixes = []\n").contains("`server.allow_prefixes`"));
+    assert!(err("[server]\nallow_prefixes = [\"\"]\n").contains("`server.allow_prefixes`"));
+    assert!(err("[server]\nallow_prefixes = [\"a/../b\"]\n").contains("`server.allow_prefixes`"));
+
+    let s3 = "[[upstream]]\nname = \"s\"\ntype = \"s3\"\nendpoint = \"http://x\"\nbucket = \"b\"\n";
+    assert!(err(&format!("{s3}reads = \"public\"\n")).contains("`upstream[1].reads`"));
+    assert!(err(
+        "[[upstream]]\nname = \"h\"\ntype = \"http\"\nurl = \"http://x\"\nreads = \"anonymous\"\n"
+    )
+    .contains("`upstream[1].reads`"));
+    let anon = Config::parse(&format!("{s3}reads = \"anonymous\"\n"), Path::new(".")).unwrap();
+    assert!(matches!(
+        anon.upstreams[0].kind,
+        UpstreamKind::S3 {
+            reads: Reads::Anonymous,
+            ..
+        }
+    ));
+
+    assert!(err("[server]\ncache_buster_header = \"X-Bust\"\n")
+        .contains("`server.cache_buster_secret_file`"));
+    assert!(err("[server]\ncache_buster_secret_file = \"s\"\n")
+        .contains("`server.cache_buster_header`"));
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("bust"), "  hunter2\n").unwrap();
+    let bad_name =
+        "[server]\ncache_buster_header = \"X Bust\"\ncache_buster_secret_file = \"bust\"\n";
+    let e = Config::parse(bad_name, dir.path()).unwrap_err().to_string();
+    assert!(e.contains("`server.cache_buster_header`"), "{e}");
+    let good = "[server]\ncache_buster_header = \"X-Bust\"\ncache_buster_secret_file = \"bust\"\n";
+    let c = Config::parse(good, dir.path()).unwrap();
+    let b = c.server.cache_buster.unwrap();
+    assert_eq!(
+        (b.header.as_str(), b.secret.expose()),
+        ("x-bust", "hunter2")
+    );
+    assert!(!format!("{b:?}").contains("hunter2"));
+    assert!(err(
+        "[server]\ncache_buster_header = \"X-Bust\"\ncache_buster_secret_file = \"missing\"\n"
+    )
+    .contains("`server.cache_buster_secret_file`"));
+}

@@ -5,4 +5,5 @@ mod cli;
 mod common;
 mod lifecycle;
 mod local;
+mod privacy;
 mod upstreams;

@@ -3,6 +3,8 @@
 
 #![allow(dead_code)]
 
+mod acl;
+
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -32,21 +34,30 @@ pub struct S3Server {
     counts: Arc<Mutex<HashMap<String, usize>>>,
     task: tokio::task::JoinHandle<()>,
     signed: bool,
+    acls: acl::Acls,
 }
 
 impl S3Server {
-    /// `signed`: enforce SigV4 with [`ACCESS_KEY`]/[`SECRET_KEY`]; otherwise anonymous (a public bucket).
+    /// `signed`: enforce SigV4 with [`ACCESS_KEY`]/[`SECRET_KEY`], except for anonymous GET/HEAD of
+    /// `public-read` objects (S3's ACLs); otherwise anonymous for everything (a public bucket).
     pub async fn start(buckets: &[&str], signed: bool) -> S3Server {
         let root = tempfile::tempdir().unwrap();
         for b in buckets {
             std::fs::create_dir_all(root.path().join(b)).unwrap();
         }
         let fs = s3s_fs::FileSystem::new(root.path()).unwrap();
-        let mut builder = S3ServiceBuilder::new(fs);
-        if signed {
+        let acls = acl::Acls::default();
+        let service = if signed {
+            let mut builder = S3ServiceBuilder::new(acl::AclFs {
+                fs,
+                acls: acls.clone(),
+            });
             builder.set_auth(s3s::auth::SimpleAuth::from_single(ACCESS_KEY, SECRET_KEY));
-        }
-        let service = builder.build();
+            builder.set_access(acl::AnonymousReads);
+            builder.build()
+        } else {
+            S3ServiceBuilder::new(fs).build()
+        };
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let counts: Arc<Mutex<HashMap<String, usize>>> = Arc::default();
@@ -93,6 +104,7 @@ impl S3Server {
             counts,
             task,
             signed,
+            acls,
         }
     }
 
@@ -115,28 +127,51 @@ impl S3Server {
             .then(|| Credentials::new(ACCESS_KEY, SECRET_KEY))
     }
 
-    /// Uploads through the S3 API, as Mastodon would (so ETag and Content-Type are stored).
+    /// Uploads through the S3 API, as Mastodon would (so ETag and Content-Type are stored), with no ACL
+    /// header (S3's default: private).
     pub async fn put(&self, bucket: &str, key: &str, body: Vec<u8>, content_type: &str) {
+        self.put_with_acl(bucket, key, body, content_type, None)
+            .await
+    }
+
+    /// Uploads with `x-amz-acl: acl` (signed, as AWS requires), as Mastodon does with `S3_PERMISSION`.
+    pub async fn put_with_acl(
+        &self,
+        bucket: &str,
+        key: &str,
+        body: Vec<u8>,
+        content_type: &str,
+        acl: Option<&str>,
+    ) {
         let b = self.bucket(bucket);
         let creds = self.creds();
         let mut action = b.put_object(creds.as_ref(), key);
         action
             .headers_mut()
             .insert("content-type", content_type.to_string());
+        if let Some(acl) = acl {
+            action.headers_mut().insert("x-amz-acl", acl.to_string());
+        }
         let url = action.sign(Duration::from_secs(60));
-        let resp = client()
-            .put(url)
-            .header("content-type", content_type)
-            .body(body)
-            .send()
-            .await
-            .unwrap();
+        let mut req = client().put(url).header("content-type", content_type);
+        if let Some(acl) = acl {
+            req = req.header("x-amz-acl", acl);
+        }
+        let resp = req.body(body).send().await.unwrap();
         let status = resp.status();
         assert!(
             status.is_success(),
             "PUT {key}: {status} {}",
             resp.text().await.unwrap_or_default()
         );
+    }
+
+    /// Changes an object's canned ACL, as Mastodon's suspension (private) and unsuspension (public-read) do.
+    pub fn set_acl(&self, bucket: &str, key: &str, acl: &str) {
+        self.acls
+            .lock()
+            .unwrap()
+            .insert((bucket.to_string(), key.to_string()), acl.to_string());
     }
 
     pub async fn delete(&self, bucket: &str, key: &str) {
@@ -177,6 +212,12 @@ impl S3Server {
             "[[upstream]]\nname = \"{name}\"\ntype = \"s3\"\nendpoint = \"{}\"\nbucket = \"{bucket}\"\nregion = \"us-east-1\"\npath_style = true\naccess_key_id = \"{ACCESS_KEY}\"\nsecret_access_key = \"{SECRET_KEY}\"\n\n",
             self.endpoint()
         )
+    }
+
+    /// TOML for an `[[upstream]]` of type s3 whose reads are unsigned (`reads = "anonymous"`).
+    pub fn s3_upstream_anonymous(&self, name: &str, bucket: &str) -> String {
+        self.s3_upstream(name, bucket)
+            .replacen("\n\n", "\nreads = \"anonymous\"\n\n", 1)
     }
 
     /// TOML for an anonymous `type = "http"` upstream on this (public) server's bucket.

@@ -1,0 +1,173 @@
+//! s3s-fs keeps no ACLs; Mastodon relies on them (`S3_PERMISSION`, suspension making media private). This
+//! thin wrapper remembers each object's canned ACL (from `x-amz-acl` on PutObject, or PutObjectAcl) and
+//! answers anonymous GET/HEAD of an object that is not `public-read` with 403 AccessDenied, as S3 does.
+//! Signed requests pass straight through to s3s-fs.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use s3s::access::{S3Access, S3AccessContext};
+use s3s::dto::*;
+use s3s::{s3_error, S3Request, S3Response, S3Result, S3};
+
+pub type Acls = Arc<Mutex<HashMap<(String, String), String>>>;
+
+pub struct AclFs {
+    pub fs: s3s_fs::FileSystem,
+    pub acls: Acls,
+}
+
+impl AclFs {
+    fn public(&self, bucket: &str, key: &str) -> bool {
+        self.acls
+            .lock()
+            .unwrap()
+            .get(&(bucket.to_string(), key.to_string()))
+            .is_some_and(|a| a == ObjectCannedACL::PUBLIC_READ)
+    }
+
+    fn record(&self, bucket: &str, key: &str, acl: Option<&ObjectCannedACL>) {
+        let acl = acl.map_or(ObjectCannedACL::PRIVATE, |a| a.as_str());
+        self.acls
+            .lock()
+            .unwrap()
+            .insert((bucket.to_string(), key.to_string()), acl.to_string());
+    }
+}
+
+/// Lets anonymous GET/HEAD through to [`AclFs`], which decides by ACL; everything else must be signed.
+pub struct AnonymousReads;
+
+#[async_trait::async_trait]
+impl S3Access for AnonymousReads {
+    async fn check(&self, cx: &mut S3AccessContext<'_>) -> S3Result<()> {
+        let op = cx.s3_op().name();
+        if cx.credentials().is_some() || op == "GetObject" || op == "HeadObject" {
+            Ok(())
+        } else {
+            Err(s3_error!(AccessDenied, "Signature is required"))
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl S3 for AclFs {
+    async fn get_object(
+        &self,
+        req: S3Request<GetObjectInput>,
+    ) -> S3Result<S3Response<GetObjectOutput>> {
+        if req.credentials.is_none() && !self.public(&req.input.bucket, &req.input.key) {
+            return Err(s3_error!(AccessDenied));
+        }
+        self.fs.get_object(req).await
+    }
+
+    async fn head_object(
+        &self,
+        req: S3Request<HeadObjectInput>,
+    ) -> S3Result<S3Response<HeadObjectOutput>> {
+        if req.credentials.is_none() && !self.public(&req.input.bucket, &req.input.key) {
+            return Err(s3_error!(AccessDenied));
+        }
+        self.fs.head_object(req).await
+    }
+
+    async fn put_object(
+        &self,
+        req: S3Request<PutObjectInput>,
+    ) -> S3Result<S3Response<PutObjectOutput>> {
+        let (bucket, key, acl) = (
+            req.input.bucket.clone(),
+            req.input.key.clone(),
+            req.input.acl.clone(),
+        );
+        let out = self.fs.put_object(req).await?;
+        self.record(&bucket, &key, acl.as_ref());
+        Ok(out)
+    }
+
+    async fn put_object_acl(
+        &self,
+        req: S3Request<PutObjectAclInput>,
+    ) -> S3Result<S3Response<PutObjectAclOutput>> {
+        self.record(&req.input.bucket, &req.input.key, req.input.acl.as_ref());
+        Ok(S3Response::new(PutObjectAclOutput::default()))
+    }
+
+    async fn delete_object(
+        &self,
+        req: S3Request<DeleteObjectInput>,
+    ) -> S3Result<S3Response<DeleteObjectOutput>> {
+        self.fs.delete_object(req).await
+    }
+
+    async fn delete_objects(
+        &self,
+        req: S3Request<DeleteObjectsInput>,
+    ) -> S3Result<S3Response<DeleteObjectsOutput>> {
+        self.fs.delete_objects(req).await
+    }
+
+    async fn head_bucket(
+        &self,
+        req: S3Request<HeadBucketInput>,
+    ) -> S3Result<S3Response<HeadBucketOutput>> {
+        self.fs.head_bucket(req).await
+    }
+
+    async fn list_buckets(
+        &self,
+        req: S3Request<ListBucketsInput>,
+    ) -> S3Result<S3Response<ListBucketsOutput>> {
+        self.fs.list_buckets(req).await
+    }
+
+    async fn list_objects(
+        &self,
+        req: S3Request<ListObjectsInput>,
+    ) -> S3Result<S3Response<ListObjectsOutput>> {
+        self.fs.list_objects(req).await
+    }
+
+    async fn list_objects_v2(
+        &self,
+        req: S3Request<ListObjectsV2Input>,
+    ) -> S3Result<S3Response<ListObjectsV2Output>> {
+        self.fs.list_objects_v2(req).await
+    }
+
+    async fn create_multipart_upload(
+        &self,
+        req: S3Request<CreateMultipartUploadInput>,
+    ) -> S3Result<S3Response<CreateMultipartUploadOutput>> {
+        self.fs.create_multipart_upload(req).await
+    }
+
+    async fn upload_part(
+        &self,
+        req: S3Request<UploadPartInput>,
+    ) -> S3Result<S3Response<UploadPartOutput>> {
+        self.fs.upload_part(req).await
+    }
+
+    async fn list_parts(
+        &self,
+        req: S3Request<ListPartsInput>,
+    ) -> S3Result<S3Response<ListPartsOutput>> {
+        self.fs.list_parts(req).await
+    }
+
+    async fn complete_multipart_upload(
+        &self,
+        req: S3Request<CompleteMultipartUploadInput>,
+    ) -> S3Result<S3Response<CompleteMultipartUploadOutput>> {
+        self.fs.complete_multipart_upload(req).await
+    }
+
+    async fn abort_multipart_upload(
+        &self,
+        req: S3Request<AbortMultipartUploadInput>,
+    ) -> S3Result<S3Response<AbortMultipartUploadOutput>> {
+        self.fs.abort_multipart_upload(req).await
+    }
+}

@@ -8,6 +8,7 @@ pub mod cache;
 pub mod check;
 pub mod config;
 pub mod key;
+pub mod keyset;
 pub mod local;
 pub mod metrics;
 pub mod object;

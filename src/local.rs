@@ -157,7 +157,9 @@ fn to_object(file: File, key: &Key) -> io::Result<Option<Object>> {
         last_modified: modified,
         etag: Some(file_etag(md.len(), md.mtime())),
         source: Source::Local,
-        upstream: None,
+        origin: None,
+        cache_control: None,
+        content_disposition: None,
     };
     Ok(Some(Object {
         meta,

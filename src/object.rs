@@ -6,6 +6,7 @@
 use std::fs::File;
 use std::io;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use bytes::Bytes;
@@ -42,8 +43,13 @@ pub struct Meta {
     /// As sent on the wire, quotes included (`"abc"` or `W/"abc"`).
     pub etag: Option<String>,
     pub source: Source,
-    /// Name of the upstream it came from, for logs and metrics.
-    pub upstream: Option<String>,
+    /// The bucket that holds (or filled) it, as [`crate::upstream::Upstream::origin`] names it: by
+    /// endpoint, bucket and prefix, since upstream names change at a bucket switch. `None` for local
+    /// files and for cache entries written before entries remembered it.
+    pub origin: Option<Arc<str>>,
+    /// Kept so that a copy into another bucket keeps them (Mastodon sets a year-long Cache-Control).
+    pub cache_control: Option<String>,
+    pub content_disposition: Option<String>,
 }
 
 pub enum Body {

@@ -111,7 +111,7 @@ pub fn build(obj: Object, req: &RequestInfo<'_>) -> Response<ResponseBody> {
     match slice(obj.body, start, count) {
         Some(body) => response(status, h, body),
         None => {
-            tracing::error!(upstream = ?meta.upstream, start, count, "source cannot supply the range it was asked for");
+            tracing::error!(origin = ?meta.origin, start, count, "source cannot supply the range it was asked for");
             error(StatusCode::BAD_GATEWAY)
         }
     }

@@ -6,6 +6,7 @@
 //! before DNS works still serves local files (the nginx `proxy_pass` boot failure admins hit).
 
 use std::io;
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::TryStreamExt;
@@ -19,7 +20,9 @@ use crate::key::Key;
 use crate::object::{Body, Meta, Object, Source};
 
 mod coalesce;
+mod write;
 use coalesce::Coalesce;
+pub use write::{Head, Put, PutRequest, WriteError};
 
 /// How long a presigned URL stays valid: only long enough to be used at once.
 const SIGN_TTL: Duration = Duration::from_secs(300);
@@ -61,6 +64,10 @@ pub enum UpstreamError {
 
 pub struct Upstream {
     pub name: String,
+    /// Which bucket this is, whatever its name: `s3 ENDPOINT BUCKET/PREFIX` or `http URL/PREFIX`.
+    /// Cache entries remember it, so a bucket switch that renames upstreams still knows where an
+    /// entry came from.
+    pub origin: Arc<str>,
     kind: Kind,
     prefix: String,
     client: reqwest::Client,
@@ -125,6 +132,7 @@ impl Upstream {
             }
         };
         Ok(Upstream {
+            origin: origin(cfg).into(),
             name: cfg.name.clone(),
             kind,
             prefix: cfg.prefix.clone(),
@@ -300,7 +308,9 @@ impl Upstream {
                 .and_then(|s| httpdate::parse_http_date(&s).ok()),
             etag: header_str(headers, http::header::ETAG),
             source: Source::Miss,
-            upstream: Some(self.name.clone()),
+            origin: Some(self.origin.clone()),
+            cache_control: header_str(headers, http::header::CACHE_CONTROL),
+            content_disposition: header_str(headers, http::header::CONTENT_DISPOSITION),
         };
         let body = if method == Method::Head || status == StatusCode::RANGE_NOT_SATISFIABLE {
             Body::Empty
@@ -314,6 +324,21 @@ impl Upstream {
             }
         };
         Ok(Object { meta, body })
+    }
+}
+
+fn origin(cfg: &UpstreamConfig) -> String {
+    match &cfg.kind {
+        UpstreamKind::Http { url } => {
+            format!("http {}/{}", url.as_str().trim_end_matches('/'), cfg.prefix)
+        }
+        UpstreamKind::S3 {
+            endpoint, bucket, ..
+        } => format!(
+            "s3 {} {bucket}/{}",
+            endpoint.as_str().trim_end_matches('/'),
+            cfg.prefix
+        ),
     }
 }
 

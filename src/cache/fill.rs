@@ -211,6 +211,9 @@ impl FillGuard {
             etag: meta.etag.clone(),
             last_modified: meta.last_modified.map(store::to_unix),
             stored_at_ms: store::unix_now_ms(),
+            origin: meta.origin.as_deref().map(str::to_string),
+            cache_control: meta.cache_control.clone(),
+            content_disposition: meta.content_disposition.clone(),
         }
     }
 

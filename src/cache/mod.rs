@@ -5,7 +5,7 @@
 //! - `index`: in-memory LRU/size/inactivity accounting over the files; eviction deletes files.
 //! - `fill`: one fill per key (cache lock), run at the upstream's pace, streamed to its first client.
 //! - `follow`: requests that arrive during a fill stream the body from the file being written.
-//! - `tombstones`: keys Mastodon busted (deleted or made private), persisted beside the entries.
+//! - tombstones (a [`KeySet`]): keys Mastodon busted (deleted or made private), beside the entries.
 //!
 //! A lookup reads the file directly (its path derives from the key), so the cache serves at once after
 //! a restart while the index is still loading in the background.
@@ -15,7 +15,6 @@ mod follow;
 mod index;
 mod open;
 pub mod store;
-mod tombstones;
 
 use std::sync::Arc;
 use std::time::{Duration, UNIX_EPOCH};
@@ -23,11 +22,11 @@ use std::time::{Duration, UNIX_EPOCH};
 use crate::metrics::CacheCounters;
 use crate::object::{Body, Meta, Object, Source};
 
+use crate::keyset::{self, KeySet};
 pub use fill::{FillGuard, Flight};
 pub use follow::{fill_failed_at, Joined};
 use index::Index;
 use store::{hash_key, EntryMeta, Loaded, Store, StoreError};
-use tombstones::{key_id, Tombstones};
 
 /// The TTLs in force (from the runtime config, so a reload changes them).
 #[derive(Debug, Clone, Copy)]
@@ -62,7 +61,7 @@ pub struct Cache {
     index: Index,
     flights: fill::Flights,
     counters: CacheCounters,
-    tombstones: Tombstones,
+    tombstones: KeySet,
 }
 
 impl Cache {
@@ -81,7 +80,8 @@ impl Cache {
             source,
         };
         let store = Store::open(dir).map_err(error)?;
-        let tombstones = Tombstones::open(dir, tombstone_ttl).map_err(error)?;
+        let tombstones =
+            KeySet::open(dir, "tombstones", tombstone_ttl, usize::MAX).map_err(error)?;
         let index = Index::new(store.clone(), max_size, inactive, open_files);
         index.load_in_background();
         Ok(Arc::new(Cache {
@@ -102,11 +102,11 @@ impl Cache {
         tombstone_ttl: Duration,
     ) -> std::io::Result<()> {
         let hash = hash_key(key);
+        let id = keyset::id_of(key);
         let cache = self.clone();
-        let recorded =
-            tokio::task::spawn_blocking(move || cache.tombstones.add(key_id(hash), tombstone_ttl))
-                .await
-                .unwrap_or_else(|e| Err(std::io::Error::other(e)));
+        let recorded = tokio::task::spawn_blocking(move || cache.tombstones.add(id, tombstone_ttl))
+            .await
+            .unwrap_or_else(|e| Err(std::io::Error::other(e)));
         // In this order: a request arriving now sees the tombstone, so it cannot start a fill from an
         // older upstream after the void; what a voided fill would have stored is never stored.
         self.flights.void(hash);
@@ -116,7 +116,7 @@ impl Cache {
 
     /// Whether Mastodon busted `key` less than `ttl` ago.
     pub fn tombstoned(&self, key: &str, ttl: Duration) -> bool {
-        self.tombstones.contains(key_id(hash_key(key)), ttl)
+        self.tombstones.contains(keyset::id_of(key), ttl)
     }
 
     pub fn tombstone_count(&self) -> usize {
@@ -217,6 +217,9 @@ impl Cache {
             etag: None,
             last_modified: None,
             stored_at_ms: store::unix_now_ms(),
+            origin: None,
+            cache_control: None,
+            content_disposition: None,
         };
         let result = self
             .store
@@ -265,7 +268,9 @@ fn classify(meta: EntryMeta, body: Body, policy: Policy) -> Lookup {
                     .map(|s| UNIX_EPOCH + Duration::from_secs(s)),
                 etag: meta.etag,
                 source: if fresh { Source::Hit } else { Source::Stale },
-                upstream: None,
+                origin: meta.origin.map(Into::into),
+                cache_control: meta.cache_control,
+                content_disposition: meta.content_disposition,
             },
             body,
         })

@@ -49,6 +49,14 @@ pub struct EntryMeta {
     pub last_modified: Option<u64>,
     /// Unix milliseconds: TTLs of a few seconds must not expire early at a second boundary.
     pub stored_at_ms: u64,
+    /// The bucket that filled it (see `Meta::origin`), so that after a bucket switch a hit on an entry
+    /// filled from the old bucket still queues its copy. Absent in entries of earlier releases.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub origin: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache_control: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub content_disposition: Option<String>,
 }
 
 impl EntryMeta {

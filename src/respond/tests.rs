@@ -51,7 +51,9 @@ fn object(body: &'static [u8]) -> Object {
             ),
             etag: Some("\"abc\"".into()),
             source: Source::Miss,
-            upstream: Some("u".into()),
+            origin: Some("s3:u".into()),
+            cache_control: None,
+            content_disposition: None,
         },
         body: Body::Stream {
             stream: Box::pin(stream),

@@ -9,6 +9,9 @@ fn entry(store: &Store, key: &str, len: usize) -> KeyHash {
         etag: None,
         last_modified: None,
         stored_at_ms: store::unix_now_ms(),
+        origin: None,
+        cache_control: None,
+        content_disposition: None,
     };
     let mut w = store.writer().unwrap();
     w.write(&vec![1u8; len]).unwrap();
@@ -56,6 +59,9 @@ fn an_entry_published_again_after_being_chosen_for_eviction_is_kept() {
         etag: None,
         last_modified: None,
         stored_at_ms: store::unix_now_ms(),
+        origin: None,
+        cache_control: None,
+        content_disposition: None,
     };
     index
         .publish(a, w.seal(&store, &meta).unwrap(), false)

@@ -10,6 +10,9 @@ fn meta(key: &str, len: u64) -> EntryMeta {
         etag: Some("\"e\"".into()),
         last_modified: Some(1_700_000_000),
         stored_at_ms: unix_now_ms(),
+        origin: None,
+        cache_control: None,
+        content_disposition: None,
     }
 }
 
@@ -152,6 +155,9 @@ impl EntryMeta {
     fn clone_with_stored(&self, stored_at: u64) -> EntryMeta {
         EntryMeta {
             stored_at_ms: stored_at,
+            origin: None,
+            cache_control: None,
+            content_disposition: None,
             ..self.clone()
         }
     }

@@ -1,15 +1,13 @@
-//! Keys Mastodon told us it deleted or made private (its cache buster), kept for `tombstone_ttl`.
+//! A persistent set of keys with the time each was added, bounded in age and in count: Mastodon's busts
+//! (tombstones, `cache.dir/tombstones`) and the keys already copied to the copy target
+//! (`cache.dir/copied`). Both must outlive restarts and stay small at a million keys:
 //!
-//! After a bucket switch Mastodon deletes only from the bucket it now writes to; an older upstream still
-//! holds the object. A tombstoned key is therefore asked only of the write upstream and never copied, so
-//! a deletion stays final and an ACL change is seen at the next read. Tombstones must outlive restarts
-//! (Mastodon sends each bust once) and stay small at a million keys:
-//!
-//! - on disk, `cache.dir/tombstones`: a header, then 16-byte records (key id, time, CRC32C of both),
-//!   appended and fdatasync'ed before a bust is answered; a torn last record is ignored at load; the
-//!   file is rewritten without expired and repeated records when they outnumber the live ones;
+//! - on disk: a header, then 16-byte records (key id, time, CRC32C of both), appended and fdatasync'ed
+//!   before `add` returns; a torn last record is ignored at load; the file is rewritten without expired,
+//!   evicted and repeated records when those outnumber the live ones;
 //! - in memory, 12 bytes a key: sorted arrays of 64-bit key ids and times, binary-searched, plus a small
-//!   map of recent busts merged into them every [`MERGE_AT`] busts.
+//!   map of recent additions merged into them every [`MERGE_AT`] additions. Past `max` keys, a merge
+//!   drops the oldest.
 
 use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
@@ -19,21 +17,27 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::Duration;
 
-const MAGIC: &[u8; 8] = b"MPTOMB1\n";
+const MAGIC: &[u8; 8] = b"MPKEYS1\n";
 const RECORD: usize = 16;
 /// Recent busts kept in a hash map before they are merged into the sorted arrays (an O(n) merge).
 const MERGE_AT: usize = 4096;
 
-/// The first 8 bytes of the key's SHA-256 (the cache's key hash): a collision among a million keys
-/// has a chance of about 3e-8, and would only make one more key ask the write upstream alone.
+/// The first 8 bytes of a SHA-256: a collision among a million keys has a chance of about 3e-8, and
+/// would only make one more key look busted (asked of the write upstream alone) or copied (one copy
+/// fewer, which `migrate`/`verify` would still find).
 pub type KeyId = u64;
 
-pub fn key_id(hash: super::store::KeyHash) -> KeyId {
-    (hash >> 64) as u64
+/// The id of `text` (a key, or a target and a key).
+pub fn id_of(text: &str) -> KeyId {
+    use sha2::{Digest, Sha256};
+    let d = Sha256::digest(text.as_bytes());
+    u64::from_be_bytes(d[..8].try_into().expect("8 bytes"))
 }
 
-pub struct Tombstones {
+pub struct KeySet {
     path: PathBuf,
+    /// Past this many keys, the oldest are forgotten.
+    max: usize,
     memory: Mutex<Memory>,
     /// The append handle and how many records the file holds; separate from `memory` so lookups never
     /// wait for an fdatasync.
@@ -74,11 +78,37 @@ impl Memory {
         self.ids.binary_search(&id).ok().map(|i| self.times[i])
     }
 
-    fn insert(&mut self, id: KeyId, at: u32, ttl: Duration, now: u32) {
+    fn insert(&mut self, id: KeyId, at: u32, ttl: Duration, now: u32, max: usize) {
         self.recent.insert(id, at);
-        if self.recent.len() >= MERGE_AT {
+        if self.recent.len() >= MERGE_AT.min(max) {
             self.merge(ttl, now);
+            self.bound(max);
         }
+    }
+
+    /// Forgets the oldest keys beyond `max`.
+    fn bound(&mut self, max: usize) {
+        if self.ids.len() <= max {
+            return;
+        }
+        let mut times = self.times.clone();
+        let cut = self.ids.len() - max;
+        let (_, oldest_kept, _) = times.select_nth_unstable(cut);
+        let oldest_kept = *oldest_kept;
+        let mut keep = 0;
+        let mut dropped = 0;
+        for i in 0..self.ids.len() {
+            // Ties at the cut keep the set a little over `max` rather than dropping by id order.
+            if self.times[i] < oldest_kept && dropped < cut {
+                dropped += 1;
+                continue;
+            }
+            self.ids[keep] = self.ids[i];
+            self.times[keep] = self.times[i];
+            keep += 1;
+        }
+        self.ids.truncate(keep);
+        self.times.truncate(keep);
     }
 
     /// Folds the recent busts into the sorted arrays, dropping expired ones; a key busted again keeps
@@ -153,14 +183,14 @@ fn parse(r: &[u8]) -> Option<(KeyId, u32)> {
 }
 
 pub fn unix_now() -> u32 {
-    u32::try_from(super::store::unix_now()).unwrap_or(u32::MAX)
+    u32::try_from(crate::cache::store::unix_now()).unwrap_or(u32::MAX)
 }
 
-impl Tombstones {
-    /// Loads `dir/tombstones` (creating it), keeping the records still alive under `ttl`, and compacts
-    /// the file when most of it is dead.
-    pub fn open(dir: &Path, ttl: Duration) -> io::Result<Tombstones> {
-        let path = dir.join("tombstones");
+impl KeySet {
+    /// Loads `dir/name` (creating it), keeping the records still alive under `ttl` (at most `max`, the
+    /// newest), and compacts the file when most of it is dead.
+    pub fn open(dir: &Path, name: &str, ttl: Duration, max: usize) -> io::Result<KeySet> {
+        let path = dir.join(name);
         let now = unix_now();
         let mut memory = Memory::default();
         let mut records = 0u64;
@@ -172,7 +202,7 @@ impl Tombstones {
                     return Err(io::Error::new(
                         io::ErrorKind::InvalidData,
                         format!(
-                            "{} is not a mediaproxy tombstone file (move it away to start without tombstones)",
+                            "{} is not a mediaproxy key set (move it away to start without it)",
                             path.display()
                         ),
                     ));
@@ -183,7 +213,7 @@ impl Tombstones {
                 let mut all: Vec<(KeyId, u32)> = chunks.filter_map(parse).collect();
                 let corrupt = records - all.len() as u64;
                 if corrupt > 0 {
-                    tracing::warn!(path = %path.display(), corrupt, "tombstone records failed their checksum and were skipped");
+                    tracing::warn!(path = %path.display(), corrupt, "records failed their checksum and were skipped");
                 }
                 drop(bytes);
                 // Sorted by id then time: the last of each run of one id is its newest bust.
@@ -200,14 +230,16 @@ impl Tombstones {
                     }
                     i += 1;
                 }
+                memory.bound(max);
                 memory.ids.shrink_to_fit();
                 memory.times.shrink_to_fit();
             }
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => return Err(e),
         }
-        let t = Tombstones {
+        let t = KeySet {
             file: Mutex::new((append(&path)?, records)),
+            max,
             path,
             memory: Mutex::new(memory),
         };
@@ -215,7 +247,7 @@ impl Tombstones {
         Ok(t)
     }
 
-    /// Whether `id` was busted less than `ttl` ago.
+    /// Whether `id` was added less than `ttl` ago (and not forgotten past `max`).
     pub fn contains(&self, id: KeyId, ttl: Duration) -> bool {
         let memory = self.memory.lock().expect("tombstones lock");
         if memory.len() == 0 {
@@ -224,8 +256,8 @@ impl Tombstones {
         memory.get(id).is_some_and(|at| alive(at, ttl, unix_now()))
     }
 
-    /// Records a bust durably (appended and fdatasync'ed), then in memory. Blocking: call it off the
-    /// async runtime. On a write error the tombstone still applies until the process stops.
+    /// Records `id` durably (appended and fdatasync'ed), then in memory. Blocking: call it off the
+    /// async runtime. On a write error it is still in memory until the process stops.
     pub fn add(&self, id: KeyId, ttl: Duration) -> io::Result<()> {
         let now = unix_now();
         let written = {
@@ -242,7 +274,7 @@ impl Tombstones {
         self.memory
             .lock()
             .expect("tombstones lock")
-            .insert(id, now, ttl, now);
+            .insert(id, now, ttl, now, self.max);
         written?;
         self.compact_if_mostly_dead()
     }
@@ -283,7 +315,7 @@ impl Tombstones {
             File::open(dir)?.sync_all()?;
         }
         *file = (append(&self.path)?, live.len() as u64);
-        tracing::info!(live = live.len(), "tombstone file compacted");
+        tracing::info!(path = %self.path.display(), live = live.len(), "key set compacted");
         Ok(())
     }
 }
@@ -315,14 +347,14 @@ mod tests {
     #[test]
     fn survive_reopen_and_expire() {
         let dir = tempfile::tempdir().unwrap();
-        let t = Tombstones::open(dir.path(), DAY).unwrap();
+        let t = KeySet::open(dir.path(), "tombstones", DAY, usize::MAX).unwrap();
         assert!(!t.contains(1, DAY));
         t.add(1, DAY).unwrap();
         t.add(u64::MAX, DAY).unwrap();
         assert!(t.contains(1, DAY) && t.contains(u64::MAX, DAY));
         assert!(!t.contains(2, DAY));
         drop(t);
-        let t = Tombstones::open(dir.path(), DAY).unwrap();
+        let t = KeySet::open(dir.path(), "tombstones", DAY, usize::MAX).unwrap();
         assert!(t.contains(1, DAY) && t.contains(u64::MAX, DAY));
         // A zero TTL: every tombstone has expired.
         assert!(!t.contains(1, Duration::ZERO));
@@ -331,7 +363,7 @@ mod tests {
     #[test]
     fn torn_and_corrupt_records_are_skipped() {
         let dir = tempfile::tempdir().unwrap();
-        let t = Tombstones::open(dir.path(), DAY).unwrap();
+        let t = KeySet::open(dir.path(), "tombstones", DAY, usize::MAX).unwrap();
         for id in 1..=3 {
             t.add(id, DAY).unwrap();
         }
@@ -341,12 +373,12 @@ mod tests {
         bytes[MAGIC.len() + RECORD + 3] ^= 0xff; // record 2's id
         bytes.extend_from_slice(&[7; 5]); // a torn append
         fs::write(&path, &bytes).unwrap();
-        let t = Tombstones::open(dir.path(), DAY).unwrap();
+        let t = KeySet::open(dir.path(), "tombstones", DAY, usize::MAX).unwrap();
         assert!(t.contains(1, DAY) && !t.contains(2, DAY) && t.contains(3, DAY));
         // Appends after a torn tail line up again.
         t.add(4, DAY).unwrap();
         drop(t);
-        let t = Tombstones::open(dir.path(), DAY).unwrap();
+        let t = KeySet::open(dir.path(), "tombstones", DAY, usize::MAX).unwrap();
         assert!(t.contains(4, DAY) && t.contains(3, DAY));
     }
 
@@ -354,11 +386,10 @@ mod tests {
     fn foreign_file_is_a_clear_error() {
         let dir = tempfile::tempdir().unwrap();
         fs::write(dir.path().join("tombstones"), b"hello").unwrap();
-        let e = Tombstones::open(dir.path(), DAY).err().unwrap();
-        assert!(
-            e.to_string().contains("not a mediaproxy tombstone file"),
-            "{e}"
-        );
+        let e = KeySet::open(dir.path(), "tombstones", DAY, usize::MAX)
+            .err()
+            .unwrap();
+        assert!(e.to_string().contains("not a mediaproxy key set"), "{e}");
     }
 
     #[test]
@@ -375,7 +406,7 @@ mod tests {
             bytes.extend_from_slice(&record(x, now));
         }
         fs::write(&path, &bytes).unwrap();
-        let t = Tombstones::open(dir.path(), DAY).unwrap();
+        let t = KeySet::open(dir.path(), "tombstones", DAY, usize::MAX).unwrap();
         assert_eq!(t.count(), 1_000_000);
         assert!(t.contains(x, DAY));
         let heap = t.heap_bytes();
@@ -392,7 +423,7 @@ mod tests {
         }
         bytes.extend_from_slice(&record(42_424_242, unix_now()));
         fs::write(&path, &bytes).unwrap();
-        let t = Tombstones::open(dir.path(), DAY).unwrap();
+        let t = KeySet::open(dir.path(), "tombstones", DAY, usize::MAX).unwrap();
         assert_eq!(t.count(), 1);
         assert_eq!(
             fs::metadata(&path).unwrap().len(),
@@ -402,13 +433,30 @@ mod tests {
     }
 
     #[test]
+    fn past_max_the_oldest_are_forgotten() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = KeySet::open(dir.path(), "copied", DAY, 5_000).unwrap();
+        {
+            let mut m = t.memory.lock().unwrap();
+            for id in 0..6_000u64 {
+                m.insert(id, 1_000_000 + id as u32, DAY, 1_000_000 + 6_000, 5_000);
+            }
+            m.merge(DAY, 1_006_000);
+            m.bound(5_000);
+            assert_eq!(m.len(), 5_000);
+            assert_eq!(m.get(0), None, "the oldest went first");
+            assert!(m.get(5_999).is_some());
+        }
+    }
+
+    #[test]
     fn merges_keep_the_newest_time_and_the_order() {
         let mut m = Memory::default();
         let ttl = Duration::from_secs(100);
         for id in (0..(MERGE_AT as u64 * 3)).rev() {
-            m.insert(id * 7, 1_000, ttl, 1_000);
+            m.insert(id * 7, 1_000, ttl, 1_000, usize::MAX);
         }
-        m.insert(7, 1_050, ttl, 1_050);
+        m.insert(7, 1_050, ttl, 1_050, usize::MAX);
         m.merge(ttl, 1_050);
         assert!(m.ids.windows(2).all(|w| w[0] < w[1]));
         assert_eq!(m.get(7), Some(1_050));

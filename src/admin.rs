@@ -13,9 +13,15 @@ use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
 
 use crate::cache::Cache;
+use crate::copy::Copier;
 use crate::metrics::Metrics;
 
-pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, cache: Arc<Cache>) {
+pub async fn serve(
+    listener: TcpListener,
+    metrics: Arc<Metrics>,
+    cache: Arc<Cache>,
+    copier: Arc<Copier>,
+) {
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             tokio::time::sleep(std::time::Duration::from_millis(50)).await;
@@ -23,11 +29,13 @@ pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, cache: Arc<Cach
         };
         let metrics = metrics.clone();
         let cache = cache.clone();
+        let copier = copier.clone();
         tokio::spawn(async move {
             let service = service_fn(move |req| {
                 let metrics = metrics.clone();
                 let cache = cache.clone();
-                async move { Ok::<_, Infallible>(answer(&metrics, &cache, &req)) }
+                let copier = copier.clone();
+                async move { Ok::<_, Infallible>(answer(&metrics, &cache, &copier, &req)) }
             });
             let _ = auto::Builder::new(TokioExecutor::new())
                 .serve_connection(TokioIo::new(stream), service)
@@ -36,7 +44,12 @@ pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, cache: Arc<Cach
     }
 }
 
-fn answer<B>(metrics: &Metrics, cache: &Cache, req: &Request<B>) -> Response<Full<Bytes>> {
+fn answer<B>(
+    metrics: &Metrics,
+    cache: &Cache,
+    copier: &Copier,
+    req: &Request<B>,
+) -> Response<Full<Bytes>> {
     let (status, ctype, body) = match (req.method(), req.uri().path()) {
         (&Method::GET, "/healthz") => (StatusCode::OK, "text/plain", "ok\n".to_string()),
         (&Method::GET, "/metrics") => {
@@ -45,6 +58,10 @@ fn answer<B>(metrics: &Metrics, cache: &Cache, req: &Request<B>) -> Response<Ful
             metrics
                 .cache
                 .set_usage(bytes, entries, cache.open_files(), cache.tombstone_count());
+            metrics
+                .copy
+                .depth
+                .set(i64::try_from(copier.depth()).unwrap_or(i64::MAX));
             (
                 StatusCode::OK,
                 "application/openmetrics-text; version=1.0.0; charset=utf-8",

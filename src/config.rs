@@ -76,6 +76,19 @@ pub struct Config {
     pub local: Local,
     pub cache: Cache,
     pub upstreams: Vec<UpstreamConfig>,
+    pub copy: Copy,
+}
+
+/// The lazy copy into the `copy_missing` upstream.
+#[derive(Debug, Clone)]
+pub struct Copy {
+    /// Copies running at once.
+    pub workers: usize,
+    /// Keys waiting; past it the oldest is dropped (counted), never a request blocked.
+    pub queue: usize,
+    /// Keys remembered as already in the target (12 bytes each), so reads of them queue nothing;
+    /// past it the oldest are forgotten and cost one more HEAD on the target when read again.
+    pub remember: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -138,6 +151,8 @@ pub struct UpstreamConfig {
     /// Key prefix inside the bucket, without leading or trailing slash.
     pub prefix: String,
     pub copy_missing: bool,
+    /// Canned ACL sent with copies into this upstream (Mastodon's `S3_PERMISSION`).
+    pub acl: Option<String>,
     pub connect_timeout: Duration,
     pub first_byte_timeout: Duration,
     /// Longest pause between two body chunks before the transfer counts as failed.
@@ -182,7 +197,7 @@ mod file;
 mod validate;
 
 use file::FileConfig;
-use validate::{toml_error, validate_server, validate_upstream};
+use validate::{toml_error, validate_copy, validate_server, validate_upstream};
 
 impl Config {
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
@@ -237,6 +252,25 @@ impl Config {
             }
             upstreams.push(up);
         }
+        if let Some(extra) = upstreams.iter().filter(|u| u.copy_missing).nth(1) {
+            let n = upstreams
+                .iter()
+                .position(|u| std::ptr::eq(u, extra))
+                .expect("in the list");
+            return Err(ConfigError::invalid(
+                format!("upstream[{}].copy_missing", n + 1),
+                None,
+                format!(
+                    "only one upstream can be the copy target; {:?} is already",
+                    upstreams
+                        .iter()
+                        .find(|u| u.copy_missing)
+                        .expect("first")
+                        .name
+                ),
+            ));
+        }
+        let copy = validate_copy(file.copy)?;
 
         Ok(Config {
             server,
@@ -245,6 +279,7 @@ impl Config {
             },
             cache,
             upstreams,
+            copy,
         })
     }
 }

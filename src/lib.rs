@@ -7,6 +7,7 @@ pub mod admin;
 pub mod cache;
 pub mod check;
 pub mod config;
+pub mod copy;
 pub mod key;
 pub mod keyset;
 pub mod local;

@@ -45,9 +45,22 @@ impl CacheCounters {
     }
 }
 
+/// The lazy copy's counters, handed to the copier.
+#[derive(Clone, Default, Debug)]
+pub struct CopyCounters {
+    pub queued: Counter,
+    pub copied: Counter,
+    pub skipped: Counter,
+    pub failed: Counter,
+    pub dropped: Counter,
+    pub bytes: Counter,
+    pub depth: Gauge,
+}
+
 pub struct Metrics {
     registry: Registry,
     pub cache: CacheCounters,
+    pub copy: CopyCounters,
     requests: Family<RequestLabels, Counter>,
     upstream: Family<UpstreamLabels, Counter>,
     busts: Family<ResultLabel, Counter>,
@@ -111,9 +124,26 @@ impl Metrics {
             "Keys Mastodon busted within cache.tombstone_ttl: asked only of the write upstream, never copied",
             cache.tombstones.clone(),
         );
+        let copy = CopyCounters::default();
+        for (name, help, counter) in [
+            ("copy_queued", "Keys queued for a copy into the copy_missing upstream", &copy.queued),
+            ("copy_copied", "Objects copied into the copy_missing upstream", &copy.copied),
+            ("copy_skipped", "Queued keys the target already had (nothing written)", &copy.skipped),
+            ("copy_failed", "Copies that failed for good (after retries); each is logged with its key and error code", &copy.failed),
+            ("copy_dropped", "Queued keys dropped because the queue was full (copy.queue)", &copy.dropped),
+            ("copy_bytes", "Bytes written by copies", &copy.bytes),
+        ] {
+            registry.register(name, help, counter.clone());
+        }
+        registry.register(
+            "copy_queue_depth",
+            "Keys waiting to be copied",
+            copy.depth.clone(),
+        );
         Metrics {
             registry,
             cache,
+            copy,
             requests,
             upstream,
             busts,

@@ -13,7 +13,7 @@ use tokio::sync::Semaphore;
 
 use crate::cache::{fill_failed_at, Cached, FillGuard, Flight, Joined, Lookup};
 use crate::key::Key;
-use crate::object::{Body, Object, Source};
+use crate::object::{Body, Meta, Object, Source};
 use crate::respond::RangeSpec;
 use crate::runtime::Runtime;
 use crate::upstream::{Fetched, Method};
@@ -27,6 +27,42 @@ pub enum Outcome {
 }
 
 pub async fn lookup(
+    rt: &Arc<Runtime>,
+    key: &Key,
+    method: Method,
+    range: Option<&HeaderValue>,
+) -> Outcome {
+    let outcome = find(rt, key, method, range).await;
+    if let Outcome::Found(obj) = &outcome {
+        queue_copy(rt, key, &obj.meta);
+    }
+    outcome
+}
+
+/// Lazy copy: an object that came from a bucket below the `copy_missing` target, straight from it or
+/// through a cache entry it filled (or an entry too old to say), is queued for a copy into the target.
+/// Queueing never waits; local files are never copied (`migrate --from local` is their backup).
+fn queue_copy(rt: &Runtime, key: &Key, meta: &Meta) {
+    if meta.source == Source::Local {
+        return;
+    }
+    let Some(target) = rt.copy_target() else {
+        return;
+    };
+    if let Some(origin) = meta.origin.as_deref() {
+        let at_or_above = rt
+            .upstreams
+            .iter()
+            .take_while(|u| !std::ptr::eq(*u, target))
+            .chain([target]);
+        if at_or_above.into_iter().any(|u| &*u.origin == origin) {
+            return;
+        }
+    }
+    rt.copier.enqueue(&target.origin, key);
+}
+
+async fn find(
     rt: &Arc<Runtime>,
     key: &Key,
     method: Method,

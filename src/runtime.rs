@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use crate::cache::{Cache, Policy};
 use crate::config::Config;
+use crate::copy::Copier;
 use crate::key::Key;
 use crate::local::Roots;
 use crate::metrics::Metrics;
@@ -24,6 +25,8 @@ pub struct Runtime {
     pub metrics: Arc<Metrics>,
     /// Opened once per process and shared across reloads (fills in flight, the index).
     pub cache: Arc<Cache>,
+    /// The lazy-copy queue, shared across reloads too (its workers read the runtime in force).
+    pub copier: Arc<Copier>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -38,6 +41,7 @@ impl Runtime {
         config: Config,
         metrics: Arc<Metrics>,
         cache: Arc<Cache>,
+        copier: Arc<Copier>,
     ) -> Result<Runtime, RuntimeError> {
         let upstreams = config
             .upstreams
@@ -49,9 +53,6 @@ impl Runtime {
                 })
             })
             .collect::<Result<_, _>>()?;
-        for u in config.upstreams.iter().filter(|u| u.copy_missing) {
-            tracing::warn!(upstream = %u.name, "copy_missing is set, but this release does not copy objects between upstreams yet; it only serves them");
-        }
         let write_upstream = config
             .upstreams
             .iter()
@@ -64,6 +65,7 @@ impl Runtime {
             upstreams,
             metrics,
             cache,
+            copier,
         })
     }
 
@@ -79,6 +81,15 @@ impl Runtime {
             return &self.upstreams[w..=w];
         }
         &self.upstreams
+    }
+
+    /// The `copy_missing` upstream, if one is configured.
+    pub fn copy_target(&self) -> Option<&Upstream> {
+        self.config
+            .upstreams
+            .iter()
+            .position(|u| u.copy_missing)
+            .map(|i| &self.upstreams[i])
     }
 
     pub fn policy(&self) -> Policy {

@@ -21,6 +21,7 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::cache::{Cache, CacheError};
 use crate::config::{Config, Tls};
+use crate::copy::{Copier, CopierError};
 use crate::metrics::Metrics;
 use crate::runtime::{Runtime, RuntimeError};
 use crate::{admin, proxy};
@@ -41,6 +42,8 @@ pub enum ServerError {
     Runtime(#[from] RuntimeError),
     #[error(transparent)]
     Cache(#[from] CacheError),
+    #[error(transparent)]
+    Copy(#[from] CopierError),
     #[error("signal handler: {0}")]
     Signal(std::io::Error),
 }
@@ -58,11 +61,14 @@ pub async fn run(config: Config, config_path: Option<PathBuf>) -> Result<(), Ser
         metrics.cache.clone(),
     )?;
     let cache_cfg = config.cache.clone();
+    let copier = Copier::open(&config.cache.dir, &config.copy, metrics.copy.clone())?;
     let shared = Arc::new(ArcSwap::from_pointee(Runtime::new(
         config,
         metrics.clone(),
         cache.clone(),
+        copier.clone(),
     )?));
+    let copy_tasks = copier.start(shared.clone());
 
     let tls = server_cfg.tls.as_ref().map(tls_acceptor).transpose()?;
     let (tx, mut accepted) = mpsc::channel::<TcpStream>(1024);
@@ -87,6 +93,7 @@ pub async fn run(config: Config, config_path: Option<PathBuf>) -> Result<(), Ser
             listener,
             metrics.clone(),
             cache.clone(),
+            copier.clone(),
         )));
     }
 
@@ -138,7 +145,7 @@ pub async fn run(config: Config, config_path: Option<PathBuf>) -> Result<(), Ser
                     }
                 });
             }
-            _ = hup.recv() => reload(&shared, config_path.as_deref(), (&server_cfg, &cache_cfg), &metrics, &cache),
+            _ = hup.recv() => reload(&shared, config_path.as_deref(), (&server_cfg, &cache_cfg), &metrics, (&cache, &copier)),
             _ = term.recv() => break,
             _ = int.recv() => break,
         }
@@ -159,6 +166,12 @@ pub async fn run(config: Config, config_path: Option<PathBuf>) -> Result<(), Ser
     {
         tracing::warn!(timeout = ?server_cfg.shutdown_timeout, "connections still open at shutdown timeout; closing them");
     }
+    // Copies in flight stop here; their keys have no `-` line in the journal, so they are copied
+    // again after the restart, like the keys still waiting.
+    for task in copy_tasks {
+        task.abort();
+    }
+    copier.flush().await;
     tracing::info!("stopped");
     Ok(())
 }
@@ -187,7 +200,7 @@ fn reload(
     path: Option<&std::path::Path>,
     (running, running_cache): (&crate::config::Server, &crate::config::Cache),
     metrics: &Arc<Metrics>,
-    cache: &Arc<Cache>,
+    (cache, copier): (&Arc<Cache>, &Arc<Copier>),
 ) {
     let Some(path) = path else {
         tracing::warn!(
@@ -199,7 +212,8 @@ fn reload(
     let result = Config::load(path)
         .map_err(|e| e.to_string())
         .and_then(|cfg| {
-            Runtime::new(cfg, metrics.clone(), cache.clone()).map_err(|e| e.to_string())
+            Runtime::new(cfg, metrics.clone(), cache.clone(), copier.clone())
+                .map_err(|e| e.to_string())
         });
     match result {
         Ok(rt) => {

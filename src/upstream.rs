@@ -68,6 +68,8 @@ pub struct Upstream {
     /// Cache entries remember it, so a bucket switch that renames upstreams still knows where an
     /// entry came from.
     pub origin: Arc<str>,
+    /// Canned ACL for copies written here.
+    pub acl: Option<String>,
     kind: Kind,
     prefix: String,
     client: reqwest::Client,
@@ -133,6 +135,7 @@ impl Upstream {
         };
         Ok(Upstream {
             origin: origin(cfg).into(),
+            acl: cfg.acl.clone(),
             name: cfg.name.clone(),
             kind,
             prefix: cfg.prefix.clone(),

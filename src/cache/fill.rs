@@ -121,6 +121,19 @@ impl Flights {
         }
     }
 
+    /// Waits (up to `timeout`) for the fill of `hash` to end, if one is running.
+    pub async fn wait(&self, hash: KeyHash, timeout: Duration) {
+        let rx = {
+            let running = self.running.lock().expect("flights lock");
+            match running.get(&hash) {
+                Some(shared) => shared.progress.subscribe(),
+                None => return,
+            }
+        };
+        let mut rx = rx;
+        let _ = tokio::time::timeout(timeout, rx.wait_for(|p| p.status != Status::Running)).await;
+    }
+
     /// Runs `store` (the commit of a fill's result) unless the fill was voided. Under the lock `void`
     /// takes, so a bust either comes before (nothing is stored) or after (it purges what was stored).
     fn unless_voided<T>(&self, shared: &Shared, store: impl FnOnce() -> T) -> Option<T> {

@@ -26,7 +26,8 @@ use crate::keyset::{self, KeySet};
 pub use fill::{FillGuard, Flight};
 pub use follow::{fill_failed_at, Joined};
 use index::Index;
-use store::{hash_key, EntryMeta, Loaded, Store, StoreError};
+use store::{hash_key, Store, StoreError};
+pub use store::{EntryMeta, Loaded};
 
 /// The TTLs in force (from the runtime config, so a reload changes them).
 #[derive(Debug, Clone, Copy)]
@@ -112,6 +113,25 @@ impl Cache {
         self.flights.void(hash);
         self.index.purge(hash);
         recorded
+    }
+
+    /// Waits (up to `timeout`) for a fill of `key` in flight to end: a copy then reads its entry instead
+    /// of asking the old bucket a second time.
+    pub async fn wait_fill(&self, key: &str, timeout: Duration) {
+        self.flights.wait(hash_key(key), timeout).await
+    }
+
+    /// The complete, verified entry for `key` if there is one (a copy's source). Blocking.
+    pub fn entry_for_copy(&self, key: &str) -> Option<Loaded> {
+        match self.store.load(key) {
+            Ok(Some(Loaded::Bytes(meta, bytes, file))) if meta.status == 200 => {
+                Some(Loaded::Bytes(meta, bytes, file))
+            }
+            Ok(Some(Loaded::File(meta, file))) if meta.status == 200 => {
+                Some(Loaded::File(meta, file))
+            }
+            _ => None,
+        }
     }
 
     /// Whether Mastodon busted `key` less than `ttl` ago.

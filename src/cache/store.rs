@@ -177,6 +177,11 @@ impl Store {
         }
     }
 
+    /// Where fills and copy spools are written; emptied at every start.
+    pub fn tmp_dir(&self) -> PathBuf {
+        self.root.join("tmp")
+    }
+
     pub fn entries_dir(&self) -> PathBuf {
         self.root.join("v1")
     }

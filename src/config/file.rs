@@ -19,6 +19,27 @@ pub(super) struct FileConfig {
     pub(super) cache: FileCache,
     #[serde(default)]
     pub(super) upstream: Vec<Spanned<FileUpstream>>,
+    #[serde(default)]
+    pub(super) copy: FileCopy,
+}
+
+#[derive(Deserialize)]
+// Missing keys take the values of `Default` below: one list of defaults, not two.
+#[serde(default, deny_unknown_fields)]
+pub(super) struct FileCopy {
+    pub(super) workers: usize,
+    pub(super) queue: usize,
+    pub(super) remember: usize,
+}
+
+impl Default for FileCopy {
+    fn default() -> Self {
+        FileCopy {
+            workers: 4,
+            queue: 10_000,
+            remember: 1_000_000,
+        }
+    }
 }
 
 #[derive(Deserialize)]
@@ -133,6 +154,7 @@ pub(super) struct FileUpstream {
     pub(super) secret_access_key: Option<String>,
     pub(super) secret_access_key_file: Option<PathBuf>,
     pub(super) reads: Option<String>,
+    pub(super) acl: Option<String>,
     #[serde(default)]
     pub(super) copy_missing: bool,
     #[serde(default = "secs5")]

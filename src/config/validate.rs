@@ -5,8 +5,10 @@ use std::path::Path;
 
 use url::Url;
 
-use super::file::{FileServer, FileUpstream};
-use super::{CacheBuster, ConfigError, Reads, Secret, Server, Tls, UpstreamConfig, UpstreamKind};
+use super::file::{FileCopy, FileServer, FileUpstream};
+use super::{
+    CacheBuster, ConfigError, Copy, Reads, Secret, Server, Tls, UpstreamConfig, UpstreamKind,
+};
 
 pub(super) fn toml_error(text: &str, e: &toml::de::Error) -> ConfigError {
     let line = e
@@ -246,6 +248,8 @@ pub(super) fn validate_upstream(
                 ("secret_access_key", u.secret_access_key.is_some()),
                 ("secret_access_key_file", u.secret_access_key_file.is_some()),
                 ("reads", u.reads.is_some()),
+                ("acl", u.acl.is_some()),
+                ("copy_missing", u.copy_missing),
             ] {
                 if set {
                     return Err(bad(k, "only applies to type = \"s3\"".into()));
@@ -324,13 +328,49 @@ pub(super) fn validate_upstream(
             format!("{:?} must not contain . or .. segments", u.prefix),
         ));
     }
+    const CANNED: [&str; 7] = [
+        "private",
+        "public-read",
+        "public-read-write",
+        "authenticated-read",
+        "aws-exec-read",
+        "bucket-owner-read",
+        "bucket-owner-full-control",
+    ];
+    let acl = u.acl.filter(|a| !a.is_empty());
+    if let Some(a) = &acl {
+        if !CANNED.contains(&a.as_str()) {
+            return Err(bad(
+                "acl",
+                format!("{a:?}: expected a canned ACL such as \"public-read\" or \"private\" (Mastodon's S3_PERMISSION)"),
+            ));
+        }
+    }
     Ok(UpstreamConfig {
         name,
         kind,
         prefix,
+        acl,
         copy_missing: u.copy_missing,
         connect_timeout: u.connect_timeout.0,
         first_byte_timeout: u.first_byte_timeout.0,
         read_timeout: u.read_timeout.0,
+    })
+}
+
+pub(super) fn validate_copy(c: FileCopy) -> Result<Copy, ConfigError> {
+    for (key, value) in [
+        ("copy.workers", c.workers),
+        ("copy.queue", c.queue),
+        ("copy.remember", c.remember),
+    ] {
+        if value == 0 {
+            return Err(ConfigError::invalid(key, None, "must be at least 1"));
+        }
+    }
+    Ok(Copy {
+        workers: c.workers,
+        queue: c.queue,
+        remember: c.remember,
     })
 }

@@ -1,0 +1,204 @@
+//! Lazy copy: every object served from a bucket below the `copy_missing` target is copied into it, so a
+//! bucket switch needs no offline sync.
+//!
+//! - `queue`: the bounded, deduplicated, journaled queue requests feed without ever waiting.
+//! - `one`: the copy engine for one key (source from the cache entry or one GET, conditional PUT,
+//!   verification); `migrate` drives the same engine.
+//! - here: the workers, the retry policy, and the set of keys known to be in the target already
+//!   (`cache.dir/copied`, a [`KeySet`]), so that hits on entries filled from the old bucket stop queueing
+//!   once their copy is done.
+//!
+//! Workers read the runtime in force when they pick a key, so a reload that changes the target or turns
+//! `copy_missing` off applies to queued keys too. Copying never touches a client's response.
+
+mod one;
+mod queue;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use tokio::sync::Notify;
+use tokio::task::JoinHandle;
+
+pub use one::{copy_one, Copied, CopyError};
+use queue::{Pushed, Queue};
+
+use crate::config;
+use crate::key::Key;
+use crate::keyset::{self, KeySet};
+use crate::metrics::CopyCounters;
+use crate::runtime::Runtime;
+
+/// Pauses between attempts of a copy that failed in a way worth retrying: over two minutes in all, so
+/// a target that is down for a minute loses nothing.
+const BACKOFF: [u64; 7] = [1, 2, 4, 8, 16, 32, 60];
+/// The journal is written at least this often.
+const FLUSH_EVERY: Duration = Duration::from_millis(250);
+/// How long a key stays remembered as copied (the bound on count is `copy.remember`).
+const REMEMBER_FOR: Duration = Duration::from_secs(365 * 86400);
+
+pub struct Copier {
+    queue: Queue,
+    copied: KeySet,
+    wake: Notify,
+    counters: CopyCounters,
+    workers: usize,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("copy state in {dir}: {source}")]
+pub struct CopierError {
+    dir: String,
+    source: std::io::Error,
+}
+
+impl Copier {
+    /// Replays the queue's journal and loads the set of copied keys, both under `dir` (`cache.dir`).
+    pub fn open(
+        dir: &std::path::Path,
+        cfg: &config::Copy,
+        counters: CopyCounters,
+    ) -> Result<Arc<Copier>, CopierError> {
+        let error = |source| CopierError {
+            dir: dir.display().to_string(),
+            source,
+        };
+        let queue = Queue::open(dir, cfg.queue).map_err(error)?;
+        let copied = KeySet::open(dir, "copied", REMEMBER_FOR, cfg.remember).map_err(error)?;
+        Ok(Arc::new(Copier {
+            queue,
+            copied,
+            wake: Notify::new(),
+            counters,
+            workers: cfg.workers,
+        }))
+    }
+
+    /// Queues `key` for a copy into the target named by its `origin`, unless it is known to be there,
+    /// already queued, or being copied. Never waits for anything.
+    pub fn enqueue(&self, target_origin: &str, key: &Key) {
+        if self
+            .copied
+            .contains(copied_id(target_origin, key), REMEMBER_FOR)
+        {
+            return;
+        }
+        match self.queue.push(key) {
+            Pushed::Member => return,
+            Pushed::Queued => {}
+            Pushed::DroppedOldest(old) => {
+                self.counters.dropped.inc();
+                tracing::warn!(dropped = %old, "copy queue full (copy.queue): the oldest key was dropped; `mediaproxy migrate` will find it");
+            }
+        }
+        self.counters.queued.inc();
+        self.wake.notify_one();
+    }
+
+    /// Whether `key` is known to be in the target `target_origin` (copied or found there).
+    pub fn known_copied(&self, target_origin: &str, key: &Key) -> bool {
+        self.copied
+            .contains(copied_id(target_origin, key), REMEMBER_FOR)
+    }
+
+    pub fn depth(&self) -> usize {
+        self.queue.depth()
+    }
+
+    /// Starts the workers and the journal writer; they run until [`Copier::stop`]'s handles are aborted.
+    pub fn start(self: &Arc<Copier>, runtime: Arc<ArcSwap<Runtime>>) -> Vec<JoinHandle<()>> {
+        let mut tasks: Vec<JoinHandle<()>> = (0..self.workers)
+            .map(|_| tokio::spawn(self.clone().work(runtime.clone())))
+            .collect();
+        let me = self.clone();
+        tasks.push(tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(FLUSH_EVERY).await;
+                me.flush().await;
+            }
+        }));
+        // Journaled keys from before a restart are copied at once.
+        self.wake.notify_waiters();
+        tasks
+    }
+
+    /// Writes what the journal still lacks (on SIGTERM, after the workers were stopped).
+    pub async fn flush(self: &Arc<Copier>) {
+        let me = self.clone();
+        let flushed = tokio::task::spawn_blocking(move || me.queue.flush()).await;
+        if let Ok(Err(e)) = flushed {
+            tracing::warn!(error = %e, "could not write the copy queue's journal");
+        }
+    }
+
+    async fn work(self: Arc<Copier>, runtime: Arc<ArcSwap<Runtime>>) {
+        loop {
+            let Some(key) = self.queue.pop() else {
+                // Bounded, so a missed wake-up costs a second, never a stuck queue.
+                let _ = tokio::time::timeout(Duration::from_secs(1), self.wake.notified()).await;
+                continue;
+            };
+            self.copy_with_retries(&runtime, &key).await;
+            self.queue.finish(&key);
+        }
+    }
+
+    async fn copy_with_retries(self: &Arc<Self>, runtime: &ArcSwap<Runtime>, key: &Key) {
+        for attempt in 0..=BACKOFF.len() {
+            let rt = runtime.load_full();
+            let Some(target) = rt.copy_target() else {
+                tracing::info!(%key, "copy_missing is off now: queued copy dropped");
+                return;
+            };
+            if rt
+                .cache
+                .tombstoned(key.as_str(), rt.config.cache.tombstone_ttl)
+            {
+                tracing::debug!(%key, "busted by Mastodon: not copied");
+                return;
+            }
+            match copy_one(&rt, target, key).await {
+                Ok(done) => {
+                    match done {
+                        Copied::Copied { bytes } => {
+                            self.counters.copied.inc();
+                            self.counters.bytes.inc_by(bytes);
+                            tracing::info!(%key, target = %target.name, bytes, "copied");
+                        }
+                        Copied::AlreadyThere => {
+                            self.counters.skipped.inc();
+                        }
+                    }
+                    self.remember(&target.origin, key).await;
+                    return;
+                }
+                Err(e) if e.retryable() && attempt < BACKOFF.len() => {
+                    tracing::debug!(%key, target = %target.name, error = %e, attempt, "copy failed; retrying");
+                    tokio::time::sleep(Duration::from_secs(BACKOFF[attempt])).await;
+                }
+                Err(e) => {
+                    self.counters.failed.inc();
+                    tracing::warn!(%key, target = %target.name, code = e.code(), error = %e, "copy failed");
+                    return;
+                }
+            }
+        }
+    }
+
+    async fn remember(self: &Arc<Self>, target_origin: &str, key: &Key) {
+        let id = copied_id(target_origin, key);
+        let me = self.clone();
+        // One small append and fdatasync, on the blocking pool.
+        let r = tokio::task::spawn_blocking(move || me.copied.add(id, REMEMBER_FOR))
+            .await
+            .unwrap_or_else(|e| Err(std::io::Error::other(e)));
+        if let Err(e) = r {
+            tracing::warn!(error = %e, "could not record a copied key; it may be checked again");
+        }
+    }
+}
+
+fn copied_id(target_origin: &str, key: &Key) -> keyset::KeyId {
+    keyset::id_of(&format!("{target_origin}\n{}", key.as_str()))
+}

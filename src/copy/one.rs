@@ -1,0 +1,323 @@
+//! One copy of one key into the target: the engine lazy copy drives (and `migrate` will).
+//!
+//! 1. If a fill of the key is running, wait for it: its entry is the cheapest source.
+//! 2. HEAD the target (signed): there already → done, nothing read. This also narrows the race on
+//!    providers that ignore `If-None-Match` on PUT.
+//! 3. Source bytes: the complete, verified cache entry unless the target itself filled it; otherwise one
+//!    whole-object GET from the first other upstream that has it, spooled to an unlinked file under
+//!    `cache.dir/tmp/` (nothing is left behind by a crash) while its MD5 is computed.
+//! 4. PUT with `If-None-Match: *` and `Content-MD5`, keeping Content-Type, Cache-Control,
+//!    Content-Disposition, with the target's `acl`; 412 means someone else copied it first.
+//! 5. HEAD again: size, and MD5 when the target's ETag is a plain MD5.
+
+use std::fs::File;
+use std::io::{self, Write};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use md5::{Digest, Md5};
+
+use crate::cache::Loaded;
+use crate::key::Key;
+use crate::object::{read_at, Body, Object};
+use crate::runtime::Runtime;
+use crate::upstream::{Fetched, Method, Put, PutRequest, Upstream, WriteError};
+
+/// How long a copy waits for a fill of the same key before fetching on its own.
+const FILL_WAIT: Duration = Duration::from_secs(300);
+/// Read size when hashing or uploading from a file.
+const CHUNK: usize = 256 * 1024;
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum Copied {
+    Copied { bytes: u64 },
+    AlreadyThere,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CopyError {
+    #[error("target: {0}")]
+    Target(#[from] WriteError),
+    #[error("no upstream has it any more")]
+    SourceGone,
+    #[error("source: {0}")]
+    Source(String),
+    #[error("local spool: {0}")]
+    Spool(#[from] io::Error),
+    #[error("verification failed: {0}")]
+    Verify(String),
+}
+
+impl CopyError {
+    /// Worth another try after a pause: the target or the source is down or busy, the disk full.
+    pub fn retryable(&self) -> bool {
+        match self {
+            CopyError::Target(e) => e.retryable(),
+            CopyError::Source(_) | CopyError::Spool(_) => true,
+            CopyError::SourceGone | CopyError::Verify(_) => false,
+        }
+    }
+
+    /// What the log line names: the bucket's error code where there is one.
+    pub fn code(&self) -> &str {
+        match self {
+            CopyError::Target(e) => e.code(),
+            CopyError::SourceGone => "NoSuchKey",
+            CopyError::Source(_) => "source failed",
+            CopyError::Spool(_) => "spool failed",
+            CopyError::Verify(_) => "verification failed",
+        }
+    }
+}
+
+/// The bytes to upload and what to say about them.
+struct Source {
+    len: u64,
+    md5: [u8; 16],
+    content_type: Option<String>,
+    cache_control: Option<String>,
+    content_disposition: Option<String>,
+    data: Data,
+}
+
+enum Data {
+    Bytes(Bytes),
+    /// A cache entry's file or an unlinked spool; the body is its first `len` bytes.
+    File(Arc<File>),
+}
+
+pub async fn copy_one(rt: &Runtime, target: &Upstream, key: &Key) -> Result<Copied, CopyError> {
+    rt.cache.wait_fill(key.as_str(), FILL_WAIT).await;
+    if target.head_signed(key).await?.is_some() {
+        return Ok(Copied::AlreadyThere);
+    }
+    let src = match from_entry(rt, target, key).await {
+        Some(src) => src,
+        None => spool(rt, target, key).await?,
+    };
+    let req = PutRequest {
+        key,
+        len: src.len,
+        md5: src.md5,
+        content_type: src.content_type.as_deref(),
+        cache_control: src.cache_control.as_deref(),
+        content_disposition: src.content_disposition.as_deref(),
+        acl: target.acl.as_deref(),
+    };
+    let put = match target.put(&req, body(&src)).await {
+        // The body changed on the way (a flipped bit): send it once more.
+        Err(WriteError::Refused { code, .. }) if code == "BadDigest" => {
+            target.put(&req, body(&src)).await?
+        }
+        other => other?,
+    };
+    if put == Put::AlreadyThere {
+        return Ok(Copied::AlreadyThere);
+    }
+    let head = target.head_signed(key).await?.ok_or_else(|| {
+        CopyError::Verify("the target does not have it right after the PUT".into())
+    })?;
+    if head.len != src.len {
+        return Err(CopyError::Verify(format!(
+            "the target holds {} bytes, the source {}",
+            head.len, src.len
+        )));
+    }
+    if let Some(etag) = head.etag.as_deref().and_then(plain_md5) {
+        if etag != hex(&src.md5) {
+            return Err(CopyError::Verify(format!(
+                "the target's MD5 {etag} is not the source's {}",
+                hex(&src.md5)
+            )));
+        }
+    }
+    Ok(Copied::Copied { bytes: src.len })
+}
+
+/// The cache entry, unless the target filled it (then the target lost it, and the entry is no better a
+/// source than the target was) or it is incomplete, corrupt or absent.
+async fn from_entry(rt: &Runtime, target: &Upstream, key: &Key) -> Option<Source> {
+    let cache = rt.cache.clone();
+    let k = key.as_str().to_string();
+    let origin = target.origin.clone();
+    tokio::task::spawn_blocking(move || {
+        let (meta, data) = match cache.entry_for_copy(&k)? {
+            Loaded::Bytes(meta, bytes, _) => (meta, Data::Bytes(bytes)),
+            Loaded::File(meta, file) => (meta, Data::File(Arc::new(file))),
+        };
+        if meta.origin.as_deref() == Some(&*origin) {
+            return None;
+        }
+        let md5 = match &data {
+            Data::Bytes(b) => Md5::digest(b).into(),
+            Data::File(f) => md5_of_file(f, meta.len).ok()?,
+        };
+        if meta
+            .etag
+            .as_deref()
+            .and_then(plain_md5)
+            .is_some_and(|e| e != hex(&md5))
+        {
+            tracing::warn!(key = %k, "cache entry does not match its bucket's MD5; fetching it again");
+            return None;
+        }
+        Some(Source {
+            len: meta.len,
+            md5,
+            content_type: meta.content_type,
+            cache_control: meta.cache_control,
+            content_disposition: meta.content_disposition,
+            data,
+        })
+    })
+    .await
+    .ok()
+    .flatten()
+}
+
+/// One whole-object GET from the first upstream other than the target that has the key (in the order a
+/// request asks them, so a tombstoned key finds none), written to an unlinked file.
+async fn spool(rt: &Runtime, target: &Upstream, key: &Key) -> Result<Source, CopyError> {
+    let mut failed = None;
+    for up in rt.chain(key).iter().filter(|u| u.origin != target.origin) {
+        match up.fetch(Method::Get, key, None).await {
+            Ok(Fetched::Found(obj)) => return spool_body(rt, key, obj).await,
+            Ok(Fetched::NotFound) => {}
+            Err(e) => failed = Some(format!("{}: {e}", up.name)),
+        }
+    }
+    Err(failed.map_or(CopyError::SourceGone, CopyError::Source))
+}
+
+async fn spool_body(rt: &Runtime, key: &Key, obj: Object) -> Result<Source, CopyError> {
+    let Object { meta, body } = obj;
+    let Body::Stream {
+        mut stream,
+        offset: 0,
+    } = body
+    else {
+        return Err(CopyError::Source("the upstream sent no whole body".into()));
+    };
+    let path = rt.cache.store().tmp_dir().join(format!(
+        "copy-{:016x}.part",
+        crate::keyset::id_of(key.as_str())
+    ));
+    let mut file = File::options()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&path)?;
+    // Unlinked at once: a crash or a kill leaves nothing to clean up.
+    std::fs::remove_file(&path)?;
+    let mut md5 = Md5::new();
+    let mut len = 0u64;
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|e| CopyError::Source(e.to_string()))?;
+        file.write_all(&chunk)?;
+        md5.update(&chunk);
+        len += chunk.len() as u64;
+    }
+    if meta.len.is_some_and(|l| l != len) {
+        return Err(CopyError::Source(format!(
+            "the body ended at {len} of {} bytes",
+            meta.len.unwrap_or(0)
+        )));
+    }
+    let md5: [u8; 16] = md5.finalize().into();
+    if let Some(etag) = meta.etag.as_deref().and_then(plain_md5) {
+        if etag != hex(&md5) {
+            return Err(CopyError::Source(format!(
+                "the body's MD5 {} is not its ETag {etag}",
+                hex(&md5)
+            )));
+        }
+    }
+    Ok(Source {
+        len,
+        md5,
+        content_type: meta.content_type,
+        cache_control: meta.cache_control,
+        content_disposition: meta.content_disposition,
+        data: Data::File(Arc::new(file)),
+    })
+}
+
+fn md5_of_file(file: &File, len: u64) -> io::Result<[u8; 16]> {
+    let mut md5 = Md5::new();
+    let mut pos = 0;
+    while pos < len {
+        let n = (len - pos).min(CHUNK as u64) as usize;
+        md5.update(read_at(file, pos, n)?);
+        pos += n as u64;
+    }
+    Ok(md5.finalize().into())
+}
+
+/// The upload body, read from memory or from the file in chunks on the blocking pool.
+fn body(src: &Source) -> reqwest::Body {
+    match &src.data {
+        Data::Bytes(b) => reqwest::Body::from(b.clone()),
+        Data::File(file) => {
+            let state = (file.clone(), 0u64, src.len);
+            let chunks = futures_util::stream::unfold(state, |(file, pos, len)| async move {
+                if pos >= len {
+                    return None;
+                }
+                let n = (len - pos).min(CHUNK as u64) as usize;
+                let f = file.clone();
+                let read = tokio::task::spawn_blocking(move || read_at(&f, pos, n))
+                    .await
+                    .unwrap_or_else(|e| Err(io::Error::other(e)));
+                Some((read, (file, pos + n as u64, len)))
+            });
+            reqwest::Body::wrap_stream(chunks)
+        }
+    }
+}
+
+/// The hex MD5 in an ETag that is one (`"d41d8cd98f00b204e9800998ecf8427e"`); not a multipart `-N` one.
+fn plain_md5(etag: &str) -> Option<String> {
+    let e = etag.trim().trim_start_matches("W/").trim_matches('"');
+    (e.len() == 32 && e.bytes().all(|b| b.is_ascii_hexdigit())).then(|| e.to_ascii_lowercase())
+}
+
+fn hex(md5: &[u8; 16]) -> String {
+    md5.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plain_md5_etags_only() {
+        assert_eq!(
+            plain_md5("\"D41D8CD98F00B204E9800998ECF8427E\"").as_deref(),
+            Some("d41d8cd98f00b204e9800998ecf8427e")
+        );
+        assert_eq!(plain_md5("\"d41d8cd98f00b204e9800998ecf8427e-3\""), None);
+        assert_eq!(plain_md5("\"abc\""), None);
+    }
+
+    #[test]
+    fn retry_policy() {
+        let refused = |status, code: &str| {
+            CopyError::Target(WriteError::Refused {
+                status,
+                code: code.into(),
+            })
+        };
+        assert!(refused(503, "SlowDown").retryable());
+        assert!(refused(500, "").retryable());
+        assert!(refused(429, "").retryable());
+        assert!(refused(409, "ConditionalRequestConflict").retryable());
+        assert!(!refused(403, "AccessDenied").retryable());
+        assert!(!refused(403, "InvalidAccessKeyId").retryable());
+        assert!(!refused(404, "NoSuchBucket").retryable());
+        assert!(CopyError::Target(WriteError::Transport("refused".into())).retryable());
+        assert!(!CopyError::SourceGone.retryable());
+    }
+}

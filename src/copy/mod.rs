@@ -145,7 +145,9 @@ impl Copier {
     }
 
     async fn copy_with_retries(self: &Arc<Self>, runtime: &ArcSwap<Runtime>, key: &Key) {
-        for attempt in 0..=BACKOFF.len() {
+        // The last attempt has no pause after it.
+        let pauses = BACKOFF.iter().map(|s| Some(Duration::from_secs(*s)));
+        for (attempt, pause) in pauses.chain([None]).enumerate() {
             let rt = runtime.load_full();
             let Some(target) = rt.copy_target() else {
                 tracing::info!(%key, "copy_missing is off now: queued copy dropped");
@@ -173,9 +175,9 @@ impl Copier {
                     self.remember(&target.origin, key).await;
                     return;
                 }
-                Err(e) if e.retryable() && attempt < BACKOFF.len() => {
+                Err(e) if e.retryable() && pause.is_some() => {
                     tracing::debug!(%key, target = %target.name, error = %e, attempt, "copy failed; retrying");
-                    tokio::time::sleep(Duration::from_secs(BACKOFF[attempt])).await;
+                    tokio::time::sleep(pause.unwrap_or_default()).await;
                 }
                 Err(e) => {
                     self.counters.failed.inc();

@@ -195,28 +195,13 @@ impl KeySet {
         let mut memory = Memory::default();
         let mut records = 0u64;
         match File::open(&path) {
-            Ok(mut f) => {
-                let mut bytes = Vec::new();
-                f.read_to_end(&mut bytes)?;
-                if bytes.len() < MAGIC.len() || &bytes[..MAGIC.len()] != MAGIC {
-                    return Err(io::Error::new(
-                        io::ErrorKind::InvalidData,
-                        format!(
-                            "{} is not a mediaproxy key set (move it away to start without it)",
-                            path.display()
-                        ),
-                    ));
-                }
-                // A torn last record (a crash mid-append) is shorter than RECORD and is skipped here.
-                let chunks = bytes[MAGIC.len()..].chunks_exact(RECORD);
-                records = chunks.len() as u64;
-                let mut all: Vec<(KeyId, u32)> = chunks.filter_map(parse).collect();
-                let corrupt = records - all.len() as u64;
+            Ok(f) => {
+                let mut all = Vec::new();
+                let corrupt = read_records(f, &path, &mut all, &mut records)?;
                 if corrupt > 0 {
                     tracing::warn!(path = %path.display(), corrupt, "records failed their checksum and were skipped");
                 }
-                drop(bytes);
-                // Sorted by id then time: the last of each run of one id is its newest bust.
+                // Sorted by id then time: the last of each run of one id is its newest addition.
                 all.sort_unstable();
                 let mut i = 0;
                 while i < all.len() {
@@ -230,6 +215,7 @@ impl KeySet {
                     }
                     i += 1;
                 }
+                drop(all);
                 memory.bound(max);
                 memory.ids.shrink_to_fit();
                 memory.times.shrink_to_fit();
@@ -243,17 +229,21 @@ impl KeySet {
             path,
             memory: Mutex::new(memory),
         };
-        t.compact_if_mostly_dead()?;
+        t.compact_if_mostly_dead(ttl);
         Ok(t)
     }
 
     /// Whether `id` was added less than `ttl` ago (and not forgotten past `max`).
     pub fn contains(&self, id: KeyId, ttl: Duration) -> bool {
-        let memory = self.memory.lock().expect("tombstones lock");
+        let memory = self.memory.lock().expect("key set lock");
         if memory.len() == 0 {
             return false;
         }
         memory.get(id).is_some_and(|at| alive(at, ttl, unix_now()))
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.memory.lock().expect("key set lock").len() == 0
     }
 
     /// Records `id` durably (appended and fdatasync'ed), then in memory. Blocking: call it off the
@@ -261,74 +251,147 @@ impl KeySet {
     pub fn add(&self, id: KeyId, ttl: Duration) -> io::Result<()> {
         let now = unix_now();
         let written = {
-            let mut file = self.file.lock().expect("tombstones file lock");
+            // Memory is updated under the file lock too, so a compaction (which rewrites the file
+            // from memory under the same lock) cannot fall between the append and the insert.
+            let mut file = self.file.lock().expect("key set file lock");
             let r = file
                 .0
                 .write_all(&record(id, now))
                 .and_then(|()| file.0.sync_data());
-            if r.is_ok() {
-                file.1 += 1;
+            match &r {
+                Ok(()) => file.1 += 1,
+                // A short write (a full disk) would misalign every later record: cut it off.
+                Err(_) => {
+                    let _ = file.0.set_len(MAGIC.len() as u64 + file.1 * RECORD as u64);
+                }
             }
+            self.memory
+                .lock()
+                .expect("key set lock")
+                .insert(id, now, ttl, now, self.max);
             r
         };
-        self.memory
-            .lock()
-            .expect("tombstones lock")
-            .insert(id, now, ttl, now, self.max);
         written?;
-        self.compact_if_mostly_dead()
+        self.compact_if_mostly_dead(ttl);
+        Ok(())
     }
 
+    /// Keys in memory (until the next merge, expired ones included).
     pub fn count(&self) -> usize {
-        self.memory.lock().expect("tombstones lock").len()
+        self.memory.lock().expect("key set lock").len()
     }
 
     #[cfg(test)]
     /// Heap bytes the in-memory set holds (for the size bound the tests and the docs state).
     pub fn heap_bytes(&self) -> usize {
-        let m = self.memory.lock().expect("tombstones lock");
+        let m = self.memory.lock().expect("key set lock");
         m.ids.capacity() * 8
             + m.times.capacity() * 4
             + m.recent.capacity() * (std::mem::size_of::<(KeyId, u32)>() + 1)
     }
 
     /// Rewrites the file with only the live records once dead and repeated ones are the majority, so
-    /// it stays proportional to the busts of one `tombstone_ttl`.
-    fn compact_if_mostly_dead(&self) -> io::Result<()> {
-        let mut file = self.file.lock().expect("tombstones file lock");
+    /// it stays proportional to what one `ttl` (or `max`) keeps. A failure is logged and changes
+    /// nothing: the old file, still complete, stays in use.
+    fn compact_if_mostly_dead(&self, ttl: Duration) {
+        let mut file = self.file.lock().expect("key set file lock");
         let live: Vec<(KeyId, u32)> = {
-            let m = self.memory.lock().expect("tombstones lock");
+            let mut m = self.memory.lock().expect("key set lock");
             if file.1 <= 2 * m.len() as u64 + MERGE_AT as u64 {
-                return Ok(());
+                return;
             }
+            m.merge(ttl, unix_now());
+            m.bound(self.max);
             m.records().collect()
         };
-        let tmp = self.path.with_extension("tmp");
-        let mut out = io::BufWriter::new(File::create(&tmp)?);
-        out.write_all(MAGIC)?;
-        for (id, at) in &live {
-            out.write_all(&record(*id, *at))?;
+        match rewrite(&self.path, &live) {
+            Ok(new) => {
+                *file = (new, live.len() as u64);
+                tracing::info!(path = %self.path.display(), live = live.len(), "key set compacted");
+            }
+            Err(e) => {
+                tracing::warn!(path = %self.path.display(), error = %e, "could not compact; the file keeps growing until the next try")
+            }
         }
-        out.into_inner().map_err(|e| e.into_error())?.sync_all()?;
-        fs::rename(&tmp, &self.path)?;
-        if let Some(dir) = self.path.parent() {
-            File::open(dir)?.sync_all()?;
-        }
-        *file = (append(&self.path)?, live.len() as u64);
-        tracing::info!(path = %self.path.display(), live = live.len(), "key set compacted");
-        Ok(())
     }
 }
 
-/// Opens the file for appending, writing the header into a new one.
+/// Parses the file in pieces (never the whole file in memory besides the parsed records); returns how
+/// many records failed their checksum. An empty file, or one holding only part of the header, is a
+/// crash before the header was synced: no records.
+fn read_records(
+    mut f: File,
+    path: &Path,
+    out: &mut Vec<(KeyId, u32)>,
+    records: &mut u64,
+) -> io::Result<u64> {
+    let mut head = [0u8; MAGIC.len()];
+    let mut got = 0;
+    while got < head.len() {
+        match f.read(&mut head[got..])? {
+            0 => break,
+            n => got += n,
+        }
+    }
+    if got < head.len() && MAGIC.starts_with(&head[..got]) {
+        return Ok(0);
+    }
+    if &head != MAGIC {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!(
+                "{} is not a mediaproxy key set (move it away to start without it)",
+                path.display()
+            ),
+        ));
+    }
+    let mut reader = io::BufReader::with_capacity(64 * 1024, f);
+    let mut r = [0u8; RECORD];
+    let mut corrupt = 0;
+    loop {
+        // A torn last record (a crash mid-append) is shorter than RECORD and ends the file here.
+        match reader.read_exact(&mut r) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => break,
+            Err(e) => return Err(e),
+        }
+        *records += 1;
+        match parse(&r) {
+            Some(rec) => out.push(rec),
+            None => corrupt += 1,
+        }
+    }
+    Ok(corrupt)
+}
+
+/// Writes a new file holding `live` (tmp, fsync, opened for appending, then renamed into place), so
+/// the handle returned is the file now at `path`.
+fn rewrite(path: &Path, live: &[(KeyId, u32)]) -> io::Result<File> {
+    let tmp = path.with_extension("tmp");
+    let mut out = io::BufWriter::new(File::create(&tmp)?);
+    out.write_all(MAGIC)?;
+    for (id, at) in live {
+        out.write_all(&record(*id, *at))?;
+    }
+    out.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+    let handle = OpenOptions::new().append(true).open(&tmp)?;
+    fs::rename(&tmp, path)?;
+    if let Some(dir) = path.parent() {
+        File::open(dir)?.sync_all()?;
+    }
+    Ok(handle)
+}
+
+/// Opens the file for appending, writing the header into a new (or crash-emptied) one.
 fn append(path: &Path) -> io::Result<File> {
     let mut f = OpenOptions::new().create(true).append(true).open(path)?;
-    if f.metadata()?.len() == 0 {
+    let len = f.metadata()?.len();
+    if len < MAGIC.len() as u64 {
+        f.set_len(0)?;
         f.write_all(MAGIC)?;
         f.sync_all()?;
     } else {
         // A torn record at the end would shift every later one: cut the file back to whole records.
-        let len = f.metadata()?.len();
         let whole = MAGIC.len() as u64
             + (len.saturating_sub(MAGIC.len() as u64) / RECORD as u64) * RECORD as u64;
         if whole != len {
@@ -380,6 +443,19 @@ mod tests {
         drop(t);
         let t = KeySet::open(dir.path(), "tombstones", DAY, usize::MAX).unwrap();
         assert!(t.contains(4, DAY) && t.contains(3, DAY));
+    }
+
+    #[test]
+    fn a_file_emptied_by_a_crash_before_its_header_was_synced_opens_empty() {
+        for content in [&b""[..], &MAGIC[..3]] {
+            let dir = tempfile::tempdir().unwrap();
+            fs::write(dir.path().join("tombstones"), content).unwrap();
+            let t = KeySet::open(dir.path(), "tombstones", DAY, usize::MAX).unwrap();
+            t.add(9, DAY).unwrap();
+            drop(t);
+            let t = KeySet::open(dir.path(), "tombstones", DAY, usize::MAX).unwrap();
+            assert!(t.contains(9, DAY));
+        }
     }
 
     #[test]

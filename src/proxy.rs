@@ -4,6 +4,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 use http::{Method, Request, Response, StatusCode};
@@ -22,7 +23,8 @@ pub async fn handle<B>(rt: Arc<Runtime>, req: Request<B>) -> Response<ResponseBo
 }
 
 async fn answer<B>(rt: &Arc<Runtime>, req: &Request<B>) -> Response<ResponseBody> {
-    if let Some(resp) = cache_buster(rt, req).await {
+    let key = key::parse(req.uri().path(), &rt.config.server.path_prefix);
+    if let Some(resp) = cache_buster(rt, req, &key).await {
         return resp;
     }
     let method = match *req.method() {
@@ -32,13 +34,11 @@ async fn answer<B>(rt: &Arc<Runtime>, req: &Request<B>) -> Response<ResponseBody
         // Nothing else is forwarded: a proxy in front of a bucket must never become a way to write to it.
         _ => return respond::error(StatusCode::METHOD_NOT_ALLOWED),
     };
-    let key = match key::parse(req.uri().path(), &rt.config.server.path_prefix) {
+    let key = match key {
         Ok(key) => key,
         Err(e) => {
             tracing::debug!(path = %req.uri().path(), error = %e, "refused path");
-            return respond::error(
-                StatusCode::from_u16(e.status()).unwrap_or(StatusCode::BAD_REQUEST),
-            );
+            return refused(e);
         }
     };
     if !key.is_allowed(&rt.config.server.allow_prefixes) {
@@ -75,24 +75,27 @@ async fn answer<B>(rt: &Arc<Runtime>, req: &Request<B>) -> Response<ResponseBody
 /// Mastodon's cache buster (`CACHE_BUSTER_ENABLED`): a GET or PURGE carrying the configured header with
 /// the right secret purges and tombstones the key. `None`: not a bust, serve the request as usual (a
 /// wrong or missing secret included, so no client without it can hide media).
-async fn cache_buster<B>(rt: &Runtime, req: &Request<B>) -> Option<Response<ResponseBody>> {
+async fn cache_buster<B>(
+    rt: &Runtime,
+    req: &Request<B>,
+    key: &Result<key::Key, key::KeyError>,
+) -> Option<Response<ResponseBody>> {
     let buster = rt.config.server.cache_buster.as_ref()?;
     if !(req.method() == Method::GET || req.method().as_str() == "PURGE") {
         return None;
     }
     let given = req.headers().get(&buster.header)?;
-    if !bool::from(given.as_bytes().ct_eq(buster.secret.expose().as_bytes())) {
+    // Digests first: equal lengths, so not even the secret's length shows in the timing.
+    let given = Sha256::digest(given.as_bytes());
+    let secret = Sha256::digest(buster.secret.expose().as_bytes());
+    if !bool::from(given.as_slice().ct_eq(secret.as_slice())) {
         rt.metrics.bust("refused");
         warn_refused_bust();
         return None;
     }
-    let key = match key::parse(req.uri().path(), &rt.config.server.path_prefix) {
+    let key = match key {
         Ok(key) => key,
-        Err(e) => {
-            return Some(respond::error(
-                StatusCode::from_u16(e.status()).unwrap_or(StatusCode::BAD_REQUEST),
-            ))
-        }
+        Err(e) => return Some(refused(*e)),
     };
     match rt
         .cache
@@ -125,4 +128,8 @@ fn warn_refused_bust() {
     {
         tracing::warn!("a request carried the cache buster header with a wrong secret and was served as a read; if it came from Mastodon, CACHE_BUSTER_SECRET and server.cache_buster_secret_file differ");
     }
+}
+
+fn refused(e: key::KeyError) -> Response<ResponseBody> {
+    respond::error(StatusCode::from_u16(e.status()).unwrap_or(StatusCode::BAD_REQUEST))
 }

@@ -113,7 +113,7 @@ async fn find(
     match ask(rt, key, method, range).await {
         Asked::Found(obj) => Outcome::Found(obj),
         Asked::NotFound => Outcome::NotFound(None),
-        Asked::Failed => serve_stale(stale),
+        Asked::Failed => serve_stale(rt, key, stale),
     }
 }
 
@@ -129,7 +129,7 @@ async fn fill(rt: &Arc<Runtime>, key: &Key, guard: FillGuard, stale: Option<Cach
             guard.not_found();
             Outcome::NotFound(None)
         }
-        Asked::Failed => serve_stale(stale),
+        Asked::Failed => serve_stale(rt, key, stale),
     }
 }
 
@@ -226,10 +226,17 @@ fn resume_on_fill_failure(rt: Arc<Runtime>, key: Key, obj: Object) -> Object {
 
 /// Varnish's grace, nginx's `proxy_cache_use_stale error timeout`: every upstream failed, so an expired
 /// copy beats a 502.
-fn serve_stale(stale: Option<Cached>) -> Outcome {
+/// Not for a key Mastodon busted after the stale copy was read: that copy is what it took back.
+fn serve_stale(rt: &Runtime, key: &Key, stale: Option<Cached>) -> Outcome {
     match stale {
-        Some(cached) => from_cache(cached, Source::Stale),
-        None => Outcome::Failed,
+        Some(cached)
+            if !rt
+                .cache
+                .tombstoned(key.as_str(), rt.config.cache.tombstone_ttl) =>
+        {
+            from_cache(cached, Source::Stale)
+        }
+        _ => Outcome::Failed,
     }
 }
 

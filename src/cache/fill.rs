@@ -154,9 +154,18 @@ pub struct FillGuard {
 impl FillGuard {
     pub fn not_found(mut self) {
         let cache = self.cache.clone();
-        cache
-            .flights
-            .unless_voided(&self.shared, || cache.store_not_found(&self.key));
+        // Written outside the flights lock; only the rename happens under it.
+        let stored = cache.sealed_not_found(&self.key).and_then(|sealed| {
+            cache
+                .flights
+                .unless_voided(&self.shared, || {
+                    cache.index.publish(self.hash, sealed, true)
+                })
+                .unwrap_or(Ok(0))
+        });
+        if let Err(e) = stored {
+            cache.write_failed(&self.key, &e);
+        }
         self.status = Status::Done;
     }
 
@@ -352,14 +361,17 @@ async fn run(
     if outcome == Ended::Complete {
         if let (Some(w), Some(g)) = (writer.take(), guard.as_mut()) {
             let hash = g.hash;
-            let stored = cache.flights.unless_voided(&g.shared, || {
-                w.seal(cache.store(), &entry)
-                    .and_then(|sealed| cache.index.publish(hash, sealed, false))
+            // Sealed outside the flights lock; only the rename happens under it.
+            let stored = w.seal(cache.store(), &entry).and_then(|sealed| {
+                cache
+                    .flights
+                    .unless_voided(&g.shared, || cache.index.publish(hash, sealed, false))
+                    // Voided: waiting followers find no entry and ask the upstreams under the new rules.
+                    .unwrap_or(Ok(0))
             });
             match stored {
-                // Voided: waiting followers find no entry and ask the upstreams under the new rules.
-                Some(Ok(_)) | None => g.status = Status::Done,
-                Some(Err(e)) => cache.write_failed(&entry.key, &e),
+                Ok(_) => g.status = Status::Done,
+                Err(e) => cache.write_failed(&entry.key, &e),
             }
         }
     }

@@ -228,7 +228,9 @@ impl Cache {
     }
 
     /// Remembers that no upstream has `key`.
-    pub fn store_not_found(&self, key: &str) {
+    /// A negative entry for `key`, written and sealed, for the fill's leader to publish (unless a bust
+    /// voided the fill): no upstream has the key.
+    fn sealed_not_found(&self, key: &str) -> std::io::Result<store::Sealed> {
         let meta = EntryMeta {
             key: key.to_string(),
             status: 404,
@@ -241,14 +243,7 @@ impl Cache {
             cache_control: None,
             content_disposition: None,
         };
-        let result = self
-            .store
-            .writer()
-            .and_then(|w| w.seal(&self.store, &meta))
-            .and_then(|sealed| self.index.publish(hash_key(key), sealed, true));
-        if let Err(e) = result {
-            self.write_failed(key, &e);
-        }
+        self.store.writer().and_then(|w| w.seal(&self.store, &meta))
     }
 
     fn write_failed(&self, key: &str, e: &std::io::Error) {

@@ -35,21 +35,6 @@ fn du(dir: &Path) -> u64 {
         .sum()
 }
 
-async fn get(proxy: &Proxy, key: &str) -> (u16, String, Vec<u8>) {
-    let r = client()
-        .get(proxy.url(&format!("/{key}")))
-        .send()
-        .await
-        .unwrap();
-    let status = r.status().as_u16();
-    let xc = r
-        .headers()
-        .get("x-cache")
-        .map(|v| v.to_str().unwrap().to_string())
-        .unwrap_or_default();
-    (status, xc, r.bytes().await.unwrap().to_vec())
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn miss_then_hit_survives_bucket_loss_and_restart() {
     let s3 = S3Server::start(&["media"], true).await;

@@ -166,6 +166,35 @@ impl S3Server {
         );
     }
 
+    /// The object as stored (signed GET): body and Content-Type; `None` when the bucket lacks it.
+    pub async fn object(&self, bucket: &str, key: &str) -> Option<(Vec<u8>, String)> {
+        let b = self.bucket(bucket);
+        let creds = self.creds();
+        let url = b
+            .get_object(creds.as_ref(), key)
+            .sign(Duration::from_secs(60));
+        let resp = client().get(url).send().await.unwrap();
+        if resp.status() == 404 {
+            return None;
+        }
+        assert!(resp.status().is_success(), "GET {key}: {}", resp.status());
+        let ctype = resp
+            .headers()
+            .get("content-type")
+            .map(|v| v.to_str().unwrap().to_string())
+            .unwrap_or_default();
+        Some((resp.bytes().await.unwrap().to_vec(), ctype))
+    }
+
+    /// The canned ACL the object was stored with, as the server keeps it.
+    pub fn acl(&self, bucket: &str, key: &str) -> Option<String> {
+        self.acls
+            .lock()
+            .unwrap()
+            .get(&(bucket.to_string(), key.to_string()))
+            .cloned()
+    }
+
     /// Changes an object's canned ACL, as Mastodon's suspension (private) and unsuspension (public-read) do.
     pub fn set_acl(&self, bucket: &str, key: &str, acl: &str) {
         self.acls
@@ -220,6 +249,15 @@ impl S3Server {
             .replacen("\n\n", "\nreads = \"anonymous\"\n\n", 1)
     }
 
+    /// TOML for the `copy_missing` target: an s3 upstream with `copy_missing = true` and `extra` lines.
+    pub fn s3_target(&self, name: &str, bucket: &str, extra: &str) -> String {
+        self.s3_upstream(name, bucket).replacen(
+            "\n\n",
+            &format!("\ncopy_missing = true\n{extra}\n\n"),
+            1,
+        )
+    }
+
     /// TOML for an anonymous `type = "http"` upstream on this (public) server's bucket.
     pub fn http_upstream(&self, name: &str, bucket: &str) -> String {
         format!(
@@ -245,6 +283,22 @@ pub fn client() -> reqwest::Client {
         .unwrap()
 }
 
+/// GET `/key` through the proxy: status, `X-Cache`, body.
+pub async fn get(proxy: &Proxy, key: &str) -> (u16, String, Vec<u8>) {
+    let r = client()
+        .get(proxy.url(&format!("/{key}")))
+        .send()
+        .await
+        .unwrap();
+    let status = r.status().as_u16();
+    let xc = r
+        .headers()
+        .get("x-cache")
+        .map(|v| v.to_str().unwrap().to_string())
+        .unwrap_or_default();
+    (status, xc, r.bytes().await.unwrap().to_vec())
+}
+
 /// The Prometheus text served on the admin listener at `port`.
 pub async fn metrics(port: u16) -> String {
     client()
@@ -255,6 +309,33 @@ pub async fn metrics(port: u16) -> String {
         .text()
         .await
         .unwrap()
+}
+
+/// The value of the first metric line starting with `line_start` (0 when absent).
+pub fn metric_value(text: &str, line_start: &str) -> u64 {
+    text.lines()
+        .find(|l| l.starts_with(line_start))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Polls `check` every 50 ms until it holds or `within` has passed; returns whether it held.
+pub async fn eventually<F, Fut>(within: Duration, mut check: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + within;
+    loop {
+        if check().await {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// A port nothing listens on (bound, then released).

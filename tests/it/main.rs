@@ -3,6 +3,7 @@
 mod cache;
 mod cli;
 mod common;
+mod copy;
 mod lifecycle;
 mod local;
 mod privacy;

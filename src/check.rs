@@ -7,7 +7,7 @@ use tokio::net::{lookup_host, TcpStream};
 
 use crate::config::Config;
 use crate::key;
-use crate::upstream::{Fetched, Method, Upstream, UpstreamError};
+use crate::upstream::{Fetched, Method, Put, PutRequest, Upstream, UpstreamError, WriteError};
 
 const STEP_TIMEOUT: Duration = Duration::from_secs(5);
 /// A key nobody uploads: found or not, a clean answer to a signed HEAD proves DNS, TCP, TLS and the
@@ -25,7 +25,13 @@ pub async fn probe_all(config: &Config) -> Vec<ProbeLine> {
     let mut lines = Vec::new();
     for cfg in &config.upstreams {
         let (ok, detail) = match Upstream::new(cfg) {
-            Ok(up) => probe(&up).await,
+            Ok(up) => match probe(&up).await {
+                (true, read) if cfg.copy_missing => match probe_writes(&up).await {
+                    Ok(write) => (true, format!("{read}; {write}")),
+                    Err(write) => (false, format!("{read}; {write}")),
+                },
+                other => other,
+            },
             Err(e) => (false, e.to_string()),
         };
         lines.push(ProbeLine {
@@ -73,5 +79,46 @@ async fn probe(up: &Upstream) -> (bool, String) {
         }
         Err(UpstreamError::Auth(code)) => (false, format!("credentials refused ({code})")),
         Err(e) => (false, e.to_string()),
+    }
+}
+
+/// The copy target must accept PUTs, or every lazy copy fails: PUT a small probe object (under
+/// `mediaproxy-check/`, which the proxy never serves), PUT it again to learn whether the bucket honours
+/// `If-None-Match: *`, then DELETE it.
+async fn probe_writes(up: &Upstream) -> Result<String, String> {
+    use md5::{Digest, Md5};
+    let name = format!(
+        "/mediaproxy-check/write-probe-{}-{}.txt",
+        std::process::id(),
+        crate::cache::store::unix_now_ms()
+    );
+    let key = key::parse(&name, "").expect("probe key is valid");
+    let body = b"mediaproxy check: safe to delete\n".to_vec();
+    let req = PutRequest {
+        key: &key,
+        len: body.len() as u64,
+        md5: Md5::digest(&body).into(),
+        content_type: Some("text/plain"),
+        cache_control: None,
+        content_disposition: None,
+        acl: None,
+    };
+    let refused = |e: WriteError| format!("copy target refuses writes: PUT {}: {e}", key.as_str());
+    up.put(&req, body.clone().into()).await.map_err(refused)?;
+    let second = up.put(&req, body.into()).await.map_err(refused);
+    let deleted = up.delete(&key).await;
+    let conditional = match second? {
+        Put::AlreadyThere => "honours If-None-Match: copies never overwrite",
+        Put::Created => "IGNORES If-None-Match: copies HEAD first, which narrows but cannot close a race between two writers",
+    };
+    match deleted {
+        Ok(()) => Ok(format!(
+            "writable (PUT and DELETE of {}); {conditional}",
+            key.as_str()
+        )),
+        Err(e) => Ok(format!(
+            "writable; {conditional}; could not delete the probe object {} ({e}): delete it by hand",
+            key.as_str()
+        )),
     }
 }

@@ -113,3 +113,48 @@ async fn check_probes_every_upstream() {
     );
     assert!(text.contains("FAIL nx") && text.contains("DNS"), "{text}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn check_tells_whether_the_copy_target_takes_writes_and_conditional_puts() {
+    let s3 = S3Server::start(&["media", "sloppy"], true).await;
+    let target = |bucket: &str| s3.s3_target("new", bucket, "");
+    let config = target("media");
+    let (code, text) = tokio::task::spawn_blocking(move || check(&config))
+        .await
+        .unwrap();
+    assert_eq!(code, 0, "{text}");
+    assert!(
+        text.contains("OK   new") && text.contains("writable"),
+        "{text}"
+    );
+    assert!(text.contains("honours If-None-Match"), "{text}");
+    let left: Vec<_> = std::fs::read_dir(s3.root.path().join("media"))
+        .unwrap()
+        .flatten()
+        .flat_map(|e| std::fs::read_dir(e.path()).into_iter().flatten().flatten())
+        .collect();
+    assert!(left.is_empty(), "the probe object was deleted: {left:?}");
+
+    // An access key that may read but not write: reads look fine, every copy would fail.
+    s3.set_read_only(true);
+    let config = target("media");
+    let (code, text) = tokio::task::spawn_blocking(move || check(&config))
+        .await
+        .unwrap();
+    assert_eq!(code, 1, "{text}");
+    assert!(
+        text.contains("FAIL new")
+            && text.contains("refuses writes")
+            && text.contains("AccessDenied"),
+        "{text}"
+    );
+
+    s3.set_read_only(false);
+    s3.ignore_conditional_puts();
+    let config = target("sloppy");
+    let (code, text) = tokio::task::spawn_blocking(move || check(&config))
+        .await
+        .unwrap();
+    assert_eq!(code, 0, "{text}");
+    assert!(text.contains("IGNORES If-None-Match"), "{text}");
+}

@@ -4,6 +4,7 @@
 //! Signed requests pass straight through to s3s-fs.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use s3s::access::{S3Access, S3AccessContext};
@@ -15,6 +16,10 @@ pub type Acls = Arc<Mutex<HashMap<(String, String), String>>>;
 pub struct AclFs {
     pub fs: s3s_fs::FileSystem,
     pub acls: Acls,
+    /// Behave like the many S3-compatible providers that ignore `If-None-Match` on PutObject.
+    pub ignore_if_none_match: Arc<AtomicBool>,
+    /// Answer PUTs with 403 AccessDenied: an access key allowed to read only.
+    pub read_only: Arc<AtomicBool>,
 }
 
 impl AclFs {
@@ -74,8 +79,14 @@ impl S3 for AclFs {
 
     async fn put_object(
         &self,
-        req: S3Request<PutObjectInput>,
+        mut req: S3Request<PutObjectInput>,
     ) -> S3Result<S3Response<PutObjectOutput>> {
+        if self.read_only.load(Ordering::SeqCst) {
+            return Err(s3_error!(AccessDenied));
+        }
+        if self.ignore_if_none_match.load(Ordering::SeqCst) {
+            req.input.if_none_match = None;
+        }
         let (bucket, key, acl) = (
             req.input.bucket.clone(),
             req.input.key.clone(),

@@ -35,6 +35,8 @@ pub struct S3Server {
     task: tokio::task::JoinHandle<()>,
     signed: bool,
     acls: acl::Acls,
+    ignore_if_none_match: Arc<std::sync::atomic::AtomicBool>,
+    read_only: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl S3Server {
@@ -47,10 +49,14 @@ impl S3Server {
         }
         let fs = s3s_fs::FileSystem::new(root.path()).unwrap();
         let acls = acl::Acls::default();
+        let ignore_if_none_match = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let read_only = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let service = if signed {
             let mut builder = S3ServiceBuilder::new(acl::AclFs {
                 fs,
                 acls: acls.clone(),
+                ignore_if_none_match: ignore_if_none_match.clone(),
+                read_only: read_only.clone(),
             });
             builder.set_auth(s3s::auth::SimpleAuth::from_single(ACCESS_KEY, SECRET_KEY));
             builder.set_access(acl::AnonymousReads);
@@ -105,7 +111,19 @@ impl S3Server {
             task,
             signed,
             acls,
+            ignore_if_none_match,
+            read_only,
         }
+    }
+
+    /// Refuses PUTs from now on, as a bucket does for a key without write permission.
+    pub fn set_read_only(&self, read_only: bool) {
+        self.read_only.store(read_only, Ordering::SeqCst);
+    }
+
+    /// From now on PUTs ignore `If-None-Match` (overwrite), as many S3-compatible providers do.
+    pub fn ignore_conditional_puts(&self) {
+        self.ignore_if_none_match.store(true, Ordering::SeqCst);
     }
 
     pub fn endpoint(&self) -> String {

@@ -229,6 +229,10 @@ fn reload(
             {
                 tracing::warn!("cache.dir, cache.max_size and cache.inactive change only on restart; TTLs apply now");
             }
+            let (now, was) = (&rt.config.copy, &shared.load().config.copy);
+            if (now.workers, now.queue, now.remember) != (was.workers, was.queue, was.remember) {
+                tracing::warn!("copy.workers, copy.queue and copy.remember change only on restart; the copy target applies now");
+            }
             let names: Vec<&str> = rt.upstreams.iter().map(|u| u.name.as_str()).collect();
             tracing::info!(config = %path.display(), upstreams = ?names, "config reloaded");
             shared.store(Arc::new(rt));

@@ -89,6 +89,9 @@ pub struct Copy {
     /// Keys remembered as already in the target (12 bytes each), so reads of them queue nothing;
     /// past it the oldest are forgotten and cost one more HEAD on the target when read again.
     pub remember: usize,
+    /// Objects larger than this are copied as multipart uploads of `part_size` parts.
+    pub multipart_threshold: u64,
+    pub part_size: u64,
 }
 
 #[derive(Debug, Clone)]

@@ -20,6 +20,7 @@ use crate::key::Key;
 use crate::object::{Body, Meta, Object, Source};
 
 mod coalesce;
+mod multipart;
 mod write;
 use coalesce::Coalesce;
 pub use write::{Head, Put, PutRequest, WriteError};

@@ -30,6 +30,8 @@ pub(super) struct FileCopy {
     pub(super) workers: usize,
     pub(super) queue: usize,
     pub(super) remember: usize,
+    pub(super) multipart_threshold: SizeValue,
+    pub(super) part_size: SizeValue,
 }
 
 impl Default for FileCopy {
@@ -38,6 +40,8 @@ impl Default for FileCopy {
             workers: 4,
             queue: 10_000,
             remember: 1_000_000,
+            multipart_threshold: SizeValue(64 << 20),
+            part_size: SizeValue(16 << 20),
         }
     }
 }

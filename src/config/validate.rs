@@ -368,9 +368,28 @@ pub(super) fn validate_copy(c: FileCopy) -> Result<Copy, ConfigError> {
             return Err(ConfigError::invalid(key, None, "must be at least 1"));
         }
     }
+    // S3's own limits: parts of at least 5 MiB (but the last) and at most 5 GiB.
+    const MIN_PART: u64 = 5 << 20;
+    const MAX_PART: u64 = 5 << 30;
+    if !(MIN_PART..=MAX_PART).contains(&c.part_size.0) {
+        return Err(ConfigError::invalid(
+            "copy.part_size",
+            None,
+            "must be between 5MiB and 5GiB (S3's part size limits)",
+        ));
+    }
+    if c.multipart_threshold.0 < c.part_size.0 || c.multipart_threshold.0 > MAX_PART {
+        return Err(ConfigError::invalid(
+            "copy.multipart_threshold",
+            None,
+            "must be at least copy.part_size and at most 5GiB (the largest single PUT)",
+        ));
+    }
     Ok(Copy {
         workers: c.workers,
         queue: c.queue,
         remember: c.remember,
+        multipart_threshold: c.multipart_threshold.0,
+        part_size: c.part_size.0,
     })
 }

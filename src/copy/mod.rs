@@ -13,6 +13,7 @@
 
 mod one;
 mod queue;
+mod uploads;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,6 +24,7 @@ use tokio::task::JoinHandle;
 
 pub use one::{copy_one, Copied, CopyError};
 use queue::{Pushed, Queue};
+use uploads::{Open, Uploads};
 
 use crate::config;
 use crate::key::Key;
@@ -41,6 +43,9 @@ const REMEMBER_FOR: Duration = Duration::from_secs(365 * 86400);
 pub struct Copier {
     queue: Queue,
     copied: KeySet,
+    uploads: Arc<Uploads>,
+    /// Multipart uploads a previous process left open, aborted when the workers start.
+    left_open: std::sync::Mutex<Vec<Open>>,
     wake: Notify,
     counters: CopyCounters,
     workers: usize,
@@ -66,9 +71,12 @@ impl Copier {
         };
         let queue = Queue::open(dir, cfg.queue).map_err(error)?;
         let copied = KeySet::open(dir, "copied", REMEMBER_FOR, cfg.remember).map_err(error)?;
+        let (uploads, left_open) = Uploads::open(dir).map_err(error)?;
         Ok(Arc::new(Copier {
             queue,
             copied,
+            uploads: Arc::new(uploads),
+            left_open: std::sync::Mutex::new(left_open),
             wake: Notify::new(),
             counters,
             workers: cfg.workers,
@@ -118,6 +126,12 @@ impl Copier {
                 me.flush().await;
             }
         }));
+        let left = std::mem::take(&mut *self.left_open.lock().expect("left open lock"));
+        if !left.is_empty() {
+            tasks.push(tokio::spawn(
+                self.clone().abort_left_open(left, runtime.clone()),
+            ));
+        }
         // Journaled keys from before a restart are copied at once.
         self.wake.notify_waiters();
         tasks
@@ -129,6 +143,27 @@ impl Copier {
         let flushed = tokio::task::spawn_blocking(move || me.queue.flush()).await;
         if let Ok(Err(e)) = flushed {
             tracing::warn!(error = %e, "could not write the copy queue's journal");
+        }
+    }
+
+    /// Aborts the multipart uploads a crash left open, in whichever upstream (by origin) they were.
+    async fn abort_left_open(self: Arc<Copier>, left: Vec<Open>, runtime: Arc<ArcSwap<Runtime>>) {
+        let rt = runtime.load_full();
+        for open in left {
+            let Some(up) = rt.upstreams.iter().find(|u| *u.origin == *open.origin) else {
+                tracing::warn!(key = %open.key, origin = %open.origin, "a multipart upload left open by a crash is in a bucket no longer configured; abort it by hand");
+                self.uploads.ended(&open.id);
+                continue;
+            };
+            match up.abort_multipart(&open.key, &open.id).await {
+                Ok(()) => {
+                    tracing::info!(key = %open.key, upstream = %up.name, "aborted a multipart upload left open by a crash");
+                    self.uploads.ended(&open.id);
+                }
+                Err(e) => {
+                    tracing::warn!(key = %open.key, upstream = %up.name, error = %e, "could not abort a multipart upload left open; trying again at the next start")
+                }
+            }
         }
     }
 
@@ -160,7 +195,7 @@ impl Copier {
                 tracing::debug!(%key, "busted by Mastodon: not copied");
                 return;
             }
-            match copy_one(&rt, target, key).await {
+            match copy_one(&rt, target, key, &self.uploads).await {
                 Ok(done) => {
                     match done {
                         Copied::Copied { bytes } => {

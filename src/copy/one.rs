@@ -7,7 +7,9 @@
 //!    whole-object GET from the first other upstream that has it, spooled to an unlinked file under
 //!    `cache.dir/tmp/` (nothing is left behind by a crash) while its MD5 is computed.
 //! 4. PUT with `If-None-Match: *` and `Content-MD5`, keeping Content-Type, Cache-Control,
-//!    Content-Disposition, with the target's `acl`; 412 means someone else copied it first.
+//!    Content-Disposition, with the target's `acl`; 412 means someone else copied it first. Above
+//!    `copy.multipart_threshold`: a multipart upload (journaled, each part with its own MD5, completed
+//!    with `If-None-Match: *`, aborted on any failure), so no object is ever half there.
 //! 5. HEAD again: size, and MD5 when the target's ETag is a plain MD5.
 
 use std::fs::File;
@@ -19,6 +21,7 @@ use bytes::Bytes;
 use futures_util::StreamExt;
 use md5::{Digest, Md5};
 
+use super::uploads::{Open, Uploads};
 use crate::cache::Loaded;
 use crate::key::Key;
 use crate::object::{read_at, Body, Object};
@@ -88,7 +91,12 @@ enum Data {
     File(Arc<File>),
 }
 
-pub async fn copy_one(rt: &Runtime, target: &Upstream, key: &Key) -> Result<Copied, CopyError> {
+pub async fn copy_one(
+    rt: &Runtime,
+    target: &Upstream,
+    key: &Key,
+    uploads: &Arc<Uploads>,
+) -> Result<Copied, CopyError> {
     rt.cache.wait_fill(key.as_str(), FILL_WAIT).await;
     if target.head_signed(key).await?.is_some() {
         return Ok(Copied::AlreadyThere);
@@ -106,12 +114,18 @@ pub async fn copy_one(rt: &Runtime, target: &Upstream, key: &Key) -> Result<Copi
         content_disposition: src.content_disposition.as_deref(),
         acl: target.acl.as_deref(),
     };
-    let put = match target.put(&req, body(&src)).await {
-        // The body changed on the way (a flipped bit): send it once more.
-        Err(WriteError::Refused { code, .. }) if code == "BadDigest" => {
-            target.put(&req, body(&src)).await?
+    let put = match &src.data {
+        Data::File(file) if src.len > rt.config.copy.multipart_threshold => {
+            let part = part_size(src.len, rt.config.copy.part_size);
+            put_multipart(target, &req, file, part, uploads).await?
         }
-        other => other?,
+        _ => match target.put(&req, body(&src.data, 0, src.len)).await {
+            // The body changed on the way (a flipped bit): send it once more.
+            Err(WriteError::Refused { code, .. }) if code == "BadDigest" => {
+                target.put(&req, body(&src.data, 0, src.len)).await?
+            }
+            other => other?,
+        },
     };
     if put == Put::AlreadyThere {
         return Ok(Copied::AlreadyThere);
@@ -125,6 +139,7 @@ pub async fn copy_one(rt: &Runtime, target: &Upstream, key: &Key) -> Result<Copi
             head.len, src.len
         )));
     }
+    // A multipart object's ETag is `-N`, never a plain MD5: its parts were checked one by one.
     if let Some(etag) = head.etag.as_deref().and_then(plain_md5) {
         if etag != hex(&src.md5) {
             return Err(CopyError::Verify(format!(
@@ -134,6 +149,80 @@ pub async fn copy_one(rt: &Runtime, target: &Upstream, key: &Key) -> Result<Copi
         }
     }
     Ok(Copied::Copied { bytes: src.len })
+}
+
+/// S3 allows 10,000 parts: larger objects get larger parts.
+fn part_size(len: u64, configured: u64) -> u64 {
+    configured.max(len.div_ceil(10_000))
+}
+
+/// Uploads `file`'s first `req.len` bytes in parts. Journaled from before the first part until it is
+/// completed or aborted, so a crash leaves nothing a restart does not abort.
+async fn put_multipart(
+    target: &Upstream,
+    req: &PutRequest<'_>,
+    file: &Arc<File>,
+    part: u64,
+    uploads: &Arc<Uploads>,
+) -> Result<Put, CopyError> {
+    let id = target.create_multipart(req).await?;
+    let open = Open {
+        origin: target.origin.to_string(),
+        id: id.clone(),
+        key: req.key.clone(),
+    };
+    let journal = uploads.clone();
+    let journaled = tokio::task::spawn_blocking(move || journal.started(open))
+        .await
+        .unwrap_or_else(|e| Err(io::Error::other(e)));
+    let result = match journaled {
+        Err(e) => Err(CopyError::Spool(e)),
+        Ok(()) => upload_parts(target, req, file, part, &id).await,
+    };
+    // Completed: done. Failed, or someone else's object is there (412): no parts may stay behind.
+    if !matches!(result, Ok(Put::Created)) {
+        if let Err(e) = target.abort_multipart(req.key, &id).await {
+            tracing::warn!(key = %req.key, error = %e, "could not abort a multipart upload; it is aborted again at the next start");
+            return result;
+        }
+    }
+    uploads.ended(&id);
+    result
+}
+
+async fn upload_parts(
+    target: &Upstream,
+    req: &PutRequest<'_>,
+    file: &Arc<File>,
+    part: u64,
+    id: &str,
+) -> Result<Put, CopyError> {
+    let mut etags = Vec::new();
+    let mut pos = 0;
+    let data = Data::File(file.clone());
+    while pos < req.len {
+        let len = part.min(req.len - pos);
+        let number = u16::try_from(etags.len() + 1)
+            .map_err(|_| CopyError::Verify("more than 10,000 parts".into()))?;
+        let f = file.clone();
+        let md5 = tokio::task::spawn_blocking(move || md5_of_range(&f, pos, len))
+            .await
+            .unwrap_or_else(|e| Err(io::Error::other(e)))?;
+        let etag = match target
+            .upload_part(req.key, id, number, len, md5, body(&data, pos, len))
+            .await
+        {
+            Err(WriteError::Refused { code, .. }) if code == "BadDigest" => {
+                target
+                    .upload_part(req.key, id, number, len, md5, body(&data, pos, len))
+                    .await?
+            }
+            other => other?,
+        };
+        etags.push(etag);
+        pos += len;
+    }
+    Ok(target.complete_multipart(req.key, id, &etags).await?)
 }
 
 /// The cache entry, unless the target filled it (then the target lost it, and the entry is no better a
@@ -246,22 +335,27 @@ async fn spool_body(rt: &Runtime, key: &Key, obj: Object) -> Result<Source, Copy
 }
 
 fn md5_of_file(file: &File, len: u64) -> io::Result<[u8; 16]> {
+    md5_of_range(file, 0, len)
+}
+
+fn md5_of_range(file: &File, start: u64, len: u64) -> io::Result<[u8; 16]> {
     let mut md5 = Md5::new();
-    let mut pos = 0;
-    while pos < len {
-        let n = (len - pos).min(CHUNK as u64) as usize;
+    let mut pos = start;
+    while pos < start + len {
+        let n = (start + len - pos).min(CHUNK as u64) as usize;
         md5.update(read_at(file, pos, n)?);
         pos += n as u64;
     }
     Ok(md5.finalize().into())
 }
 
-/// The upload body, read from memory or from the file in chunks on the blocking pool.
-fn body(src: &Source) -> reqwest::Body {
-    match &src.data {
-        Data::Bytes(b) => reqwest::Body::from(b.clone()),
+/// `len` bytes from `start` as an upload body, from memory or from the file in chunks on the blocking
+/// pool (so memory stays flat with object size).
+fn body(data: &Data, start: u64, len: u64) -> reqwest::Body {
+    match data {
+        Data::Bytes(b) => reqwest::Body::from(b.slice(start as usize..(start + len) as usize)),
         Data::File(file) => {
-            let state = (file.clone(), 0u64, src.len);
+            let state = (file.clone(), start, start + len);
             let chunks = futures_util::stream::unfold(state, |(file, pos, len)| async move {
                 if pos >= len {
                     return None;

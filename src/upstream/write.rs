@@ -24,6 +24,21 @@ pub struct PutRequest<'a> {
     pub acl: Option<&'a str>,
 }
 
+impl PutRequest<'_> {
+    /// The headers the bucket stores with the object (all signed).
+    pub(super) fn stored_headers(&self) -> Vec<(&'static str, String)> {
+        [
+            ("content-type", self.content_type),
+            ("cache-control", self.cache_control),
+            ("content-disposition", self.content_disposition),
+            ("x-amz-acl", self.acl),
+        ]
+        .into_iter()
+        .filter_map(|(name, value)| value.map(|v| (name, v.to_string())))
+        .collect()
+    }
+}
+
 #[derive(Debug, PartialEq, Eq)]
 pub enum Put {
     Created,
@@ -80,12 +95,14 @@ impl WriteError {
 }
 
 /// How long a write may take: a minute, plus a second per 256 KiB of body (a slow uplink still finishes).
-fn write_timeout(len: u64) -> Duration {
+pub(super) fn write_timeout(len: u64) -> Duration {
     Duration::from_secs(60 + len / (256 * 1024))
 }
 
 impl Upstream {
-    fn s3(&self) -> Result<(&rusty_s3::Bucket, Option<&rusty_s3::Credentials>), WriteError> {
+    pub(super) fn s3(
+        &self,
+    ) -> Result<(&rusty_s3::Bucket, Option<&rusty_s3::Credentials>), WriteError> {
         match &self.kind {
             Kind::S3 {
                 bucket,
@@ -126,16 +143,7 @@ impl Upstream {
         let md5 = base64::engine::general_purpose::STANDARD.encode(req.md5);
         let mut headers: Vec<(&str, String)> =
             vec![("content-md5", md5), ("if-none-match", "*".to_string())];
-        for (name, value) in [
-            ("content-type", req.content_type),
-            ("cache-control", req.cache_control),
-            ("content-disposition", req.content_disposition),
-            ("x-amz-acl", req.acl),
-        ] {
-            if let Some(v) = value {
-                headers.push((name, v.to_string()));
-            }
-        }
+        headers.extend(req.stored_headers());
         for (name, value) in &headers {
             action.headers_mut().insert(*name, value.clone());
         }
@@ -168,7 +176,7 @@ impl Upstream {
         }
     }
 
-    async fn send(
+    pub(super) async fn send(
         &self,
         req: reqwest::RequestBuilder,
         within: Duration,
@@ -183,7 +191,7 @@ impl Upstream {
     }
 }
 
-async fn refused(status: StatusCode, resp: reqwest::Response) -> WriteError {
+pub(super) async fn refused(status: StatusCode, resp: reqwest::Response) -> WriteError {
     let body = read_prefix(resp, 8192).await;
     WriteError::Refused {
         status: status.as_u16(),

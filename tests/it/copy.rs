@@ -404,3 +404,47 @@ async fn a_full_queue_never_blocks_a_request() {
     );
     assert!(metric_value(&m, "mediaproxy_copy_queue_depth") <= 2, "{m}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_multipart_copy_killed_midway_leaves_no_object_and_no_open_upload() {
+    let new = S3Server::start(&["new"], true).await;
+    let old = S3Server::start(&["old"], true).await;
+    let data = pattern(12 << 20, 11);
+    old.put("old", VIDEO, data.clone(), "video/mp4").await;
+    let cache = TempDir::new().unwrap();
+    let cfg = format!(
+        "[cache]\ndir = \"{}\"\n\n[copy]\nmultipart_threshold = \"5MiB\"\npart_size = \"5MiB\"\n\n{}{}",
+        cache.path().display(),
+        new.s3_target("new", "new", ""),
+        old.s3_upstream("old", "old")
+    );
+    // A slow uplink: each part takes a while, so the kill lands mid-upload.
+    new.set_part_delay(Duration::from_millis(700));
+    let proxy = Proxy::start(&cfg);
+    assert!(get(&proxy, VIDEO).await.2 == data);
+    let started = eventually(Duration::from_secs(10), || async {
+        new.open_uploads() == 1
+    })
+    .await;
+    assert!(started, "a multipart upload started");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    drop(proxy); // kill -9 in the middle of the parts
+    assert!(
+        new.object("new", VIDEO).await.is_none(),
+        "no partial object"
+    );
+    assert_eq!(new.open_uploads(), 1);
+
+    new.set_part_delay(Duration::ZERO);
+    let _proxy = Proxy::start(&cfg);
+    let (bytes, ctype) = copied(&new, "new", VIDEO)
+        .await
+        .expect("copied after the restart");
+    assert!(bytes == data, "whole and byte-exact");
+    assert_eq!(ctype, "video/mp4");
+    let aborted = eventually(Duration::from_secs(10), || async {
+        new.open_uploads() == 0
+    })
+    .await;
+    assert!(aborted, "the upload the crash left open was aborted");
+}

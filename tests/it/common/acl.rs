@@ -20,6 +20,11 @@ pub struct AclFs {
     pub ignore_if_none_match: Arc<AtomicBool>,
     /// Answer PUTs with 403 AccessDenied: an access key allowed to read only.
     pub read_only: Arc<AtomicBool>,
+    /// Multipart uploads created and neither completed nor aborted (s3s-fs has no
+    /// ListMultipartUploads): what a bucket would keep, and bill, forever.
+    pub open_uploads: Arc<Mutex<std::collections::HashSet<String>>>,
+    /// A pause before each UploadPart: a slow uplink, so a test can kill a copy mid-upload.
+    pub part_delay: Arc<Mutex<std::time::Duration>>,
 }
 
 impl AclFs {
@@ -151,13 +156,28 @@ impl S3 for AclFs {
         &self,
         req: S3Request<CreateMultipartUploadInput>,
     ) -> S3Result<S3Response<CreateMultipartUploadOutput>> {
-        self.fs.create_multipart_upload(req).await
+        if self.read_only.load(Ordering::SeqCst) {
+            return Err(s3_error!(AccessDenied));
+        }
+        let (bucket, key, acl) = (
+            req.input.bucket.clone(),
+            req.input.key.clone(),
+            req.input.acl.clone(),
+        );
+        let out = self.fs.create_multipart_upload(req).await?;
+        if let Some(id) = &out.output.upload_id {
+            self.open_uploads.lock().unwrap().insert(id.clone());
+        }
+        self.record(&bucket, &key, acl.as_ref());
+        Ok(out)
     }
 
     async fn upload_part(
         &self,
         req: S3Request<UploadPartInput>,
     ) -> S3Result<S3Response<UploadPartOutput>> {
+        let delay = *self.part_delay.lock().unwrap();
+        tokio::time::sleep(delay).await;
         self.fs.upload_part(req).await
     }
 
@@ -172,13 +192,19 @@ impl S3 for AclFs {
         &self,
         req: S3Request<CompleteMultipartUploadInput>,
     ) -> S3Result<S3Response<CompleteMultipartUploadOutput>> {
-        self.fs.complete_multipart_upload(req).await
+        let id = req.input.upload_id.clone();
+        let out = self.fs.complete_multipart_upload(req).await?;
+        self.open_uploads.lock().unwrap().remove(&id);
+        Ok(out)
     }
 
     async fn abort_multipart_upload(
         &self,
         req: S3Request<AbortMultipartUploadInput>,
     ) -> S3Result<S3Response<AbortMultipartUploadOutput>> {
-        self.fs.abort_multipart_upload(req).await
+        let id = req.input.upload_id.clone();
+        let out = self.fs.abort_multipart_upload(req).await?;
+        self.open_uploads.lock().unwrap().remove(&id);
+        Ok(out)
     }
 }

@@ -37,6 +37,8 @@ pub struct S3Server {
     acls: acl::Acls,
     ignore_if_none_match: Arc<std::sync::atomic::AtomicBool>,
     read_only: Arc<std::sync::atomic::AtomicBool>,
+    open_uploads: Arc<Mutex<std::collections::HashSet<String>>>,
+    part_delay: Arc<Mutex<Duration>>,
 }
 
 impl S3Server {
@@ -51,12 +53,16 @@ impl S3Server {
         let acls = acl::Acls::default();
         let ignore_if_none_match = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let read_only = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let open_uploads: Arc<Mutex<std::collections::HashSet<String>>> = Arc::default();
+        let part_delay: Arc<Mutex<Duration>> = Arc::default();
         let service = if signed {
             let mut builder = S3ServiceBuilder::new(acl::AclFs {
                 fs,
                 acls: acls.clone(),
                 ignore_if_none_match: ignore_if_none_match.clone(),
                 read_only: read_only.clone(),
+                open_uploads: open_uploads.clone(),
+                part_delay: part_delay.clone(),
             });
             builder.set_auth(s3s::auth::SimpleAuth::from_single(ACCESS_KEY, SECRET_KEY));
             builder.set_access(acl::AnonymousReads);
@@ -113,7 +119,19 @@ impl S3Server {
             acls,
             ignore_if_none_match,
             read_only,
+            open_uploads,
+            part_delay,
         }
+    }
+
+    /// Multipart uploads neither completed nor aborted.
+    pub fn open_uploads(&self) -> usize {
+        self.open_uploads.lock().unwrap().len()
+    }
+
+    /// Each UploadPart waits this long first (a slow uplink).
+    pub fn set_part_delay(&self, delay: Duration) {
+        *self.part_delay.lock().unwrap() = delay;
     }
 
     /// Refuses PUTs from now on, as a bucket does for a key without write permission.

@@ -29,7 +29,20 @@ async fn an_object_only_in_the_old_bucket_is_copied_with_its_bytes_type_and_acl(
     let new = S3Server::start(&["new"], true).await;
     let old = S3Server::start(&["old"], true).await;
     let data = pattern(70_000, 1);
-    old.put("old", PHOTO, data.clone(), "image/jpeg").await;
+    // As Mastodon uploads it.
+    let immutable = "public, max-age=315576000, immutable";
+    let disposition = "inline; filename=\"photo.jpg\"";
+    old.put_with_headers(
+        "old",
+        PHOTO,
+        data.clone(),
+        &[
+            ("content-type", "image/jpeg"),
+            ("cache-control", immutable),
+            ("content-disposition", disposition),
+        ],
+    )
+    .await;
     let admin = closed_port();
     let cfg = format!(
         "{}{}",
@@ -44,6 +57,9 @@ async fn an_object_only_in_the_old_bucket_is_copied_with_its_bytes_type_and_acl(
     assert_eq!(bytes, data);
     assert_eq!(ctype, "image/jpeg");
     assert_eq!(new.acl("new", PHOTO).as_deref(), Some("public-read"));
+    let head = new.head("new", PHOTO).await;
+    assert_eq!(head["cache-control"], immutable);
+    assert_eq!(head["content-disposition"], disposition);
     assert_eq!(
         old.count("GET"),
         1,

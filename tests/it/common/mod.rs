@@ -179,19 +179,29 @@ impl S3Server {
         content_type: &str,
         acl: Option<&str>,
     ) {
+        let mut headers = vec![("content-type", content_type)];
+        headers.extend(acl.map(|a| ("x-amz-acl", a)));
+        self.put_with_headers(bucket, key, body, &headers).await
+    }
+
+    /// Uploads with these headers, all signed (`content-type`, `cache-control`, `x-amz-acl`, …).
+    pub async fn put_with_headers(
+        &self,
+        bucket: &str,
+        key: &str,
+        body: Vec<u8>,
+        headers: &[(&str, &str)],
+    ) {
         let b = self.bucket(bucket);
         let creds = self.creds();
         let mut action = b.put_object(creds.as_ref(), key);
-        action
-            .headers_mut()
-            .insert("content-type", content_type.to_string());
-        if let Some(acl) = acl {
-            action.headers_mut().insert("x-amz-acl", acl.to_string());
+        for (name, value) in headers {
+            action.headers_mut().insert(*name, value.to_string());
         }
         let url = action.sign(Duration::from_secs(60));
-        let mut req = client().put(url).header("content-type", content_type);
-        if let Some(acl) = acl {
-            req = req.header("x-amz-acl", acl);
+        let mut req = client().put(url);
+        for (name, value) in headers {
+            req = req.header(*name, *value);
         }
         let resp = req.body(body).send().await.unwrap();
         let status = resp.status();
@@ -220,6 +230,16 @@ impl S3Server {
             .map(|v| v.to_str().unwrap().to_string())
             .unwrap_or_default();
         Some((resp.bytes().await.unwrap().to_vec(), ctype))
+    }
+
+    /// The headers a signed HEAD of the object answers with.
+    pub async fn head(&self, bucket: &str, key: &str) -> reqwest::header::HeaderMap {
+        let b = self.bucket(bucket);
+        let creds = self.creds();
+        let url = b
+            .head_object(creds.as_ref(), key)
+            .sign(Duration::from_secs(60));
+        client().head(url).send().await.unwrap().headers().clone()
     }
 
     /// The canned ACL the object was stored with, as the server keeps it.

@@ -464,3 +464,68 @@ async fn a_multipart_copy_killed_midway_leaves_no_object_and_no_open_upload() {
     .await;
     assert!(aborted, "the upload the crash left open was aborted");
 }
+
+/// Writes a cache entry as the release before lazy copy did: no record of the bucket that filled it.
+fn legacy_entry(cache_dir: &std::path::Path, key: &str, body: &[u8], content_type: &str) {
+    use mediaproxy::cache::store::{unix_now_ms, Store};
+    let store = Store::open(cache_dir).unwrap();
+    let mut w = store.writer().unwrap();
+    w.write(body).unwrap();
+    let meta = mediaproxy::cache::EntryMeta {
+        key: key.to_string(),
+        status: 200,
+        len: body.len() as u64,
+        content_type: Some(content_type.to_string()),
+        etag: None,
+        last_modified: None,
+        stored_at_ms: unix_now_ms(),
+        origin: None,
+        cache_control: None,
+        content_disposition: None,
+    };
+    w.seal(&store, &meta).unwrap().publish().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn entries_from_an_earlier_release_queue_one_copy_check_each() {
+    let new = S3Server::start(&["new"], true).await;
+    let old = S3Server::start(&["old"], true).await;
+    // One key was already migrated (by rclone, say); the other was not.
+    new.put("new", PHOTO, b"migrated".to_vec(), "image/jpeg")
+        .await;
+    old.put("old", PHOTO, b"migrated".to_vec(), "image/jpeg")
+        .await;
+    old.put("old", VIDEO, b"not yet".to_vec(), "video/mp4")
+        .await;
+    let cache = TempDir::new().unwrap();
+    legacy_entry(cache.path(), PHOTO, b"migrated", "image/jpeg");
+    legacy_entry(cache.path(), VIDEO, b"not yet", "video/mp4");
+    let admin = closed_port();
+    let cfg = format!(
+        "[cache]\ndir = \"{}\"\n\n{}{}",
+        cache.path().display(),
+        new.s3_target("new", "new", ""),
+        old.s3_upstream("old", "old")
+    );
+    let proxy = Proxy::start_with_server(&cfg, &format!("admin_listen = \"127.0.0.1:{admin}\""));
+    for _ in 0..3 {
+        assert_eq!(get(&proxy, PHOTO).await.1, "HIT");
+        assert_eq!(get(&proxy, VIDEO).await.1, "HIT");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(copied(&new, "new", VIDEO).await.unwrap().0, b"not yet");
+    let settled = eventually(Duration::from_secs(5), || async {
+        metric_value(&metrics(admin).await, "mediaproxy_copy_skipped_total") == 1
+    })
+    .await;
+    let m = metrics(admin).await;
+    assert!(settled, "{m}");
+    assert_eq!(
+        metric_value(&m, "mediaproxy_copy_queued_total"),
+        2,
+        "once per key: {m}"
+    );
+    assert_eq!(metric_value(&m, "mediaproxy_copy_copied_total"), 1, "{m}");
+    assert_eq!(new.count("PUT"), 2, "the test's own PUT and one copy");
+    assert_eq!(old.count("GET"), 0, "copied from the entry");
+}

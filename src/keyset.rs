@@ -249,15 +249,28 @@ impl KeySet {
     /// Records `id` durably (appended and fdatasync'ed), then in memory. Blocking: call it off the
     /// async runtime. On a write error it is still in memory until the process stops.
     pub fn add(&self, id: KeyId, ttl: Duration) -> io::Result<()> {
+        self.append(id, ttl, true)
+    }
+
+    /// Like [`KeySet::add`] without the fdatasync: for a set whose last additions may be lost in a
+    /// crash at a small cost (the keys copied: a lost one costs one HEAD on the target).
+    pub fn add_lazily(&self, id: KeyId, ttl: Duration) -> io::Result<()> {
+        self.append(id, ttl, false)
+    }
+
+    fn append(&self, id: KeyId, ttl: Duration, sync: bool) -> io::Result<()> {
         let now = unix_now();
         let written = {
             // Memory is updated under the file lock too, so a compaction (which rewrites the file
             // from memory under the same lock) cannot fall between the append and the insert.
             let mut file = self.file.lock().expect("key set file lock");
-            let r = file
-                .0
-                .write_all(&record(id, now))
-                .and_then(|()| file.0.sync_data());
+            let r = file.0.write_all(&record(id, now)).and_then(|()| {
+                if sync {
+                    file.0.sync_data()
+                } else {
+                    Ok(())
+                }
+            });
             match &r {
                 Ok(()) => file.1 += 1,
                 // A short write (a full disk) would misalign every later record: cut it off.

@@ -22,9 +22,9 @@ use arc_swap::ArcSwap;
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 
-pub use one::{copy_one, Copied, CopyError};
+pub use one::{Copied, CopyError, Engine, From};
 use queue::{Pushed, Queue};
-use uploads::{Open, Uploads};
+pub use uploads::{Open, Uploads};
 
 use crate::config;
 use crate::key::Key;
@@ -195,7 +195,14 @@ impl Copier {
                 tracing::debug!(%key, "busted by Mastodon: not copied");
                 return;
             }
-            match copy_one(&rt, target, key, &self.uploads).await {
+            let engine = Engine {
+                target,
+                spool_dir: rt.cache.store().tmp_dir(),
+                multipart_threshold: rt.config.copy.multipart_threshold,
+                part_size: rt.config.copy.part_size,
+                uploads: self.uploads.clone(),
+            };
+            match engine.copy(&From::Proxy(&rt), key).await {
                 Ok(done) => {
                     match done {
                         Copied::Copied { bytes } => {
@@ -226,8 +233,8 @@ impl Copier {
     async fn remember(self: &Arc<Self>, target_origin: &str, key: &Key) {
         let id = copied_id(target_origin, key);
         let me = self.clone();
-        // One small append and fdatasync, on the blocking pool.
-        let r = tokio::task::spawn_blocking(move || me.copied.add(id, REMEMBER_FOR))
+        // One small append (no fdatasync: a record a crash loses costs one HEAD), on the blocking pool.
+        let r = tokio::task::spawn_blocking(move || me.copied.add_lazily(id, REMEMBER_FOR))
             .await
             .unwrap_or_else(|e| Err(std::io::Error::other(e)));
         if let Err(e) = r {

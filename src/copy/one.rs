@@ -14,6 +14,7 @@
 
 use std::fs::File;
 use std::io::{self, Write};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -24,6 +25,7 @@ use md5::{Digest, Md5};
 use super::uploads::{Open, Uploads};
 use crate::cache::Loaded;
 use crate::key::Key;
+use crate::local::Roots;
 use crate::object::{read_at, Body, Object};
 use crate::runtime::Runtime;
 use crate::upstream::{Fetched, Method, Put, PutRequest, Upstream, WriteError};
@@ -91,19 +93,48 @@ enum Data {
     File(Arc<File>),
 }
 
-pub async fn copy_one(
-    rt: &Runtime,
-    target: &Upstream,
-    key: &Key,
-    uploads: &Arc<Uploads>,
-) -> Result<Copied, CopyError> {
-    rt.cache.wait_fill(key.as_str(), FILL_WAIT).await;
+/// Where a copy's bytes come from.
+pub enum From<'a> {
+    /// Lazy copy: the cache entry a read just filled, else the other upstreams in the order a request
+    /// asks them (so a tombstoned key finds none).
+    Proxy(&'a Runtime),
+    /// `migrate --from NAME`: that upstream only.
+    Upstream(&'a Upstream),
+    /// `migrate --from local`: the local roots, with the Content-Type the proxy would serve.
+    Local(&'a Roots),
+}
+
+/// What every copy needs besides its key: the target, where to spool, when to go multipart, and the
+/// journal of multipart uploads.
+pub struct Engine<'a> {
+    pub target: &'a Upstream,
+    pub spool_dir: PathBuf,
+    pub multipart_threshold: u64,
+    pub part_size: u64,
+    pub uploads: Arc<Uploads>,
+}
+
+impl Engine<'_> {
+    pub async fn copy(&self, from: &From<'_>, key: &Key) -> Result<Copied, CopyError> {
+        copy_one(self, from, key).await
+    }
+}
+
+async fn copy_one(engine: &Engine<'_>, from: &From<'_>, key: &Key) -> Result<Copied, CopyError> {
+    let target = engine.target;
+    if let From::Proxy(rt) = from {
+        rt.cache.wait_fill(key.as_str(), FILL_WAIT).await;
+    }
     if target.head_signed(key).await?.is_some() {
         return Ok(Copied::AlreadyThere);
     }
-    let src = match from_entry(rt, target, key).await {
-        Some(src) => src,
-        None => spool(rt, target, key).await?,
+    let src = match from {
+        From::Proxy(rt) => match from_entry(rt, target, key).await {
+            Some(src) => src,
+            None => spool_first(rt.chain(key), engine, key).await?,
+        },
+        From::Upstream(up) => spool_first(std::slice::from_ref(*up), engine, key).await?,
+        From::Local(roots) => from_local(roots, key).await?,
     };
     let req = PutRequest {
         key,
@@ -115,9 +146,9 @@ pub async fn copy_one(
         acl: target.acl.as_deref(),
     };
     let put = match &src.data {
-        Data::File(file) if src.len > rt.config.copy.multipart_threshold => {
-            let part = part_size(src.len, rt.config.copy.part_size);
-            put_multipart(target, &req, file, part, uploads).await?
+        Data::File(file) if src.len > engine.multipart_threshold => {
+            let part = part_size(src.len, engine.part_size);
+            put_multipart(target, &req, file, part, &engine.uploads).await?
         }
         _ => match target.put(&req, body(&src.data, 0, src.len)).await {
             // The body changed on the way (a flipped bit): send it once more.
@@ -266,13 +297,20 @@ async fn from_entry(rt: &Runtime, target: &Upstream, key: &Key) -> Option<Source
     .flatten()
 }
 
-/// One whole-object GET from the first upstream other than the target that has the key (in the order a
-/// request asks them, so a tombstoned key finds none), written to an unlinked file.
-async fn spool(rt: &Runtime, target: &Upstream, key: &Key) -> Result<Source, CopyError> {
+/// One whole-object GET from the first of `upstreams` other than the target that has the key, written
+/// to an unlinked file.
+async fn spool_first(
+    upstreams: &[Upstream],
+    engine: &Engine<'_>,
+    key: &Key,
+) -> Result<Source, CopyError> {
     let mut failed = None;
-    for up in rt.chain(key).iter().filter(|u| u.origin != target.origin) {
+    for up in upstreams
+        .iter()
+        .filter(|u| u.origin != engine.target.origin)
+    {
         match up.fetch(Method::Get, key, None).await {
-            Ok(Fetched::Found(obj)) => return spool_body(rt, key, obj).await,
+            Ok(Fetched::Found(obj)) => return spool_body(&engine.spool_dir, key, obj).await,
             Ok(Fetched::NotFound) => {}
             Err(e) => failed = Some(format!("{}: {e}", up.name)),
         }
@@ -280,7 +318,30 @@ async fn spool(rt: &Runtime, target: &Upstream, key: &Key) -> Result<Source, Cop
     Err(failed.map_or(CopyError::SourceGone, CopyError::Source))
 }
 
-async fn spool_body(rt: &Runtime, key: &Key, obj: Object) -> Result<Source, CopyError> {
+/// A local file: uploaded straight from the root (its MD5 read first), typed as the proxy serves it.
+async fn from_local(roots: &Roots, key: &Key) -> Result<Source, CopyError> {
+    let Some(Object { meta, body }) = roots.open(key) else {
+        return Err(CopyError::SourceGone);
+    };
+    let (Body::File(file), Some(len)) = (body, meta.len) else {
+        return Err(CopyError::Source("not a regular file".into()));
+    };
+    let file = Arc::new(file);
+    let f = file.clone();
+    let md5 = tokio::task::spawn_blocking(move || md5_of_range(&f, 0, len))
+        .await
+        .unwrap_or_else(|e| Err(io::Error::other(e)))?;
+    Ok(Source {
+        len,
+        md5,
+        content_type: meta.content_type,
+        cache_control: None,
+        content_disposition: None,
+        data: Data::File(file),
+    })
+}
+
+async fn spool_body(dir: &Path, key: &Key, obj: Object) -> Result<Source, CopyError> {
     let Object { meta, body } = obj;
     let Body::Stream {
         mut stream,
@@ -289,9 +350,11 @@ async fn spool_body(rt: &Runtime, key: &Key, obj: Object) -> Result<Source, Copy
     else {
         return Err(CopyError::Source("the upstream sent no whole body".into()));
     };
-    let path = rt.cache.store().tmp_dir().join(format!(
-        "copy-{:016x}.part",
-        crate::keyset::id_of(key.as_str())
+    // Named for the key and this process, so two copies never share a spool.
+    let path = dir.join(format!(
+        "copy-{:016x}-{}.part",
+        crate::keyset::id_of(key.as_str()),
+        std::process::id()
     ));
     let mut file = File::options()
         .read(true)

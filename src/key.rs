@@ -88,6 +88,21 @@ pub fn parse(path: &str, prefix: &str) -> Result<Key, KeyError> {
     let decoded = percent_decode_str(encoded)
         .decode_utf8()
         .map_err(|_| KeyError::BadEncoding)?;
+    validate(&decoded)?;
+    Ok(Key(decoded.into_owned()))
+}
+
+/// A key as stored in a bucket (a listing, a database row, a path under a local root): nothing to
+/// decode, the same refusals.
+pub fn from_raw(raw: &str) -> Result<Key, KeyError> {
+    if raw.is_empty() {
+        return Err(KeyError::NotFound);
+    }
+    validate(raw)?;
+    Ok(Key(raw.to_string()))
+}
+
+fn validate(decoded: &str) -> Result<(), KeyError> {
     if decoded.len() > MAX_KEY_LEN {
         return Err(KeyError::TooLong);
     }
@@ -104,7 +119,7 @@ pub fn parse(path: &str, prefix: &str) -> Result<Key, KeyError> {
     {
         return Err(KeyError::BadSegment);
     }
-    Ok(Key(decoded.into_owned()))
+    Ok(())
 }
 
 /// `percent_decode_str` passes a stray `%` through; a hostile client should get a 400 instead.

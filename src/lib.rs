@@ -9,6 +9,7 @@ pub mod check;
 pub mod config;
 pub mod copy;
 pub mod key;
+pub mod keys;
 pub mod keyset;
 pub mod local;
 pub mod metrics;

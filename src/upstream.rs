@@ -20,9 +20,11 @@ use crate::key::Key;
 use crate::object::{Body, Meta, Object, Source};
 
 mod coalesce;
+mod list;
 mod multipart;
 mod write;
 use coalesce::Coalesce;
+pub use list::{Listed, Page};
 pub use write::{Head, Put, PutRequest, WriteError};
 
 /// How long a presigned URL stays valid: only long enough to be used at once.

@@ -44,8 +44,9 @@ pub struct KeySet {
     file: Mutex<(File, u64)>,
 }
 
+/// The keys of a set, in memory.
 #[derive(Default)]
-struct Memory {
+pub struct Memory {
     ids: Vec<KeyId>,
     /// Unix seconds of the bust, parallel to `ids`.
     times: Vec<u32>,
@@ -71,6 +72,11 @@ impl Hasher for IdHasher {
 }
 
 impl Memory {
+    /// Whether `id` is in the set (loaded alive; for a read-only copy of a set).
+    pub fn contains(&self, id: KeyId) -> bool {
+        self.get(id).is_some()
+    }
+
     fn get(&self, id: KeyId) -> Option<u32> {
         if let Some(t) = self.recent.get(&id) {
             return Some(*t);
@@ -231,6 +237,30 @@ impl KeySet {
         };
         t.compact_if_mostly_dead(ttl);
         Ok(t)
+    }
+
+    /// Reads `dir/name` without writing to it (for `migrate` beside a running proxy that owns it).
+    /// A missing file is an empty set.
+    pub fn read_only(dir: &Path, name: &str, ttl: Duration) -> io::Result<Memory> {
+        let path = dir.join(name);
+        let mut memory = Memory::default();
+        let f = match File::open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(memory),
+            Err(e) => return Err(e),
+        };
+        let mut all = Vec::new();
+        read_records(f, &path, &mut all, &mut 0)?;
+        let now = unix_now();
+        all.sort_unstable();
+        for (id, at) in all {
+            if alive(at, ttl, now) {
+                memory
+                    .recent
+                    .insert(id, at.max(memory.recent.get(&id).copied().unwrap_or(0)));
+            }
+        }
+        Ok(memory)
     }
 
     /// Whether `id` was added less than `ttl` ago (and not forgotten past `max`).

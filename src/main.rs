@@ -34,6 +34,52 @@ enum Command {
         #[arg(long)]
         config: PathBuf,
     },
+    /// Copy every object --from has and --to lacks, never overwriting; resumable; exit 1 if a key failed.
+    Migrate {
+        #[arg(long)]
+        config: PathBuf,
+        /// An upstream's name, or `local` for the local roots.
+        #[arg(long)]
+        from: String,
+        /// An `s3` upstream's name.
+        #[arg(long)]
+        to: String,
+        /// Keys (or media URLs), one per line; `-` for standard input. Default: list --from.
+        #[arg(long, value_name = "FILE")]
+        keys_from: Option<PathBuf>,
+        /// Only keys under this prefix (with a listing).
+        #[arg(long, default_value = "")]
+        prefix: String,
+        /// Keys copied at once (buckets answer in tens of ms: this hides latency, not CPU).
+        #[arg(long, default_value_t = 16)]
+        concurrency: usize,
+        /// At most this many keys started a second.
+        #[arg(long)]
+        max_rps: Option<u32>,
+        /// Where progress is saved (default: under cache.dir, per source and target).
+        #[arg(long)]
+        state: Option<PathBuf>,
+        /// Print what would be copied, copy nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Report keys missing from --upstream (and, with --against, those that differ); exit 1 if any.
+    Verify {
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long)]
+        upstream: String,
+        #[arg(long)]
+        against: Option<String>,
+        #[arg(long, value_name = "FILE")]
+        keys_from: Option<PathBuf>,
+        #[arg(long, default_value = "")]
+        prefix: String,
+        #[arg(long, default_value_t = 16)]
+        concurrency: usize,
+        #[arg(long)]
+        max_rps: Option<u32>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -89,6 +135,50 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Cache { action } => cache_command(action),
+        Command::Migrate {
+            config,
+            from,
+            to,
+            keys_from,
+            prefix,
+            concurrency,
+            max_rps,
+            state,
+            dry_run,
+        } => {
+            let cfg = load_or_exit_2(&config)?;
+            let args = mediaproxy::cmd::migrate::Args {
+                from,
+                to,
+                keys_from: keys_from.map(stdin_dash),
+                prefix,
+                concurrency,
+                max_rps,
+                state,
+                dry_run,
+            };
+            exit(rt.block_on(mediaproxy::cmd::migrate::run(cfg, args)))
+        }
+        Command::Verify {
+            config,
+            upstream,
+            against,
+            keys_from,
+            prefix,
+            concurrency,
+            max_rps,
+        } => {
+            let cfg = load_or_exit_2(&config)?;
+            let args = mediaproxy::cmd::verify::Args {
+                upstream,
+                against,
+                keys_from: keys_from.map(stdin_dash),
+                prefix,
+                concurrency,
+                max_rps,
+            };
+            exit(rt.block_on(mediaproxy::cmd::verify::run(cfg, args)))
+        }
         Command::Check { config } => {
             let cfg = Config::load(&config)?;
             println!("config {}: ok", config.display());
@@ -159,6 +249,29 @@ fn cache_command(action: CacheAction) -> anyhow::Result<ExitCode> {
                 .with_context(|| format!("clearing {}", cfg.cache.dir.display()))?;
             println!("removed {n} entries from {}", cfg.cache.dir.display());
             Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// `-` is standard input.
+fn stdin_dash(p: PathBuf) -> Option<PathBuf> {
+    (p.as_os_str() != "-").then_some(p)
+}
+
+/// `migrate` and `verify` exit 2 on bad usage, a broken config included.
+fn load_or_exit_2(path: &std::path::Path) -> anyhow::Result<Config> {
+    Config::load(path).map_err(|e| {
+        eprintln!("mediaproxy: {e}");
+        std::process::exit(2)
+    })
+}
+
+fn exit(result: Result<u8, mediaproxy::cmd::Usage>) -> anyhow::Result<ExitCode> {
+    match result {
+        Ok(code) => Ok(ExitCode::from(code)),
+        Err(e) => {
+            eprintln!("mediaproxy: {e}");
+            Ok(ExitCode::from(2))
         }
     }
 }

@@ -22,7 +22,7 @@ use arc_swap::ArcSwap;
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 
-pub use one::{Copied, CopyError, Engine, From};
+pub use one::{plain_md5, Copied, CopyError, Engine, From};
 use queue::{Pushed, Queue};
 pub use uploads::{Open, Uploads};
 

@@ -436,7 +436,7 @@ fn body(data: &Data, start: u64, len: u64) -> reqwest::Body {
 }
 
 /// The hex MD5 in an ETag that is one (`"d41d8cd98f00b204e9800998ecf8427e"`); not a multipart `-N` one.
-fn plain_md5(etag: &str) -> Option<String> {
+pub fn plain_md5(etag: &str) -> Option<String> {
     let e = etag.trim().trim_start_matches("W/").trim_matches('"');
     (e.len() == 32 && e.bytes().all(|b| b.is_ascii_hexdigit())).then(|| e.to_ascii_lowercase())
 }

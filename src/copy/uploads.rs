@@ -29,7 +29,12 @@ pub struct Uploads {
 impl Uploads {
     /// Replays the journal; returns it with the uploads left open, which stay journaled until `ended`.
     pub fn open(dir: &Path) -> io::Result<(Uploads, Vec<Open>)> {
-        let path = dir.join("copy-uploads");
+        Self::open_named(dir, "copy-uploads")
+    }
+
+    /// A journal of its own (`migrate` runs beside a proxy that owns `copy-uploads`).
+    pub fn open_named(dir: &Path, name: &str) -> io::Result<(Uploads, Vec<Open>)> {
+        let path = dir.join(name);
         let mut open: HashMap<String, Open> = HashMap::new();
         match fs::read_to_string(&path) {
             Ok(text) => {

@@ -1,11 +1,10 @@
 //! Listing an `s3` upstream (ListObjectsV2, signed), for `migrate` and `verify` when no other key source
 //! is given: one page per call, so a caller holds one page (at most 1,000 keys) at a time.
 
-use rusty_s3::actions::ListObjectsV2;
 use rusty_s3::S3Action;
 
 use super::write::{refused, write_timeout};
-use super::{Upstream, WriteError};
+use super::{xml_tag, Upstream, WriteError};
 
 /// One page of a listing, keys with this upstream's `prefix` removed.
 pub struct Page {
@@ -47,33 +46,43 @@ impl Upstream {
             return Err(refused(resp.status(), resp).await);
         }
         let body = resp
-            .bytes()
+            .text()
             .await
             .map_err(|e| WriteError::Transport(super::error_chain(&e)))?;
-        let parsed = ListObjectsV2::parse_response(&body).map_err(|e| WriteError::Refused {
-            status: 200,
-            code: format!("unreadable listing: {e}"),
-        })?;
         let own = if self.prefix.is_empty() {
             String::new()
         } else {
             format!("{}/", self.prefix)
         };
-        let objects = parsed
-            .contents
-            .into_iter()
-            .filter_map(|c| {
-                Some(Listed {
-                    key: c.key.strip_prefix(own.as_str())?.to_string(),
-                    size: c.size,
-                    etag: c.etag,
-                })
-            })
-            .collect();
-        Ok(Page {
-            objects,
-            next: parsed.next_continuation_token.filter(|t| !t.is_empty()),
-        })
+        // Read leniently, by tag: servers differ in what they include (s3s-fs sends no ETag).
+        let mut objects = Vec::new();
+        for part in body.split("<Contents>").skip(1) {
+            let part = part.split("</Contents>").next().unwrap_or(part);
+            let (Some(name), Some(size)) = (xml_tag(part, "Key"), xml_tag(part, "Size")) else {
+                return Err(WriteError::Refused {
+                    status: 200,
+                    code: "unreadable listing (an entry without Key or Size)".into(),
+                });
+            };
+            let Some(key) = unescape(&name)
+                .strip_prefix(own.as_str())
+                .map(str::to_string)
+            else {
+                continue;
+            };
+            objects.push(Listed {
+                key,
+                size: size.trim().parse().unwrap_or(0),
+                etag: xml_tag(part, "ETag")
+                    .map(|e| unescape(&e))
+                    .unwrap_or_default(),
+            });
+        }
+        let truncated = xml_tag(&body, "IsTruncated").is_some_and(|t| t.trim() == "true");
+        let next = xml_tag(&body, "NextContinuationToken")
+            .map(|t| unescape(&t))
+            .filter(|t| truncated && !t.is_empty());
+        Ok(Page { objects, next })
     }
 
     /// `prefix` (part of a key) as an object name in the bucket.
@@ -83,5 +92,57 @@ impl Upstream {
         } else {
             format!("{}/{prefix}", self.prefix)
         }
+    }
+}
+
+/// XML's five entities and numeric references, as S3 escapes keys in a listing.
+fn unescape(s: &str) -> String {
+    if !s.contains('&') {
+        return s.to_string();
+    }
+    let mut out = String::with_capacity(s.len());
+    let mut rest = s;
+    while let Some(at) = rest.find('&') {
+        out.push_str(&rest[..at]);
+        rest = &rest[at..];
+        let Some(end) = rest.find(';') else {
+            break;
+        };
+        let entity = &rest[1..end];
+        let ch = match entity {
+            "amp" => Some('&'),
+            "lt" => Some('<'),
+            "gt" => Some('>'),
+            "quot" => Some('"'),
+            "apos" => Some('\''),
+            e if e.starts_with("#x") => u32::from_str_radix(&e[2..], 16)
+                .ok()
+                .and_then(char::from_u32),
+            e if e.starts_with('#') => e[1..].parse().ok().and_then(char::from_u32),
+            _ => None,
+        };
+        match ch {
+            Some(c) => {
+                out.push(c);
+                rest = &rest[end + 1..];
+            }
+            None => {
+                out.push('&');
+                rest = &rest[1..];
+            }
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn unescape_entities() {
+        assert_eq!(
+            super::unescape("a&amp;b&lt;&#233;&#x41;&bogus;"),
+            "a&b<éA&bogus;"
+        );
     }
 }

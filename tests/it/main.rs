@@ -6,5 +6,6 @@ mod common;
 mod copy;
 mod lifecycle;
 mod local;
+mod migrate;
 mod privacy;
 mod upstreams;

@@ -1,0 +1,254 @@
+//! The admin commands that walk many keys (`migrate`, `verify`), one file each, thin over `keys` and
+//! `copy`; this file holds what they share: naming upstreams, choosing the key source, and the driver
+//! that runs a bounded number of keys at once, at a bounded rate, saving where it got to.
+
+pub mod migrate;
+pub mod verify;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::future::Future;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use serde::{Deserialize, Serialize};
+use tokio::sync::Semaphore;
+
+use crate::config::{Config, UpstreamKind};
+use crate::keys::{self, Entry, Item, Keys, Mark};
+use crate::upstream::Upstream;
+
+/// Exit 2: the command line or the config asks for something that cannot be (an unknown upstream, a
+/// target that is not `s3`, a source that cannot be reached at start).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Usage(pub String);
+
+/// `name` among the configured upstreams.
+pub fn upstream(config: &Config, name: &str, flag: &str) -> Result<Arc<Upstream>, Usage> {
+    let cfg = config
+        .upstreams
+        .iter()
+        .find(|u| u.name == name)
+        .ok_or_else(|| {
+            let names: Vec<&str> = config.upstreams.iter().map(|u| u.name.as_str()).collect();
+            Usage(format!(
+                "{flag} {name:?}: no such upstream in the config (there are: {})",
+                names.join(", ")
+            ))
+        })?;
+    Upstream::new(cfg)
+        .map(Arc::new)
+        .map_err(|e| Usage(format!("{flag} {name:?}: {e}")))
+}
+
+pub fn is_s3(config: &Config, name: &str) -> bool {
+    config
+        .upstreams
+        .iter()
+        .any(|u| u.name == name && matches!(u.kind, UpstreamKind::S3 { .. }))
+}
+
+/// Where the keys come from, in the order of preference the CLI documents.
+pub enum Source {
+    File(Option<PathBuf>),
+    Listing(Arc<Upstream>),
+    Local(Vec<PathBuf>),
+}
+
+impl Source {
+    /// Names the source in the state file, so a state is only resumed by the same kind of run.
+    pub fn describe(&self, prefix: &str) -> String {
+        match self {
+            Source::File(Some(p)) => format!("file {}", p.display()),
+            Source::File(None) => "stdin".into(),
+            Source::Listing(up) => format!("listing {} {prefix}", up.origin),
+            Source::Local(roots) => format!("local {roots:?}"),
+        }
+    }
+
+    pub fn keys(&self, config: &Config, prefix: &str, resume: Option<Mark>) -> Keys {
+        match self {
+            Source::File(path) => {
+                keys::file(path.clone(), config.server.path_prefix.clone(), resume)
+            }
+            Source::Listing(up) => keys::listing(up.clone(), prefix.to_string(), resume),
+            Source::Local(roots) => keys::local(roots.clone(), resume),
+        }
+    }
+}
+
+/// What a run saved: where its source got to (every key before it is done).
+#[derive(Serialize, Deserialize)]
+struct State {
+    source: String,
+    mark: Option<Mark>,
+}
+
+pub fn state_path(explicit: Option<PathBuf>, config: &Config, what: &str) -> PathBuf {
+    explicit.unwrap_or_else(|| {
+        let id = crate::keyset::id_of(what);
+        config.cache.dir.join(format!("migrate-{id:016x}.state"))
+    })
+}
+
+/// Resumes from `path` when it holds a run of the same `source`.
+fn load_state(path: &Path, source: &str) -> Option<Mark> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let state: State = serde_json::from_str(&text).ok()?;
+    (state.source == source).then_some(state.mark).flatten()
+}
+
+fn save_state(path: &Path, source: &str, mark: &Option<Mark>) -> std::io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    let json = serde_json::to_vec(&State {
+        source: source.to_string(),
+        mark: mark.clone(),
+    })
+    .map_err(std::io::Error::other)?;
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(&json)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)
+}
+
+/// Marks completions, which come in any order, and knows the last mark before which all are done.
+#[derive(Default)]
+struct Progress {
+    next: u64,
+    marks: BTreeMap<u64, Mark>,
+    done: BTreeSet<u64>,
+    upto: Option<Mark>,
+    first_undone: u64,
+}
+
+impl Progress {
+    fn start(&mut self, mark: Mark) -> u64 {
+        let seq = self.next;
+        self.next += 1;
+        self.marks.insert(seq, mark);
+        seq
+    }
+
+    fn finish(&mut self, seq: u64) {
+        self.done.insert(seq);
+        while self.done.remove(&self.first_undone) {
+            self.upto = self.marks.remove(&self.first_undone);
+            self.first_undone += 1;
+        }
+    }
+}
+
+/// How the driver runs: at most `concurrency` keys at once, at most `max_rps` started a second.
+pub struct Pace {
+    pub concurrency: usize,
+    pub max_rps: Option<u32>,
+}
+
+/// Runs `work` on every key of `keys`; `invalid` on every line that is no key. Saves the position to
+/// `state` at least once a second and at the end (not after a fatal error of the source, which is
+/// returned). `tick` is called every few seconds for progress output.
+pub async fn drive<W, F>(
+    keys: Keys,
+    pace: &Pace,
+    state: Option<(&Path, &str)>,
+    work: W,
+    mut invalid: impl FnMut(u64, &str, &str),
+    mut tick: impl FnMut(),
+) -> Result<(), keys::KeysError>
+where
+    W: Fn(Item) -> F + Send + Sync + 'static,
+    F: Future<Output = ()> + Send + 'static,
+{
+    let work = Arc::new(work);
+    let slots = Arc::new(Semaphore::new(pace.concurrency.max(1)));
+    let progress = Arc::new(Mutex::new(Progress::default()));
+    let mut rate = pace.max_rps.map(|r| {
+        let mut i = tokio::time::interval(Duration::from_secs_f64(1.0 / f64::from(r.max(1))));
+        i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        i
+    });
+    let mut saved = Instant::now();
+    let mut ticked = Instant::now();
+    let save = |progress: &Mutex<Progress>| {
+        if let Some((path, source)) = state {
+            let mark = progress.lock().expect("progress").upto.clone();
+            if mark.is_some() {
+                if let Err(e) = save_state(path, source, &mark) {
+                    tracing::warn!(state = %path.display(), error = %e, "could not save progress");
+                }
+            }
+        }
+    };
+    let mut keys = keys;
+    let mut failure = None;
+    while let Some(entry) = keys.next().await {
+        let item = match entry {
+            Ok(Entry::Key(item)) => item,
+            Ok(Entry::Invalid { line, text, why }) => {
+                invalid(line, &text, &why);
+                continue;
+            }
+            Err(e) => {
+                failure = Some(e);
+                break;
+            }
+        };
+        if let Some(r) = rate.as_mut() {
+            r.tick().await;
+        }
+        let permit = slots.clone().acquire_owned().await.expect("never closed");
+        let seq = progress.lock().expect("progress").start(item.mark.clone());
+        let (work, progress2) = (work.clone(), progress.clone());
+        tokio::spawn(async move {
+            work(item).await;
+            progress2.lock().expect("progress").finish(seq);
+            drop(permit);
+        });
+        if saved.elapsed() >= Duration::from_secs(1) {
+            save(&progress);
+            saved = Instant::now();
+        }
+        if ticked.elapsed() >= Duration::from_secs(5) {
+            tick();
+            ticked = Instant::now();
+        }
+    }
+    // Wait for the keys in flight.
+    let all = u32::try_from(pace.concurrency.max(1)).unwrap_or(u32::MAX);
+    let _ = slots.acquire_many(all).await;
+    if let Some(e) = failure {
+        save(&progress);
+        return Err(e);
+    }
+    save(&progress);
+    Ok(())
+}
+
+/// A style other than `original` may be missing for good reasons (derived by a newer Mastodon than the
+/// one that stored the record); a missing `original` is a lost file.
+pub fn is_original(key: &crate::key::Key) -> bool {
+    key.as_str().rsplit('/').nth(1) == Some("original")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn progress_is_the_last_mark_before_which_everything_finished() {
+        let mut p = Progress::default();
+        let m = |n: u64| Mark::Line { line: n };
+        let a = p.start(m(1));
+        let b = p.start(m(2));
+        let c = p.start(m(3));
+        p.finish(b);
+        assert_eq!(p.upto, None, "key 1 is still running");
+        p.finish(a);
+        assert_eq!(p.upto, Some(m(2)));
+        p.finish(c);
+        assert_eq!(p.upto, Some(m(3)));
+    }
+}

@@ -101,7 +101,8 @@ async fn probe_writes(up: &Upstream) -> Result<String, String> {
         content_type: Some("text/plain"),
         cache_control: None,
         content_disposition: None,
-        acl: None,
+        // With the ACL copies will send: a bucket with ACLs disabled refuses it, and should fail here.
+        acl: up.acl.as_deref(),
     };
     let refused = |e: WriteError| format!("copy target refuses writes: PUT {}: {e}", key.as_str());
     up.put(&req, body.clone().into()).await.map_err(refused)?;
@@ -109,7 +110,7 @@ async fn probe_writes(up: &Upstream) -> Result<String, String> {
     let deleted = up.delete(&key).await;
     let conditional = match second? {
         Put::AlreadyThere => "honours If-None-Match: copies never overwrite",
-        Put::Created => "IGNORES If-None-Match: copies HEAD first, which narrows but cannot close a race between two writers",
+        Put::Created(_) => "IGNORES If-None-Match: copies HEAD first, which narrows but cannot close a race between two writers",
     };
     match deleted {
         Ok(()) => Ok(format!(

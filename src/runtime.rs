@@ -85,11 +85,12 @@ impl Runtime {
 
     /// The `copy_missing` upstream, if one is configured.
     pub fn copy_target(&self) -> Option<&Upstream> {
+        let w = self.write_upstream;
         self.config
             .upstreams
-            .iter()
-            .position(|u| u.copy_missing)
-            .map(|i| &self.upstreams[i])
+            .get(w)
+            .is_some_and(|u| u.copy_missing)
+            .then(|| &self.upstreams[w])
     }
 
     pub fn policy(&self) -> Policy {

@@ -15,8 +15,11 @@ mod one;
 mod queue;
 mod uploads;
 
-use std::sync::Arc;
-use std::time::Duration;
+use std::panic::AssertUnwindSafe;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures_util::FutureExt;
 
 use arc_swap::ArcSwap;
 use tokio::sync::Notify;
@@ -37,12 +40,18 @@ use crate::runtime::Runtime;
 const BACKOFF: [u64; 7] = [1, 2, 4, 8, 16, 32, 60];
 /// The journal is written at least this often.
 const FLUSH_EVERY: Duration = Duration::from_millis(250);
+/// A key whose copy failed for good is not queued again for this long (at most this many remembered).
+const FAILED_FOR: Duration = Duration::from_secs(600);
+const FAILED_KEPT: usize = 10_000;
 /// How long a key stays remembered as copied (the bound on count is `copy.remember`).
 const REMEMBER_FOR: Duration = Duration::from_secs(365 * 86400);
 
 pub struct Copier {
     queue: Queue,
     copied: KeySet,
+    /// Keys whose copy failed for good lately: not queued again on every read for a while.
+    failed: Mutex<lru::LruCache<keyset::KeyId, Instant>>,
+    warned: Mutex<Instant>,
     uploads: Arc<Uploads>,
     /// Multipart uploads a previous process left open, aborted when the workers start.
     left_open: std::sync::Mutex<Vec<Open>>,
@@ -75,6 +84,10 @@ impl Copier {
         Ok(Arc::new(Copier {
             queue,
             copied,
+            failed: Mutex::new(lru::LruCache::new(
+                std::num::NonZeroUsize::new(FAILED_KEPT).expect("non-zero"),
+            )),
+            warned: Mutex::new(Instant::now() - Duration::from_secs(3600)),
             uploads: Arc::new(uploads),
             left_open: std::sync::Mutex::new(left_open),
             wake: Notify::new(),
@@ -86,10 +99,8 @@ impl Copier {
     /// Queues `key` for a copy into the target named by its `origin`, unless it is known to be there,
     /// already queued, or being copied. Never waits for anything.
     pub fn enqueue(&self, target_origin: &str, key: &Key) {
-        if self
-            .copied
-            .contains(copied_id(target_origin, key), REMEMBER_FOR)
-        {
+        let id = copied_id(target_origin, key);
+        if self.copied.contains(id, REMEMBER_FOR) || self.failed_lately(id) {
             return;
         }
         match self.queue.push(key) {
@@ -97,17 +108,16 @@ impl Copier {
             Pushed::Queued => {}
             Pushed::DroppedOldest(old) => {
                 self.counters.dropped.inc();
-                tracing::warn!(dropped = %old, "copy queue full (copy.queue): the oldest key was dropped; `mediaproxy migrate` will find it");
+                // Once a minute at most: a full queue drops on every read.
+                let mut warned = self.warned.lock().expect("warned");
+                if warned.elapsed() > Duration::from_secs(60) {
+                    *warned = Instant::now();
+                    tracing::warn!(dropped = %old, "copy queue full (copy.queue): the oldest keys are dropped (mediaproxy_copy_dropped_total); `migrate` copies them later");
+                }
             }
         }
         self.counters.queued.inc();
         self.wake.notify_one();
-    }
-
-    /// Whether `key` is known to be in the target `target_origin` (copied or found there).
-    pub fn known_copied(&self, target_origin: &str, key: &Key) -> bool {
-        self.copied
-            .contains(copied_id(target_origin, key), REMEMBER_FOR)
     }
 
     pub fn depth(&self) -> usize {
@@ -167,6 +177,18 @@ impl Copier {
         }
     }
 
+    fn failed_lately(&self, id: keyset::KeyId) -> bool {
+        let mut failed = self.failed.lock().expect("failed lock");
+        match failed.get(&id) {
+            Some(at) if at.elapsed() < FAILED_FOR => true,
+            Some(_) => {
+                failed.pop(&id);
+                false
+            }
+            None => false,
+        }
+    }
+
     async fn work(self: Arc<Copier>, runtime: Arc<ArcSwap<Runtime>>) {
         loop {
             let Some(key) = self.queue.pop() else {
@@ -174,7 +196,12 @@ impl Copier {
                 let _ = tokio::time::timeout(Duration::from_secs(1), self.wake.notified()).await;
                 continue;
             };
-            self.copy_with_retries(&runtime, &key).await;
+            // A bug in one copy must not stop the worker, nor leave its key a member for ever.
+            let copy = AssertUnwindSafe(self.copy_with_retries(&runtime, &key)).catch_unwind();
+            if copy.await.is_err() {
+                self.counters.failed.inc();
+                tracing::error!(%key, "copy panicked; the key was dropped");
+            }
             self.queue.finish(&key);
         }
     }
@@ -217,6 +244,10 @@ impl Copier {
                     self.remember(&target.origin, key).await;
                     return;
                 }
+                Err(CopyError::Busted) => {
+                    tracing::debug!(%key, "busted by Mastodon during its copy: not copied");
+                    return;
+                }
                 Err(e) if e.retryable() && pause.is_some() => {
                     tracing::debug!(%key, target = %target.name, error = %e, attempt, "copy failed; retrying");
                     tokio::time::sleep(pause.unwrap_or_default()).await;
@@ -224,6 +255,11 @@ impl Copier {
                 Err(e) => {
                     self.counters.failed.inc();
                     tracing::warn!(%key, target = %target.name, code = e.code(), error = %e, "copy failed");
+                    let id = copied_id(&target.origin, key);
+                    self.failed
+                        .lock()
+                        .expect("failed lock")
+                        .put(id, Instant::now());
                     return;
                 }
             }

@@ -53,6 +53,9 @@ pub enum CopyError {
     Spool(#[from] io::Error),
     #[error("verification failed: {0}")]
     Verify(String),
+    /// Mastodon busted the key while it was being copied: not copied (or taken back).
+    #[error("busted by Mastodon during the copy")]
+    Busted,
 }
 
 impl CopyError {
@@ -61,7 +64,7 @@ impl CopyError {
         match self {
             CopyError::Target(e) => e.retryable(),
             CopyError::Source(_) | CopyError::Spool(_) => true,
-            CopyError::SourceGone | CopyError::Verify(_) => false,
+            CopyError::SourceGone | CopyError::Verify(_) | CopyError::Busted => false,
         }
     }
 
@@ -73,6 +76,7 @@ impl CopyError {
             CopyError::Source(_) => "source failed",
             CopyError::Spool(_) => "spool failed",
             CopyError::Verify(_) => "verification failed",
+            CopyError::Busted => "busted",
         }
     }
 }
@@ -125,17 +129,34 @@ async fn copy_one(engine: &Engine<'_>, from: &From<'_>, key: &Key) -> Result<Cop
     if let From::Proxy(rt) = from {
         rt.cache.wait_fill(key.as_str(), FILL_WAIT).await;
     }
-    if target.head_signed(key).await?.is_some() {
-        return Ok(Copied::AlreadyThere);
+    match target.head_signed(key).await {
+        Ok(Some(_)) => return Ok(Copied::AlreadyThere),
+        Ok(None) => {}
+        // S3 answers 403 for a missing key to credentials without s3:ListBucket: not knowing, rely
+        // on the PUT's If-None-Match.
+        Err(WriteError::Refused { status: 403, .. }) => {}
+        Err(e) => return Err(e.into()),
     }
     let src = match from {
         From::Proxy(rt) => match from_entry(rt, target, key).await {
-            Some(src) => src,
+            Some((src, true)) => src,
+            // An entry from before entries kept Cache-Control and Content-Disposition: ask a source
+            // bucket for them (a HEAD; the body still comes from the entry).
+            Some((mut src, false)) => {
+                if let Some(meta) = head_first(rt.chain(key), target, key).await {
+                    src.cache_control = meta.cache_control;
+                    src.content_disposition = meta.content_disposition;
+                }
+                src
+            }
             None => spool_first(rt.chain(key), engine, key).await?,
         },
         From::Upstream(up) => spool_first(std::slice::from_ref(*up), engine, key).await?,
         From::Local(roots) => from_local(roots, key).await?,
     };
+    if busted(from, key) {
+        return Err(CopyError::Busted);
+    }
     let req = PutRequest {
         key,
         len: src.len,
@@ -158,12 +179,49 @@ async fn copy_one(engine: &Engine<'_>, from: &From<'_>, key: &Key) -> Result<Cop
             other => other?,
         },
     };
-    if put == Put::AlreadyThere {
-        return Ok(Copied::AlreadyThere);
+    let put_etag = match put {
+        Put::AlreadyThere => return Ok(Copied::AlreadyThere),
+        Put::Created(etag) => etag,
+    };
+    // What we just created, and only that, may be taken back: nothing was there before it.
+    let take_back = |why: CopyError| async move {
+        if let Err(e) = target.delete(key).await {
+            tracing::warn!(%key, error = %e, "could not delete a copy that must not stay");
+        }
+        why
+    };
+    if busted(from, key) {
+        // Mastodon deleted or hid it while it was being copied.
+        return Err(take_back(CopyError::Busted).await);
     }
-    let head = target.head_signed(key).await?.ok_or_else(|| {
-        CopyError::Verify("the target does not have it right after the PUT".into())
-    })?;
+    if let Err(e) = verify(target, key, &src, put_etag).await {
+        return Err(take_back(e).await);
+    }
+    Ok(Copied::Copied { bytes: src.len })
+}
+
+/// The bucket's own ETag for a single PUT is the MD5 of what it stored: equal to ours, the size and
+/// the bytes are proven. Otherwise (multipart `-N` ETags, providers with other ETags) a HEAD checks
+/// the size, and the MD5 when it is one.
+async fn verify(
+    target: &Upstream,
+    key: &Key,
+    src: &Source,
+    put_etag: Option<String>,
+) -> Result<(), CopyError> {
+    let ours = hex(&src.md5);
+    if put_etag.as_deref().and_then(plain_md5).as_deref() == Some(ours.as_str()) {
+        return Ok(());
+    }
+    let head = match target.head_signed(key).await {
+        Ok(Some(head)) => head,
+        Ok(None) => {
+            return Err(CopyError::Verify(
+                "the target does not have it right after the PUT".into(),
+            ))
+        }
+        Err(e) => return Err(e.into()),
+    };
     if head.len != src.len {
         return Err(CopyError::Verify(format!(
             "the target holds {} bytes, the source {}",
@@ -172,14 +230,37 @@ async fn copy_one(engine: &Engine<'_>, from: &From<'_>, key: &Key) -> Result<Cop
     }
     // A multipart object's ETag is `-N`, never a plain MD5: its parts were checked one by one.
     if let Some(etag) = head.etag.as_deref().and_then(plain_md5) {
-        if etag != hex(&src.md5) {
+        if etag != ours {
             return Err(CopyError::Verify(format!(
-                "the target's MD5 {etag} is not the source's {}",
-                hex(&src.md5)
+                "the target's MD5 {etag} is not the source's {ours}"
             )));
         }
     }
-    Ok(Copied::Copied { bytes: src.len })
+    Ok(())
+}
+
+/// Whether Mastodon busted the key (lazy copy only: `migrate` skips tombstoned keys up front).
+fn busted(from: &From<'_>, key: &Key) -> bool {
+    match from {
+        From::Proxy(rt) => rt
+            .cache
+            .tombstoned(key.as_str(), rt.config.cache.tombstone_ttl),
+        _ => false,
+    }
+}
+
+/// The first upstream other than the target that has `key`, by HEAD.
+async fn head_first(
+    upstreams: &[Upstream],
+    target: &Upstream,
+    key: &Key,
+) -> Option<crate::object::Meta> {
+    for up in upstreams.iter().filter(|u| u.origin != target.origin) {
+        if let Ok(Fetched::Found(obj)) = up.fetch(Method::Head, key, None).await {
+            return Some(obj.meta);
+        }
+    }
+    None
 }
 
 /// S3 allows 10,000 parts: larger objects get larger parts.
@@ -211,7 +292,7 @@ async fn put_multipart(
         Ok(()) => upload_parts(target, req, file, part, &id).await,
     };
     // Completed: done. Failed, or someone else's object is there (412): no parts may stay behind.
-    if !matches!(result, Ok(Put::Created)) {
+    if !matches!(result, Ok(Put::Created(_))) {
         if let Err(e) = target.abort_multipart(req.key, &id).await {
             tracing::warn!(key = %req.key, error = %e, "could not abort a multipart upload; it is aborted again at the next start");
             return result;
@@ -258,7 +339,9 @@ async fn upload_parts(
 
 /// The cache entry, unless the target filled it (then the target lost it, and the entry is no better a
 /// source than the target was) or it is incomplete, corrupt or absent.
-async fn from_entry(rt: &Runtime, target: &Upstream, key: &Key) -> Option<Source> {
+/// With whether the entry knows where it came from (entries of earlier releases do not, nor keep
+/// Cache-Control and Content-Disposition).
+async fn from_entry(rt: &Runtime, target: &Upstream, key: &Key) -> Option<(Source, bool)> {
     let cache = rt.cache.clone();
     let k = key.as_str().to_string();
     let origin = target.origin.clone();
@@ -283,14 +366,16 @@ async fn from_entry(rt: &Runtime, target: &Upstream, key: &Key) -> Option<Source
             tracing::warn!(key = %k, "cache entry does not match its bucket's MD5; fetching it again");
             return None;
         }
-        Some(Source {
+        let known = meta.origin.is_some();
+        let src = Source {
             len: meta.len,
             md5,
             content_type: meta.content_type,
             cache_control: meta.cache_control,
             content_disposition: meta.content_disposition,
             data,
-        })
+        };
+        Some((src, known))
     })
     .await
     .ok()

@@ -33,6 +33,8 @@ struct State {
     waiting: VecDeque<Key>,
     /// Waiting or being copied.
     members: HashSet<Key>,
+    /// Being copied (popped, not finished).
+    in_flight: HashSet<Key>,
     /// Journal lines not yet written.
     pending: Vec<u8>,
 }
@@ -120,12 +122,16 @@ impl Queue {
 
     /// The oldest waiting key, which stays a member until [`Queue::finish`].
     pub fn pop(&self) -> Option<Key> {
-        self.lock().waiting.pop_front()
+        let mut s = self.lock();
+        let key = s.waiting.pop_front()?;
+        s.in_flight.insert(key.clone());
+        Some(key)
     }
 
     /// The key's copy succeeded, failed for good, or is no longer wanted.
     pub fn finish(&self, key: &Key) {
         let mut s = self.lock();
+        s.in_flight.remove(key);
         if s.members.remove(key) {
             journal(&mut s.pending, '-', key);
         }
@@ -139,6 +145,9 @@ impl Queue {
     /// Writes and syncs the journal lines gathered since the last flush; rewrites the file when it has
     /// grown far past the members. Blocking: run it off the async runtime.
     pub fn flush(&self) -> io::Result<()> {
+        // The file lock first: two flushes (the periodic one and the one at shutdown) append in the
+        // order their lines were taken.
+        let mut file = self.file.lock().expect("copy journal lock");
         let (bytes, lines, members) = {
             let mut s = self.lock();
             if s.pending.is_empty() {
@@ -148,17 +157,26 @@ impl Queue {
             let lines = bytes.iter().filter(|b| **b == b'\n').count() as u64;
             (bytes, lines, s.members.len() as u64)
         };
-        let mut file = self.file.lock().expect("copy journal lock");
-        file.0.write_all(&bytes)?;
-        file.0.sync_data()?;
+        let len = file.0.metadata()?.len();
+        if let Err(e) = file.0.write_all(&bytes).and_then(|()| file.0.sync_data()) {
+            // Cut a half-written line off and keep the lines for the next flush, in front.
+            let _ = file.0.set_len(len);
+            let mut s = self.lock();
+            let later = std::mem::replace(&mut s.pending, bytes);
+            s.pending.extend_from_slice(&later);
+            return Err(e);
+        }
         file.1 += lines;
         if file.1 > COMPACT_AFTER + 2 * members {
             // Under the file lock: no flush can append to the old file meanwhile. Members queued after
             // this snapshot have their `+` line in `pending`, written to the new file by the next flush.
             let snapshot: Vec<Key> = {
                 let s = self.lock();
-                let in_flight = s.members.iter().filter(|k| !s.waiting.contains(k));
-                in_flight.chain(s.waiting.iter()).cloned().collect()
+                s.in_flight
+                    .iter()
+                    .chain(s.waiting.iter())
+                    .cloned()
+                    .collect()
             };
             *file = (rewrite(&self.path, snapshot.iter())?, snapshot.len() as u64);
         }

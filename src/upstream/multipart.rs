@@ -107,7 +107,7 @@ impl Upstream {
                     Some(code) if body.contains("<Error>") => {
                         Err(WriteError::Refused { status: 200, code })
                     }
-                    _ => Ok(Put::Created),
+                    _ => Ok(Put::Created(None)),
                 }
             }
             s => Err(refused(s, resp).await),

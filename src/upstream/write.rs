@@ -41,7 +41,8 @@ impl PutRequest<'_> {
 
 #[derive(Debug, PartialEq, Eq)]
 pub enum Put {
-    Created,
+    /// With the ETag the bucket answered (for a single PUT, the MD5 of what it stored).
+    Created(Option<String>),
     /// `If-None-Match: *` failed: the key exists (another proxy or `migrate` got there first).
     AlreadyThere,
 }
@@ -67,7 +68,7 @@ pub enum WriteError {
 
 impl WriteError {
     /// Worth trying again later: the bucket is down, slow, rate-limiting, or raced another writer.
-    /// `BadDigest` (the body changed on the way) is retried too, once, by the caller.
+    /// (`BadDigest`, the body damaged on the way, is retried once at once by the copy itself.)
     pub fn retryable(&self) -> bool {
         match self {
             WriteError::NotWritable => false,
@@ -79,7 +80,6 @@ impl WriteError {
                     || code == "SlowDown"
                     || code == "ConditionalRequestConflict"
                     || code == "RequestTimeout"
-                    || code == "BadDigest"
             }
         }
     }
@@ -157,7 +157,7 @@ impl Upstream {
         }
         let resp = self.send(put.body(body), write_timeout(req.len)).await?;
         match resp.status() {
-            s if s.is_success() => Ok(Put::Created),
+            s if s.is_success() => Ok(Put::Created(header_str(resp.headers(), http::header::ETAG))),
             StatusCode::PRECONDITION_FAILED => Ok(Put::AlreadyThere),
             s => Err(refused(s, resp).await),
         }

@@ -529,3 +529,28 @@ async fn entries_from_an_earlier_release_queue_one_copy_check_each() {
     assert_eq!(new.count("PUT"), 2, "the test's own PUT and one copy");
     assert_eq!(old.count("GET"), 0, "copied from the entry");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_reload_that_changes_the_target_applies_to_queued_keys() {
+    let new = S3Server::start(&["new"], true).await;
+    let old = S3Server::start(&["old"], true).await;
+    old.put("old", PHOTO, b"queued".to_vec(), "image/jpeg")
+        .await;
+    // Queued while the configured target is a wrong address: retrying with backoff.
+    let wrong = format!(
+        "[[upstream]]\nname = \"new\"\ntype = \"s3\"\nendpoint = \"http://127.0.0.1:{}\"\nbucket = \"new\"\naccess_key_id = \"{ACCESS_KEY}\"\nsecret_access_key = \"{SECRET_KEY}\"\ncopy_missing = true\nconnect_timeout = \"200ms\"\n\n{}",
+        closed_port(),
+        old.s3_upstream("old", "old")
+    );
+    let proxy = Proxy::start(&wrong);
+    assert_eq!(get(&proxy, PHOTO).await.0, 200);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The admin fixes the endpoint and reloads: the queued key goes to the fixed target.
+    proxy.rewrite_config(&format!(
+        "{}{}",
+        new.s3_target("new", "new", ""),
+        old.s3_upstream("old", "old")
+    ));
+    proxy.signal("HUP");
+    assert_eq!(copied(&new, "new", PHOTO).await.unwrap().0, b"queued");
+}

@@ -89,6 +89,7 @@ impl S3 for AclFs {
         if self.read_only.load(Ordering::SeqCst) {
             return Err(s3_error!(AccessDenied));
         }
+        unsigned_amz_headers(&req)?;
         if self.ignore_if_none_match.load(Ordering::SeqCst) {
             req.input.if_none_match = None;
         }
@@ -207,4 +208,29 @@ impl S3 for AclFs {
         self.open_uploads.lock().unwrap().remove(&id);
         Ok(out)
     }
+}
+
+/// AWS refuses a request whose `x-amz-*` headers are not all signed (`HeadersNotSigned`); s3s-fs does
+/// not check, so this does (presigned requests list what they signed in `X-Amz-SignedHeaders`).
+fn unsigned_amz_headers<T>(req: &S3Request<T>) -> S3Result<()> {
+    let query = req.uri.query().unwrap_or("");
+    let signed = query
+        .split('&')
+        .find_map(|kv| kv.strip_prefix("X-Amz-SignedHeaders="))
+        .map(|v| v.replace("%3B", ";").to_ascii_lowercase())
+        .or_else(|| {
+            let auth = req.headers.get("authorization")?.to_str().ok()?;
+            let list = auth.split("SignedHeaders=").nth(1)?.split(',').next()?;
+            Some(list.to_ascii_lowercase())
+        })
+        .unwrap_or_default();
+    let signed: Vec<&str> = signed.split(';').collect();
+    for name in req.headers.keys() {
+        let name = name.as_str();
+        let exempt = ["x-amz-content-sha256", "x-amz-date", "x-amz-security-token"];
+        if name.starts_with("x-amz-") && !exempt.contains(&name) && !signed.contains(&name) {
+            return Err(s3_error!(AccessDenied, "HeadersNotSigned: {name}"));
+        }
+    }
+    Ok(())
 }

@@ -9,9 +9,9 @@
 #   OBJECTS=2000 CLIENTS=16 REPS=3 WORKERS=4 bash benches/lazy-copy.sh
 #
 # Set-up: two release-built s3s-fs servers with TCP_NODELAY (old: anonymous, served as an `http`
-# upstream, as a public bucket; new: SigV4, the copy target); mediaproxy with one tokio worker pinned to
-# CPU 0; the client (Python, one keep-alive connection per thread) pinned to CPU 1; the S3 servers are
-# not pinned (2 cores in all). Each run gets a fresh cache and an empty new bucket. Everything binds
+# upstream, as a public bucket; new: SigV4, the copy target, at nice 19: it stands for a remote bucket,
+# whose CPU is not the machine's); mediaproxy with one tokio worker pinned to CPU 0; the client
+# (Python, one keep-alive connection per thread) pinned to CPU 1; the S3 servers are not pinned. Each run gets a fresh cache and an empty new bucket. Everything binds
 # 127.0.0.1; every load is bounded by the object count.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -65,7 +65,8 @@ run() { # MODE REP → one line of results
   local mode=$1 rep=$2 newport mpport newpid mppid
   rm -rf "$W/new" "$W/cache" && mkdir -p "$W/new/media" "$W/cache"
   newport=$(port); mpport=$(port); admin=$(port)
-  "$S3BIN" "$W/new" "$newport" "$AK" "$SK" & newpid=$!; pids+=($newpid)
+  # The new bucket stands for a remote one: its CPU is not ours, so it only gets what is idle.
+  nice -n 19 "$S3BIN" "$W/new" "$newport" "$AK" "$SK" & newpid=$!; pids+=($newpid)
   wait_port "$newport"
   cat > "$W/mp.toml" <<EOF
 [server]

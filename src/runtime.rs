@@ -72,15 +72,20 @@ impl Runtime {
     /// The upstreams to ask for `key`, in order: all of them, or only the write upstream while Mastodon's
     /// bust of the key stands (an older bucket may still hold what Mastodon deleted or hid).
     pub fn chain(&self, key: &Key) -> &[Upstream] {
-        if self.upstreams.len() > 1
+        self.chain_of(key, &self.upstreams)
+    }
+
+    /// The same choice over another set of clients of the same upstreams (the copy thread's).
+    pub fn chain_of<'a>(&self, key: &Key, upstreams: &'a [Upstream]) -> &'a [Upstream] {
+        if upstreams.len() > 1
             && self
                 .cache
                 .tombstoned(key.as_str(), self.config.cache.tombstone_ttl)
         {
             let w = self.write_upstream;
-            return &self.upstreams[w..=w];
+            return &upstreams[w..=w];
         }
-        &self.upstreams
+        upstreams
     }
 
     /// The `copy_missing` upstream, if one is configured.

@@ -68,7 +68,9 @@ pub async fn run(config: Config, config_path: Option<PathBuf>) -> Result<(), Ser
         cache.clone(),
         copier.clone(),
     )?));
-    let copy_tasks = copier.start(shared.clone());
+    let copy_thread = copier
+        .start(shared.clone())
+        .map_err(|e| ServerError::Copy(CopierError::thread(e)))?;
 
     let tls = server_cfg.tls.as_ref().map(tls_acceptor).transpose()?;
     let (tx, mut accepted) = mpsc::channel::<TcpStream>(1024);
@@ -168,9 +170,7 @@ pub async fn run(config: Config, config_path: Option<PathBuf>) -> Result<(), Ser
     }
     // Copies in flight stop here; their keys have no `-` line in the journal, so they are copied
     // again after the restart, like the keys still waiting.
-    for task in copy_tasks {
-        task.abort();
-    }
+    let _ = tokio::task::spawn_blocking(move || copy_thread.stop()).await;
     copier.flush().await;
     tracing::info!("stopped");
     Ok(())

@@ -23,7 +23,6 @@ use futures_util::FutureExt;
 
 use arc_swap::ArcSwap;
 use tokio::sync::Notify;
-use tokio::task::JoinHandle;
 
 pub use one::{plain_md5, Copied, CopyError, Engine, From};
 use queue::{Pushed, Queue};
@@ -34,10 +33,13 @@ use crate::key::Key;
 use crate::keyset::{self, KeySet};
 use crate::metrics::CopyCounters;
 use crate::runtime::Runtime;
+use crate::upstream::Upstream;
 
 /// Pauses between attempts of a copy that failed in a way worth retrying: over two minutes in all, so
 /// a target that is down for a minute loses nothing.
 const BACKOFF: [u64; 7] = [1, 2, 4, 8, 16, 32, 60];
+/// The copy thread's nice value: below serving, which runs at the process's own.
+const COPY_NICE: i32 = 10;
 /// The journal is written at least this often.
 const FLUSH_EVERY: Duration = Duration::from_millis(250);
 /// A key whose copy failed for good is not queued again for this long (at most this many remembered).
@@ -49,6 +51,8 @@ const REMEMBER_FOR: Duration = Duration::from_secs(365 * 86400);
 pub struct Copier {
     queue: Queue,
     copied: KeySet,
+    /// The copy thread's own upstream clients, for the runtime they were built from.
+    own: Mutex<Option<OwnUpstreams>>,
     /// Keys whose copy failed for good lately: not queued again on every read for a while.
     failed: Mutex<lru::LruCache<keyset::KeyId, Instant>>,
     warned: Mutex<Instant>,
@@ -65,6 +69,15 @@ pub struct Copier {
 pub struct CopierError {
     dir: String,
     source: std::io::Error,
+}
+
+impl CopierError {
+    pub fn thread(source: std::io::Error) -> CopierError {
+        CopierError {
+            dir: "(the copy thread)".into(),
+            source,
+        }
+    }
 }
 
 impl Copier {
@@ -84,6 +97,7 @@ impl Copier {
         Ok(Arc::new(Copier {
             queue,
             copied,
+            own: Mutex::new(None),
             failed: Mutex::new(lru::LruCache::new(
                 std::num::NonZeroUsize::new(FAILED_KEPT).expect("non-zero"),
             )),
@@ -124,27 +138,82 @@ impl Copier {
         self.queue.depth()
     }
 
-    /// Starts the workers and the journal writer; they run until [`Copier::stop`]'s handles are aborted.
-    pub fn start(self: &Arc<Copier>, runtime: Arc<ArcSwap<Runtime>>) -> Vec<JoinHandle<()>> {
-        let mut tasks: Vec<JoinHandle<()>> = (0..self.workers)
-            .map(|_| tokio::spawn(self.clone().work(runtime.clone())))
-            .collect();
+    /// Starts the copy thread: the workers and the journal writer on a runtime of their own, in a
+    /// thread at a lower priority (nice +10), so copying takes only the CPU that serving leaves idle
+    /// and never slows a response; with upstream clients of its own, since a connection belongs to
+    /// the runtime that opened it.
+    pub fn start(
+        self: &Arc<Copier>,
+        runtime: Arc<ArcSwap<Runtime>>,
+    ) -> std::io::Result<CopyThread> {
+        let (stop, mut stopped) = tokio::sync::watch::channel(false);
         let me = self.clone();
-        tasks.push(tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(FLUSH_EVERY).await;
-                me.flush().await;
+        let thread = std::thread::Builder::new()
+            .name("mediaproxy-copy".into())
+            .spawn(move || {
+                // Linux: the calling thread only; the blocking pool's threads, started from here, inherit it.
+                if let Err(e) = rustix::process::setpriority_process(None, COPY_NICE) {
+                    tracing::debug!(error = %e, "could not lower the copy thread's priority");
+                }
+                let rt = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(rt) => rt,
+                    Err(e) => return tracing::error!(error = %e, "copy thread: no runtime; nothing is copied"),
+                };
+                rt.block_on(async move {
+                    let mut tasks = tokio::task::JoinSet::new();
+                    for _ in 0..me.workers {
+                        tasks.spawn(me.clone().work(runtime.clone()));
+                    }
+                    let flusher = me.clone();
+                    tasks.spawn(async move {
+                        loop {
+                            tokio::time::sleep(FLUSH_EVERY).await;
+                            flusher.flush().await;
+                        }
+                    });
+                    let left = std::mem::take(&mut *me.left_open.lock().expect("left open lock"));
+                    if !left.is_empty() {
+                        tasks.spawn(me.clone().abort_left_open(left, runtime.clone()));
+                    }
+                    // Journaled keys from before a restart are copied at once.
+                    me.wake.notify_waiters();
+                    let _ = stopped.wait_for(|s| *s).await;
+                    tasks.abort_all();
+                });
+            })?;
+        Ok(CopyThread {
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    /// The upstreams as the copy thread's own clients, rebuilt when a reload changed the runtime.
+    fn own_upstreams(&self, rt: &Arc<Runtime>) -> Option<Arc<Vec<Upstream>>> {
+        let mut own = self.own.lock().expect("own upstreams lock");
+        if let Some((for_rt, ups)) = own.as_ref() {
+            if Arc::ptr_eq(for_rt, rt) {
+                return Some(ups.clone());
             }
-        }));
-        let left = std::mem::take(&mut *self.left_open.lock().expect("left open lock"));
-        if !left.is_empty() {
-            tasks.push(tokio::spawn(
-                self.clone().abort_left_open(left, runtime.clone()),
-            ));
         }
-        // Journaled keys from before a restart are copied at once.
-        self.wake.notify_waiters();
-        tasks
+        let ups = rt
+            .config
+            .upstreams
+            .iter()
+            .map(Upstream::new)
+            .collect::<Result<Vec<_>, _>>();
+        let ups = match ups {
+            Ok(ups) => Arc::new(ups),
+            Err(e) => {
+                // The serving runtime built the same clients, so this is not expected to happen.
+                tracing::error!(error = %e, "copy thread: cannot build upstream clients");
+                return None;
+            }
+        };
+        *own = Some((rt.clone(), ups.clone()));
+        Some(ups)
     }
 
     /// Writes what the journal still lacks (on SIGTERM, after the workers were stopped).
@@ -159,8 +228,11 @@ impl Copier {
     /// Aborts the multipart uploads a crash left open, in whichever upstream (by origin) they were.
     async fn abort_left_open(self: Arc<Copier>, left: Vec<Open>, runtime: Arc<ArcSwap<Runtime>>) {
         let rt = runtime.load_full();
+        let Some(own) = self.own_upstreams(&rt) else {
+            return;
+        };
         for open in left {
-            let Some(up) = rt.upstreams.iter().find(|u| *u.origin == *open.origin) else {
+            let Some(up) = own.iter().find(|u| *u.origin == *open.origin) else {
                 tracing::warn!(key = %open.key, origin = %open.origin, "a multipart upload left open by a crash is in a bucket no longer configured; abort it by hand");
                 self.uploads.ended(&open.id);
                 continue;
@@ -211,10 +283,10 @@ impl Copier {
         let pauses = BACKOFF.iter().map(|s| Some(Duration::from_secs(*s)));
         for (attempt, pause) in pauses.chain([None]).enumerate() {
             let rt = runtime.load_full();
-            let Some(target) = rt.copy_target() else {
+            if rt.copy_target().is_none() {
                 tracing::info!(%key, "copy_missing is off now: queued copy dropped");
                 return;
-            };
+            }
             if rt
                 .cache
                 .tombstoned(key.as_str(), rt.config.cache.tombstone_ttl)
@@ -222,6 +294,11 @@ impl Copier {
                 tracing::debug!(%key, "busted by Mastodon: not copied");
                 return;
             }
+            let Some(own) = self.own_upstreams(&rt) else {
+                self.counters.failed.inc();
+                return;
+            };
+            let target = &own[rt.write_upstream];
             let engine = Engine {
                 target,
                 spool_dir: rt.cache.store().tmp_dir(),
@@ -229,7 +306,7 @@ impl Copier {
                 part_size: rt.config.copy.part_size,
                 uploads: self.uploads.clone(),
             };
-            match engine.copy(&From::Proxy(&rt), key).await {
+            match engine.copy(&From::Proxy(&rt, &own), key).await {
                 Ok(done) => {
                     match done {
                         Copied::Copied { bytes } => {
@@ -281,4 +358,24 @@ impl Copier {
 
 fn copied_id(target_origin: &str, key: &Key) -> keyset::KeyId {
     keyset::id_of(&format!("{target_origin}\n{}", key.as_str()))
+}
+
+/// The copy thread's clients and the runtime (config) they were built from.
+type OwnUpstreams = (Arc<Runtime>, Arc<Vec<Upstream>>);
+
+/// The running copy thread; [`CopyThread::stop`] ends it (copies in flight are abandoned: their keys
+/// have no `-` line in the journal, so they are copied again after a restart).
+pub struct CopyThread {
+    stop: tokio::sync::watch::Sender<bool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl CopyThread {
+    /// Blocking: call it off the async runtime.
+    pub fn stop(mut self) {
+        let _ = self.stop.send(true);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }

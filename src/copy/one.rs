@@ -99,9 +99,10 @@ enum Data {
 
 /// Where a copy's bytes come from.
 pub enum From<'a> {
-    /// Lazy copy: the cache entry a read just filled, else the other upstreams in the order a request
-    /// asks them (so a tombstoned key finds none).
-    Proxy(&'a Runtime),
+    /// Lazy copy: the cache entry a read just filled, else the other upstreams (the copy thread's own
+    /// clients of the runtime's upstreams) in the order a request asks them (so a tombstoned key finds
+    /// none).
+    Proxy(&'a Runtime, &'a [Upstream]),
     /// `migrate --from NAME`: that upstream only.
     Upstream(&'a Upstream),
     /// `migrate --from local`: the local roots, with the Content-Type the proxy would serve.
@@ -126,7 +127,7 @@ impl Engine<'_> {
 
 async fn copy_one(engine: &Engine<'_>, from: &From<'_>, key: &Key) -> Result<Copied, CopyError> {
     let target = engine.target;
-    if let From::Proxy(rt) = from {
+    if let From::Proxy(rt, _) = from {
         rt.cache.wait_fill(key.as_str(), FILL_WAIT).await;
     }
     match target.head_signed(key).await {
@@ -138,18 +139,18 @@ async fn copy_one(engine: &Engine<'_>, from: &From<'_>, key: &Key) -> Result<Cop
         Err(e) => return Err(e.into()),
     }
     let src = match from {
-        From::Proxy(rt) => match from_entry(rt, target, key).await {
+        From::Proxy(rt, own) => match from_entry(rt, target, key).await {
             Some((src, true)) => src,
             // An entry from before entries kept Cache-Control and Content-Disposition: ask a source
             // bucket for them (a HEAD; the body still comes from the entry).
             Some((mut src, false)) => {
-                if let Some(meta) = head_first(rt.chain(key), target, key).await {
+                if let Some(meta) = head_first(rt.chain_of(key, own), target, key).await {
                     src.cache_control = meta.cache_control;
                     src.content_disposition = meta.content_disposition;
                 }
                 src
             }
-            None => spool_first(rt.chain(key), engine, key).await?,
+            None => spool_first(rt.chain_of(key, own), engine, key).await?,
         },
         From::Upstream(up) => spool_first(std::slice::from_ref(*up), engine, key).await?,
         From::Local(roots) => from_local(roots, key).await?,
@@ -242,7 +243,7 @@ async fn verify(
 /// Whether Mastodon busted the key (lazy copy only: `migrate` skips tombstoned keys up front).
 fn busted(from: &From<'_>, key: &Key) -> bool {
     match from {
-        From::Proxy(rt) => rt
+        From::Proxy(rt, _) => rt
             .cache
             .tombstoned(key.as_str(), rt.config.cache.tombstone_ttl),
         _ => false,

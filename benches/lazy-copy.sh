@@ -29,11 +29,13 @@ BIN=$PWD/target/release/mediaproxy
 S3BIN=$PWD/target/release/examples/s3-server
 
 W=$(mktemp -d /tmp/mediaproxy-lazycopy.XXXXXX)
+# The buckets stand for remote ones: their storage is in memory, not on the disk the cache uses.
+B=$(mktemp -d /dev/shm/mediaproxy-lazycopy.XXXXXX)
 pids=()
 cleanup() {
   for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
   sleep 0.3
-  rm -rf "$W"
+  rm -rf "$W" "$B"
 }
 trap cleanup EXIT
 
@@ -42,15 +44,15 @@ wait_port() { for _ in $(seq 1 200); do (exec 3<>/dev/tcp/127.0.0.1/"$1") 2>/dev
 cpu_s() { awk '{printf "%.2f", ($14 + $15) / 100}' "/proc/$1/stat"; }
 
 echo "== data: $OBJECTS objects of 30-80 KB in the old bucket ($W)"
-mkdir -p "$W/old/media"
-python3 - "$W" "$OBJECTS" <<'PY'
+mkdir -p "$B/old/media"
+python3 - "$W" "$OBJECTS" "$B" <<'PY'
 import os, random, sys
 w, n = sys.argv[1], int(sys.argv[2])
 rnd = random.Random(7)
 with open(w + "/paths.txt", "w") as paths:
     for i in range(n):
         key = "media_attachments/files/%03d/%03d/original/%016x.jpg" % (i // 1000, i % 1000, rnd.getrandbits(64))
-        path = os.path.join(w, "old/media", key)
+        path = os.path.join(sys.argv[3], "old/media", key)
         os.makedirs(os.path.dirname(path), exist_ok=True)
         with open(path, "wb") as f:
             f.write(os.urandom(rnd.randint(30_000, 80_000)))
@@ -58,15 +60,18 @@ with open(w + "/paths.txt", "w") as paths:
 PY
 
 OLDPORT=$(port)
-"$S3BIN" "$W/old" "$OLDPORT" & OLDPID=$!; pids+=($OLDPID)
+"$S3BIN" "$B/old" "$OLDPORT" & OLDPID=$!; pids+=($OLDPID)
 wait_port "$OLDPORT"
 
 run() { # MODE REP → one line of results
   local mode=$1 rep=$2 newport mpport newpid mppid
-  rm -rf "$W/new" "$W/cache" && mkdir -p "$W/new/media" "$W/cache"
+  # Fresh directories each run, deleted only at the end: deleting hundreds of MiB just before a load
+  # slows the next writes on a disk mounted with `discard` (FIELD-NOTES).
+  local new="$B/new-$mode-$rep" cache="$W/cache-$mode-$rep"
+  mkdir -p "$new/media" "$cache"
   newport=$(port); mpport=$(port); admin=$(port)
   # The new bucket stands for a remote one: its CPU is not ours, so it only gets what is idle.
-  nice -n 19 "$S3BIN" "$W/new" "$newport" "$AK" "$SK" & newpid=$!; pids+=($newpid)
+  nice -n 19 "$S3BIN" "$new" "$newport" "$AK" "$SK" & newpid=$!; pids+=($newpid)
   wait_port "$newport"
   cat > "$W/mp.toml" <<EOF
 [server]
@@ -75,7 +80,7 @@ admin_listen = "127.0.0.1:$admin"
 [local]
 roots = []
 [cache]
-dir = "$W/cache"
+dir = "$cache"
 [copy]
 workers = $WORKERS
 [[upstream]]
@@ -136,7 +141,7 @@ if bad: print(f"WARNING: {len(bad)} answers not 200 MISS, e.g. {bad[0]}", file=s
 print(f"{len(paths)/elapsed:.0f} {p99:.2f} {drain:.0f}")
 PY
   local out; out=$(cat "$W/run.out")
-  local copied; copied=$(find "$W/new/media" -type f -name '*.jpg' | wc -l)
+  local copied; copied=$(find "$new/media" -type f -name '*.jpg' | wc -l)
   echo "$mode $rep $out $(cpu_s "$mppid") $mp0 $(cpu_s "$OLDPID") $old0 $(cpu_s "$newpid") $new0 $copied"
   kill "$mppid" "$newpid"; wait "$mppid" "$newpid" 2>/dev/null || true
 }

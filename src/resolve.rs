@@ -264,7 +264,13 @@ async fn ask(rt: &Runtime, key: &Key, method: Method, range: Option<&HeaderValue
                 rt.metrics.upstream_result(&up.name, "found");
                 return Asked::Found(obj);
             }
-            Ok(Fetched::NotFound) => rt.metrics.upstream_result(&up.name, "not_found"),
+            Ok(Fetched::NotFound) => {
+                rt.metrics.upstream_result(&up.name, "not_found");
+                if rt.copy_target().is_some_and(|t| std::ptr::eq(t, up)) {
+                    // Its copy can skip asking the target again.
+                    rt.copier.target_lacks(&up.origin, key);
+                }
+            }
             Err(e) => {
                 rt.metrics.upstream_result(&up.name, "error");
                 tracing::warn!(upstream = %up.name, %key, error = %e, "upstream failed, trying the next");

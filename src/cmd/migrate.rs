@@ -243,6 +243,7 @@ impl Shared {
             multipart_threshold: self.multipart_threshold,
             part_size: self.part_size,
             uploads: self.uploads.clone(),
+            target_lacks: false,
         };
         let from = match &self.source_up {
             Some(up) => From::Upstream(up),

@@ -39,9 +39,11 @@ use crate::upstream::Upstream;
 /// a target that is down for a minute loses nothing.
 const BACKOFF: [u64; 7] = [1, 2, 4, 8, 16, 32, 60];
 /// The copy thread's nice value: below serving, which runs at the process's own.
-const COPY_NICE: i32 = 10;
+const COPY_NICE: i32 = 19;
 /// The journal is written at least this often.
 const FLUSH_EVERY: Duration = Duration::from_millis(250);
+/// How long a target's 404 spares the copy its HEAD.
+const LACKING_FOR: Duration = Duration::from_secs(10);
 /// A key whose copy failed for good is not queued again for this long (at most this many remembered).
 const FAILED_FOR: Duration = Duration::from_secs(600);
 const FAILED_KEPT: usize = 10_000;
@@ -55,6 +57,8 @@ pub struct Copier {
     own: Mutex<Option<OwnUpstreams>>,
     /// Keys whose copy failed for good lately: not queued again on every read for a while.
     failed: Mutex<lru::LruCache<keyset::KeyId, Instant>>,
+    /// Keys the target answered 404 for lately (the reads that queue copies).
+    lacking: Mutex<lru::LruCache<keyset::KeyId, Instant>>,
     warned: Mutex<Instant>,
     uploads: Arc<Uploads>,
     /// Multipart uploads a previous process left open, aborted when the workers start.
@@ -100,6 +104,9 @@ impl Copier {
             own: Mutex::new(None),
             failed: Mutex::new(lru::LruCache::new(
                 std::num::NonZeroUsize::new(FAILED_KEPT).expect("non-zero"),
+            )),
+            lacking: Mutex::new(lru::LruCache::new(
+                std::num::NonZeroUsize::new(cfg.queue.max(1)).expect("non-zero"),
             )),
             warned: Mutex::new(Instant::now() - Duration::from_secs(3600)),
             uploads: Arc::new(uploads),
@@ -249,6 +256,21 @@ impl Copier {
         }
     }
 
+    /// The target answered 404 for `key` just now.
+    pub fn target_lacks(&self, target_origin: &str, key: &Key) {
+        let id = copied_id(target_origin, key);
+        self.lacking
+            .lock()
+            .expect("lacking lock")
+            .put(id, Instant::now());
+    }
+
+    /// Whether the target said 404 for `id` within the last few seconds (taken: once per copy).
+    fn lacked_lately(&self, id: keyset::KeyId) -> bool {
+        let at = self.lacking.lock().expect("lacking lock").pop(&id);
+        at.is_some_and(|at| at.elapsed() < LACKING_FOR)
+    }
+
     fn failed_lately(&self, id: keyset::KeyId) -> bool {
         let mut failed = self.failed.lock().expect("failed lock");
         match failed.get(&id) {
@@ -305,6 +327,7 @@ impl Copier {
                 multipart_threshold: rt.config.copy.multipart_threshold,
                 part_size: rt.config.copy.part_size,
                 uploads: self.uploads.clone(),
+                target_lacks: attempt == 0 && self.lacked_lately(copied_id(&target.origin, key)),
             };
             match engine.copy(&From::Proxy(&rt, &own), key).await {
                 Ok(done) => {

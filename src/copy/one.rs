@@ -117,6 +117,9 @@ pub struct Engine<'a> {
     pub multipart_threshold: u64,
     pub part_size: u64,
     pub uploads: Arc<Uploads>,
+    /// The target answered 404 for the key a moment ago (the read that queued it): no HEAD before the
+    /// PUT, whose `If-None-Match: *` still keeps it from overwriting.
+    pub target_lacks: bool,
 }
 
 impl Engine<'_> {
@@ -130,7 +133,12 @@ async fn copy_one(engine: &Engine<'_>, from: &From<'_>, key: &Key) -> Result<Cop
     if let From::Proxy(rt, _) = from {
         rt.cache.wait_fill(key.as_str(), FILL_WAIT).await;
     }
-    match target.head_signed(key).await {
+    let head = if engine.target_lacks {
+        Ok(None)
+    } else {
+        target.head_signed(key).await
+    };
+    match head {
         Ok(Some(_)) => return Ok(Copied::AlreadyThere),
         Ok(None) => {}
         // S3 answers 403 for a missing key to credentials without s3:ListBucket: not knowing, rely

@@ -62,6 +62,8 @@ enum Command {
         /// Print what would be copied, copy nothing.
         #[arg(long)]
         dry_run: bool,
+        #[command(flatten)]
+        db: DbOpts,
     },
     /// Report keys missing from --upstream (and, with --against, those that differ); exit 1 if any.
     Verify {
@@ -79,7 +81,37 @@ enum Command {
         concurrency: usize,
         #[arg(long)]
         max_rps: Option<u32>,
+        #[command(flatten)]
+        db: DbOpts,
     },
+}
+
+/// Keys from Mastodon's own database: every file it references, nothing else.
+#[derive(clap::Args)]
+struct DbOpts {
+    /// postgres://user:password@host:port/dbname (a Unix socket: postgres:///mastodon_production?host=/var/run/postgresql)
+    #[arg(long, value_name = "URL")]
+    mastodon_db: Option<String>,
+    /// Mastodon's .env.production: DB_HOST, DB_PORT, DB_NAME, DB_USER, DB_PASS.
+    #[arg(long, value_name = "FILE")]
+    mastodon_env: Option<PathBuf>,
+    /// Only rows with an id from this one (with --mastodon-db/--mastodon-env).
+    #[arg(long, value_name = "ID")]
+    since: Option<i64>,
+    /// Only rows with an id up to this one.
+    #[arg(long, value_name = "ID")]
+    until: Option<i64>,
+}
+
+impl DbOpts {
+    fn into_args(self) -> mediaproxy::cmd::DbArgs {
+        mediaproxy::cmd::DbArgs {
+            url: self.mastodon_db,
+            env: self.mastodon_env,
+            since: self.since,
+            until: self.until,
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -145,6 +177,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             max_rps,
             state,
             dry_run,
+            db,
         } => {
             let cfg = load_or_exit_2(&config)?;
             let args = mediaproxy::cmd::migrate::Args {
@@ -156,6 +189,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 max_rps,
                 state,
                 dry_run,
+                db: db.into_args(),
             };
             exit(rt.block_on(mediaproxy::cmd::migrate::run(cfg, args)))
         }
@@ -167,9 +201,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             prefix,
             concurrency,
             max_rps,
+            db,
         } => {
             let cfg = load_or_exit_2(&config)?;
             let args = mediaproxy::cmd::verify::Args {
+                db: db.into_args(),
                 upstream,
                 against,
                 keys_from: keys_from.map(stdin_dash),

@@ -26,6 +26,7 @@ pub struct Args {
     pub max_rps: Option<u32>,
     pub state: Option<PathBuf>,
     pub dry_run: bool,
+    pub db: super::DbArgs,
 }
 
 #[derive(Default)]
@@ -58,13 +59,20 @@ pub async fn run(config: Config, args: Args) -> Result<u8, Usage> {
     let source_up = (args.from != "local")
         .then(|| upstream(&config, &args.from, "--from"))
         .transpose()?;
+    let db = args.db.source().await?;
     let source = match (&args.keys_from, &source_up) {
+        (Some(_), _) if db.is_some() => {
+            return Err(Usage(
+                "give one key source: --keys-from or the Mastodon database".into(),
+            ))
+        }
+        (None, _) if db.is_some() => db.expect("checked"),
         (Some(path), _) => Source::File(path.clone()),
         (None, None) => Source::Local(config.local.roots.clone()),
         (None, Some(up)) if is_s3(&config, &args.from) => Source::Listing(up.clone()),
         (None, Some(_)) => {
             return Err(Usage(format!(
-                "--from {:?} is an http upstream, which has no listing: give --keys-from FILE",
+                "--from {:?} is an http upstream, which has no listing: give --keys-from FILE or --mastodon-db URL",
                 args.from
             )))
         }

@@ -56,6 +56,86 @@ pub enum Source {
     File(Option<PathBuf>),
     Listing(Arc<Upstream>),
     Local(Vec<PathBuf>),
+    Mastodon(Box<keys::Db>),
+}
+
+/// `--mastodon-db URL` or `--mastodon-env FILE` (Mastodon's `.env.production`), with `--since`/`--until`.
+pub struct DbArgs {
+    pub url: Option<String>,
+    pub env: Option<PathBuf>,
+    pub since: Option<i64>,
+    pub until: Option<i64>,
+}
+
+impl DbArgs {
+    /// `Ok(None)` when neither is given; exit 2 for a value that cannot be used, or a database that
+    /// does not answer.
+    pub async fn source(&self) -> Result<Option<Source>, Usage> {
+        let config = match (&self.url, &self.env) {
+            (None, None) => return Ok(None),
+            (Some(_), Some(_)) => {
+                return Err(Usage(
+                    "give --mastodon-db or --mastodon-env, not both".into(),
+                ))
+            }
+            (Some(url), None) => url
+                .parse::<tokio_postgres::Config>()
+                .map_err(|e| Usage(format!("--mastodon-db: not a PostgreSQL URL ({e})")))?,
+            (None, Some(path)) => from_env_file(path)?,
+        };
+        let db = keys::Db {
+            config,
+            since: self.since,
+            until: self.until,
+        };
+        db.check()
+            .await
+            .map_err(|e| Usage(format!("cannot reach Mastodon's database: {e}")))?;
+        Ok(Some(Source::Mastodon(Box::new(db))))
+    }
+}
+
+/// Mastodon's `DB_HOST`, `DB_PORT`, `DB_NAME`, `DB_USER`, `DB_PASS` (a standard install: a Unix socket
+/// in `/var/run/postgresql`, peer authentication, no password: run as the `mastodon` user).
+fn from_env_file(path: &Path) -> Result<tokio_postgres::Config, Usage> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| Usage(format!("--mastodon-env {}: {e}", path.display())))?;
+    let mut vars = std::collections::HashMap::new();
+    for line in text.lines() {
+        let line = line.trim();
+        if line.starts_with('#') {
+            continue;
+        }
+        if let Some((k, v)) = line.split_once('=') {
+            let v = v.trim().trim_matches('"').trim_matches('\'');
+            vars.insert(k.trim().to_string(), v.to_string());
+        }
+    }
+    let get = |k: &str, default: &str| {
+        vars.get(k)
+            .filter(|v| !v.is_empty())
+            .cloned()
+            .unwrap_or_else(|| default.to_string())
+    };
+    let mut config = tokio_postgres::Config::new();
+    let host = get("DB_HOST", "/var/run/postgresql");
+    if host.starts_with('/') {
+        config.host_path(&host);
+    } else {
+        config.host(&host);
+    }
+    let port = get("DB_PORT", "5432");
+    config.port(port.parse().map_err(|_| {
+        Usage(format!(
+            "--mastodon-env: DB_PORT {port:?} is not a port number"
+        ))
+    })?);
+    config.dbname(get("DB_NAME", "mastodon_production"));
+    config.user(get("DB_USER", "mastodon"));
+    if let Some(pass) = vars.get("DB_PASS").filter(|p| !p.is_empty()) {
+        config.password(pass);
+    }
+    Ok(config)
 }
 
 impl Source {
@@ -66,6 +146,14 @@ impl Source {
             Source::File(None) => "stdin".into(),
             Source::Listing(up) => format!("listing {} {prefix}", up.origin),
             Source::Local(roots) => format!("local {roots:?}"),
+            Source::Mastodon(db) => format!(
+                "mastodon {:?} {:?} {:?} {:?} {:?}",
+                db.config.get_hosts(),
+                db.config.get_dbname(),
+                db.config.get_ports(),
+                db.since,
+                db.until
+            ),
         }
     }
 
@@ -76,6 +164,7 @@ impl Source {
             }
             Source::Listing(up) => keys::listing(up.clone(), prefix.to_string(), resume),
             Source::Local(roots) => keys::local(roots.clone(), resume),
+            Source::Mastodon(db) => keys::mastodon_db((**db).clone(), resume),
         }
     }
 }

@@ -19,6 +19,7 @@ pub struct Args {
     pub prefix: String,
     pub concurrency: usize,
     pub max_rps: Option<u32>,
+    pub db: super::DbArgs,
 }
 
 #[derive(Default)]
@@ -27,6 +28,8 @@ struct Counts {
     ok: AtomicU64,
     missing: AtomicU64,
     differ: AtomicU64,
+    /// With `--against`: in neither (a derived style never made): nothing was lost.
+    absent: AtomicU64,
     failed: AtomicU64,
 }
 
@@ -38,7 +41,9 @@ pub async fn run(config: Config, args: Args) -> Result<u8, Usage> {
         .as_deref()
         .map(|name| upstream(&config, name, "--against"))
         .transpose()?;
+    let db = args.db.source().await?;
     let source = match (&args.keys_from, &against) {
+        (None, _) if db.is_some() => db.expect("checked"),
         (Some(path), _) => Source::File(path.clone()),
         (None, Some(a)) if is_s3(&config, &a.name) => Source::Listing(a.clone()),
         (None, Some(a)) => {
@@ -49,7 +54,7 @@ pub async fn run(config: Config, args: Args) -> Result<u8, Usage> {
         }
         (None, None) => {
             return Err(Usage(
-                "give --keys-from FILE, or --against NAME to verify every key NAME lists".into(),
+                "give --keys-from FILE, --mastodon-db URL, or --against NAME to verify every key NAME lists".into(),
             ))
         }
     };
@@ -92,11 +97,12 @@ pub async fn run(config: Config, args: Args) -> Result<u8, Usage> {
 fn summary(c: &Counts, started: Instant) -> String {
     let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
     format!(
-        "{} keys: {} present, {} missing, {} differ, {} could not be checked, in {:.1} s",
+        "{} keys: {} present, {} missing, {} differ, {} in neither, {} could not be checked, in {:.1} s",
         get(&c.keys),
         get(&c.ok),
         get(&c.missing),
         get(&c.differ),
+        get(&c.absent),
         get(&c.failed),
         started.elapsed().as_secs_f64()
     )
@@ -107,6 +113,12 @@ async fn one(checked: &Upstream, against: Option<&Upstream>, key: &Key, c: &Coun
     let here = match head(checked, key).await {
         Ok(Some(h)) => h,
         Ok(None) => {
+            if let Some(other) = against {
+                if let Ok(None) = head(other, key).await {
+                    c.absent.fetch_add(1, Ordering::Relaxed);
+                    return;
+                }
+            }
             c.missing.fetch_add(1, Ordering::Relaxed);
             println!("missing {key}");
             return;

@@ -173,7 +173,12 @@ async fn copy_one(engine: &Engine<'_>, from: &From<'_>, key: &Key) -> Result<Cop
         content_type: src.content_type.as_deref(),
         cache_control: src.cache_control.as_deref(),
         content_disposition: src.content_disposition.as_deref(),
-        acl: target.acl.as_deref(),
+        // User archives (direct messages) and imports stay private whatever `acl` says.
+        acl: if key.as_str().starts_with("backups/") || key.as_str().starts_with("imports/") {
+            Some("private")
+        } else {
+            target.acl.as_deref()
+        },
     };
     let put = match &src.data {
         Data::File(file) if src.len > engine.multipart_threshold => {

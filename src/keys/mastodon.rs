@@ -133,7 +133,14 @@ pub fn keys_of(a: &Attachment<'_>) -> Vec<(Key, bool)> {
 mod tests {
     use super::*;
 
-    fn att(stem: &'static str, id: i64, name: &'static str, ctype: Option<&'static str>, cached: bool, styles: Styles) -> Attachment<'static> {
+    fn att(
+        stem: &'static str,
+        id: i64,
+        name: &'static str,
+        ctype: Option<&'static str>,
+        cached: bool,
+        styles: Styles,
+    ) -> Attachment<'static> {
         Attachment {
             stem,
             id,
@@ -145,7 +152,10 @@ mod tests {
     }
 
     fn strings(a: &Attachment<'_>) -> Vec<String> {
-        keys_of(a).into_iter().map(|(k, _)| k.as_str().to_string()).collect()
+        keys_of(a)
+            .into_iter()
+            .map(|(k, _)| k.as_str().to_string())
+            .collect()
     }
 
     #[test]
@@ -153,7 +163,10 @@ mod tests {
         assert_eq!(id_partition(1), "000/000/001");
         assert_eq!(id_partition(123_456_789), "123/456/789");
         assert_eq!(id_partition(1_000_000_000), "001/000/000/000");
-        assert_eq!(id_partition(109_372_749_281_530_624), "109/372/749/281/530/624");
+        assert_eq!(
+            id_partition(109_372_749_281_530_624),
+            "109/372/749/281/530/624"
+        );
         // Ruby's scan(/\d{3}/) drops a shorter rest.
         assert_eq!(id_partition(1_234_567_890_123), "123/456/789/012");
     }
@@ -162,57 +175,169 @@ mod tests {
     fn media_attachments_by_content_type_and_remoteness() {
         let snowflake = 109_383_759_229_326_700;
         assert_eq!(
-            strings(&att("media_attachments/files", snowflake, "x.png", Some("image/png"), false, Styles::MediaFile)),
+            strings(&att(
+                "media_attachments/files",
+                snowflake,
+                "x.png",
+                Some("image/png"),
+                false,
+                Styles::MediaFile
+            )),
             [
                 "media_attachments/files/109/383/759/229/326/700/original/x.png",
                 "media_attachments/files/109/383/759/229/326/700/small/x.png"
             ]
         );
         assert_eq!(
-            strings(&att("media_attachments/files", 5, "v.mp4", Some("video/mp4"), true, Styles::MediaFile)),
+            strings(&att(
+                "media_attachments/files",
+                5,
+                "v.mp4",
+                Some("video/mp4"),
+                true,
+                Styles::MediaFile
+            )),
             [
                 "cache/media_attachments/files/000/000/005/original/v.mp4",
                 "cache/media_attachments/files/000/000/005/small/v.png"
             ]
         );
         assert_eq!(
-            strings(&att("media_attachments/files", 5, "p.heic", Some("image/heic"), false, Styles::MediaFile))[1],
+            strings(&att(
+                "media_attachments/files",
+                5,
+                "p.heic",
+                Some("image/heic"),
+                false,
+                Styles::MediaFile
+            ))[1],
             "media_attachments/files/000/000/005/small/p.jpeg"
         );
         assert_eq!(
-            strings(&att("media_attachments/files", 5, "a.mp3", Some("audio/mpeg"), false, Styles::MediaFile)).len(),
+            strings(&att(
+                "media_attachments/files",
+                5,
+                "a.mp3",
+                Some("audio/mpeg"),
+                false,
+                Styles::MediaFile
+            ))
+            .len(),
             1,
             "no small for audio"
         );
-        assert!(keys_of(&att("media_attachments/files", 5, "", None, false, Styles::MediaFile)).is_empty());
-        assert!(keys_of(&att("accounts/avatars", -99, "a.png", None, false, Styles::StaticIfGif)).is_empty());
+        assert!(keys_of(&att(
+            "media_attachments/files",
+            5,
+            "",
+            None,
+            false,
+            Styles::MediaFile
+        ))
+        .is_empty());
+        assert!(keys_of(&att(
+            "accounts/avatars",
+            -99,
+            "a.png",
+            None,
+            false,
+            Styles::StaticIfGif
+        ))
+        .is_empty());
     }
 
     #[test]
     fn avatars_emoji_and_site_uploads() {
         assert_eq!(
-            strings(&att("accounts/avatars", 1, "a.gif", Some("image/gif"), false, Styles::StaticIfGif)),
-            ["accounts/avatars/000/000/001/original/a.gif", "accounts/avatars/000/000/001/static/a.png"]
+            strings(&att(
+                "accounts/avatars",
+                1,
+                "a.gif",
+                Some("image/gif"),
+                false,
+                Styles::StaticIfGif
+            )),
+            [
+                "accounts/avatars/000/000/001/original/a.gif",
+                "accounts/avatars/000/000/001/static/a.png"
+            ]
         );
         assert_eq!(
-            strings(&att("accounts/headers", 1, "h.jpg", Some("image/jpeg"), false, Styles::StaticIfGif)).len(),
+            strings(&att(
+                "accounts/headers",
+                1,
+                "h.jpg",
+                Some("image/jpeg"),
+                false,
+                Styles::StaticIfGif
+            ))
+            .len(),
             1
         );
         assert_eq!(
-            strings(&att("custom_emojis/images", 7, "blob.png", Some("image/png"), true, Styles::Static)),
+            strings(&att(
+                "custom_emojis/images",
+                7,
+                "blob.png",
+                Some("image/png"),
+                true,
+                Styles::Static
+            )),
             [
                 "cache/custom_emojis/images/000/000/007/original/blob.png",
                 "cache/custom_emojis/images/000/000/007/static/blob.png"
             ]
         );
-        let thumb = strings(&att("site_uploads/files", 1, "t.jpg", None, false, Styles::SiteThumbnail));
-        assert_eq!(thumb[1..], ["site_uploads/files/000/000/001/@1x/t.png", "site_uploads/files/000/000/001/@2x/t.png"]);
-        assert_eq!(strings(&att("site_uploads/files", 1, "f.ico", None, false, Styles::SiteFavicon)).len(), 4);
-        assert_eq!(strings(&att("site_uploads/files", 1, "i.png", None, false, Styles::SiteAppIcon)).len(), 19);
-        let originals: Vec<bool> = keys_of(&att("custom_emojis/images", 7, "b.png", None, false, Styles::Static))
-            .into_iter()
-            .map(|(_, o)| o)
-            .collect();
+        let thumb = strings(&att(
+            "site_uploads/files",
+            1,
+            "t.jpg",
+            None,
+            false,
+            Styles::SiteThumbnail,
+        ));
+        assert_eq!(
+            thumb[1..],
+            [
+                "site_uploads/files/000/000/001/@1x/t.png",
+                "site_uploads/files/000/000/001/@2x/t.png"
+            ]
+        );
+        assert_eq!(
+            strings(&att(
+                "site_uploads/files",
+                1,
+                "f.ico",
+                None,
+                false,
+                Styles::SiteFavicon
+            ))
+            .len(),
+            4
+        );
+        assert_eq!(
+            strings(&att(
+                "site_uploads/files",
+                1,
+                "i.png",
+                None,
+                false,
+                Styles::SiteAppIcon
+            ))
+            .len(),
+            19
+        );
+        let originals: Vec<bool> = keys_of(&att(
+            "custom_emojis/images",
+            7,
+            "b.png",
+            None,
+            false,
+            Styles::Static,
+        ))
+        .into_iter()
+        .map(|(_, o)| o)
+        .collect();
         assert_eq!(originals, [true, false]);
     }
 }

@@ -1,5 +1,6 @@
 //! Where `migrate` and `verify` get their keys, as one stream type over several sources: a bucket
-//! listing, a file (or stdin) of keys or URLs, the local roots. Each key comes with a [`Mark`], the
+//! listing, a file (or stdin) of keys or URLs, the local roots, Mastodon's database (`mastodon` turns a
+//! row into its keys, `mastodon_db` reads the rows). Each key comes with a [`Mark`], the
 //! source's own position, so a run killed at any point resumes after the last key it finished.
 //!
 //! Sources know nothing of copying; `cmd/migrate` and `cmd/verify` drive them.
@@ -7,6 +8,8 @@
 mod file;
 mod listing;
 mod local;
+pub mod mastodon;
+mod mastodon_db;
 
 use std::pin::Pin;
 
@@ -18,6 +21,7 @@ use crate::key::Key;
 pub use file::file;
 pub use listing::listing;
 pub use local::local;
+pub use mastodon_db::{mastodon_db, Db};
 
 /// A key to work on.
 #[derive(Debug, Clone)]
@@ -38,6 +42,8 @@ pub enum Mark {
     Line { line: u64 },
     /// The local roots (root by root, each walked in per-segment order): after this key of that root.
     Local { root: usize, after: String },
+    /// Mastodon's database: after this row id of the `spec`-th table and attachment.
+    Db { spec: usize, after: i64 },
 }
 
 pub enum Entry {

@@ -6,6 +6,7 @@ mod common;
 mod copy;
 mod lifecycle;
 mod local;
+mod mastodon;
 mod migrate;
 mod privacy;
 mod upstreams;

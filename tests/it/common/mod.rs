@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 mod acl;
+pub mod pg;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;

@@ -272,3 +272,55 @@ async fn migrate_copies_exactly_what_mastodon_references() {
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("cannot reach Mastodon's database"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn keyset_pages_cover_every_row() {
+    let Some(pg) = tokio::task::spawn_blocking(Postgres::start).await.unwrap() else {
+        return;
+    };
+    // 2,500 emoji rows (three pages), two keys each; a NULL file name in the middle counts for none.
+    pg.exec(
+        "CREATE TABLE custom_emojis (id bigint PRIMARY KEY, domain varchar, image_file_name varchar,
+           image_content_type varchar);
+         INSERT INTO custom_emojis SELECT g, NULL, 'e' || g || '.png', 'image/png' FROM generate_series(1, 2500) g;
+         UPDATE custom_emojis SET image_file_name = NULL WHERE id = 1234;",
+    )
+    .await;
+    let new = S3Server::start(&["new"], true).await;
+    let dir = TempDir::new().unwrap();
+    let cfg = dir.path().join("proxy.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[local]\nroots = []\n\n[cache]\ndir = \"{}/cache\"\n\n{}",
+            dir.path().display(),
+            new.s3_upstream("new", "new")
+        ),
+    )
+    .unwrap();
+    let url = pg.url();
+    let (code, out, err) = tokio::task::spawn_blocking(move || {
+        run(
+            &cfg,
+            &[
+                "verify",
+                "--upstream",
+                "new",
+                "--mastodon-db",
+                &url,
+                "--concurrency",
+                "32",
+            ],
+        )
+    })
+    .await
+    .unwrap();
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        out.contains("4998 keys: 0 present, 4998 missing"),
+        "{}",
+        &out[out.len().saturating_sub(300)..]
+    );
+    assert!(out.contains("missing custom_emojis/images/000/002/500/static/e2500.png"));
+    assert!(!out.contains("e1234.png"));
+}

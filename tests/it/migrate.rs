@@ -341,3 +341,32 @@ async fn bad_usage_exits_2_naming_the_value() {
         assert!(err.contains(expected), "{args:?}: {err}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_source_that_answers_503_part_of_the_time_still_completes() {
+    let new = S3Server::start(&["new"], true).await;
+    let old = S3Server::start(&["old"], true).await;
+    for i in 0..20 {
+        old.put("old", &key(i), pattern(1_000, i as u64), "image/jpeg")
+            .await;
+    }
+    old.slow_down_every(3);
+    let dir = TempDir::new().unwrap();
+    let cfg = config(
+        &dir,
+        &format!(
+            "{}{}",
+            new.s3_upstream("new", "new"),
+            old.s3_upstream("old", "old")
+        ),
+    );
+    let (code, out, err) = mediaproxy(&cfg, &["migrate", "--from", "old", "--to", "new"]).await;
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(out.contains("20 keys: copied 20"), "{out}");
+    for i in 0..20 {
+        assert_eq!(
+            new.object("new", &key(i)).await.unwrap().0,
+            pattern(1_000, i as u64)
+        );
+    }
+}

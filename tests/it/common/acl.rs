@@ -25,6 +25,9 @@ pub struct AclFs {
     pub open_uploads: Arc<Mutex<std::collections::HashSet<String>>>,
     /// A pause before each UploadPart: a slow uplink, so a test can kill a copy mid-upload.
     pub part_delay: Arc<Mutex<std::time::Duration>>,
+    /// When N > 0, every N-th GetObject answers 503 SlowDown (a provider rate-limiting).
+    pub slow_down_every: Arc<std::sync::atomic::AtomicUsize>,
+    pub gets: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl AclFs {
@@ -66,6 +69,11 @@ impl S3 for AclFs {
         &self,
         req: S3Request<GetObjectInput>,
     ) -> S3Result<S3Response<GetObjectOutput>> {
+        let every = self.slow_down_every.load(Ordering::SeqCst);
+        let n = self.gets.fetch_add(1, Ordering::SeqCst) + 1;
+        if every > 0 && n % every == 0 {
+            return Err(s3_error!(SlowDown));
+        }
         if req.credentials.is_none() && !self.public(&req.input.bucket, &req.input.key) {
             return Err(s3_error!(AccessDenied));
         }

@@ -40,6 +40,7 @@ pub struct S3Server {
     read_only: Arc<std::sync::atomic::AtomicBool>,
     open_uploads: Arc<Mutex<std::collections::HashSet<String>>>,
     part_delay: Arc<Mutex<Duration>>,
+    slow_down_every: Arc<AtomicUsize>,
 }
 
 impl S3Server {
@@ -56,6 +57,7 @@ impl S3Server {
         let read_only = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let open_uploads: Arc<Mutex<std::collections::HashSet<String>>> = Arc::default();
         let part_delay: Arc<Mutex<Duration>> = Arc::default();
+        let slow_down_every: Arc<AtomicUsize> = Arc::default();
         let service = if signed {
             let mut builder = S3ServiceBuilder::new(acl::AclFs {
                 fs,
@@ -64,6 +66,8 @@ impl S3Server {
                 read_only: read_only.clone(),
                 open_uploads: open_uploads.clone(),
                 part_delay: part_delay.clone(),
+                slow_down_every: slow_down_every.clone(),
+                gets: Arc::default(),
             });
             builder.set_auth(s3s::auth::SimpleAuth::from_single(ACCESS_KEY, SECRET_KEY));
             builder.set_access(acl::AnonymousReads);
@@ -122,7 +126,13 @@ impl S3Server {
             read_only,
             open_uploads,
             part_delay,
+            slow_down_every,
         }
+    }
+
+    /// From now on every `n`-th GetObject answers 503 SlowDown (0: never).
+    pub fn slow_down_every(&self, n: usize) {
+        self.slow_down_every.store(n, Ordering::SeqCst);
     }
 
     /// Multipart uploads neither completed nor aborted.

@@ -91,7 +91,8 @@ pub async fn run(config: Config, args: Args) -> Result<u8, Usage> {
     let dir = config.cache.dir.clone();
     std::fs::create_dir_all(&dir)
         .map_err(|e| Usage(format!("cache.dir {}: {e}", dir.display())))?;
-    let spool = dir.join("migrate-tmp");
+    // Per process: several migrations (other targets, other id ranges) may share a cache.dir.
+    let spool = dir.join(format!("migrate-tmp-{}", std::process::id()));
     std::fs::create_dir_all(&spool).map_err(|e| Usage(format!("{}: {e}", spool.display())))?;
     let what = format!(
         "migrate {} -> {} {}{}",
@@ -122,8 +123,17 @@ pub async fn run(config: Config, args: Args) -> Result<u8, Usage> {
     // Keys Mastodon deleted since the switch: a listing of the old bucket still has them.
     let tombstones =
         KeySet::read_only(&dir, "tombstones", config.cache.tombstone_ttl).unwrap_or_default();
-    let (uploads, left_open) = Uploads::open_named(&dir, "migrate-uploads")
-        .map_err(|e| Usage(format!("{}: {e}", dir.display())))?;
+    // Beside the state: a rerun of the same migration aborts what its killed predecessor left open.
+    let uploads_name = format!(
+        "{}.uploads",
+        state
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("migrate")
+    );
+    let state_dir = state.parent().unwrap_or(&dir).to_path_buf();
+    let (uploads, left_open) = Uploads::open_named(&state_dir, &uploads_name)
+        .map_err(|e| Usage(format!("{}: {e}", state_dir.display())))?;
     for open in left_open {
         match target.abort_multipart(&open.key, &open.id).await {
             Ok(()) => uploads.ended(&open.id),
@@ -135,7 +145,9 @@ pub async fn run(config: Config, args: Args) -> Result<u8, Usage> {
     }
 
     let counts = Arc::new(Counts::default());
+    let report = Arc::new(super::Report::new("migrate"));
     let shared = Arc::new(Shared {
+        report: report.clone(),
         target: target.clone(),
         source_up,
         roots: Roots::new(&config.local.roots),
@@ -162,16 +174,27 @@ pub async fn run(config: Config, args: Args) -> Result<u8, Usage> {
         }
     };
     let invalid_list = list.clone();
+    let r = report.clone();
     let invalid = move |line: u64, text: &str, why: &str| {
-        eprintln!("migrate: line {line}: {text:?} is no key ({why}); skipped");
+        r.note(format!("line {line}: {text:?} is no key ({why}); skipped"));
         let _ = writeln!(
             invalid_list.lock().expect("list"),
             "invalid line {line}: {text}"
         );
     };
-    let c = counts.clone();
-    let tick = move || eprintln!("migrate: {}", line(&c, started.elapsed()));
-    let result = drive(keys, &pace, Some((&state, &what)), work, invalid, tick).await;
+    let (c, r) = (counts.clone(), report.clone());
+    let tick = move || r.show(line(&c, started.elapsed()));
+    let every = report.every();
+    let result = drive(
+        keys,
+        &pace,
+        Some((&state, &what)),
+        work,
+        invalid,
+        (every, tick),
+    )
+    .await;
+    report.done();
     let _ = list.lock().expect("list").flush();
     let _ = std::fs::remove_dir(&shared.spool);
     if let Err(e) = &result {
@@ -210,6 +233,7 @@ fn line(c: &Counts, elapsed: Duration) -> String {
 }
 
 struct Shared {
+    report: Arc<super::Report>,
     target: Arc<Upstream>,
     source_up: Option<Arc<Upstream>>,
     roots: Roots,
@@ -285,7 +309,7 @@ impl Shared {
             }
             Err(e) => {
                 c.failed.fetch_add(1, Ordering::Relaxed);
-                eprintln!("migrate: {key}: {e}");
+                self.report.note(format!("{key}: {e}"));
                 self.record("failed", &key, &e.to_string());
             }
         }

@@ -236,16 +236,70 @@ pub struct Pace {
     pub max_rps: Option<u32>,
 }
 
+/// Progress as an admin sees it: a live line on a terminal (indicatif), a plain line every few
+/// seconds otherwise (a log, a pipe, `nohup`).
+pub struct Report {
+    what: &'static str,
+    bar: Option<indicatif::ProgressBar>,
+}
+
+impl Report {
+    pub fn new(what: &'static str) -> Report {
+        use std::io::IsTerminal;
+        let bar = std::io::stderr().is_terminal().then(|| {
+            let bar = indicatif::ProgressBar::new_spinner();
+            bar.set_style(
+                indicatif::ProgressStyle::with_template("{spinner} {prefix}: {msg} [{elapsed}]")
+                    .expect("valid template"),
+            );
+            bar.set_prefix(what);
+            bar.enable_steady_tick(Duration::from_millis(200));
+            bar
+        });
+        Report { what, bar }
+    }
+
+    /// How often `show` is called: often on a terminal, every few seconds in a log.
+    pub fn every(&self) -> Duration {
+        if self.bar.is_some() {
+            Duration::from_millis(200)
+        } else {
+            Duration::from_secs(5)
+        }
+    }
+
+    pub fn show(&self, line: String) {
+        match &self.bar {
+            Some(bar) => bar.set_message(line),
+            None => eprintln!("{}: {line}", self.what),
+        }
+    }
+
+    /// A message that must not be overwritten by the live line.
+    pub fn note(&self, line: String) {
+        match &self.bar {
+            Some(bar) => bar.println(line),
+            None => eprintln!("{}: {line}", self.what),
+        }
+    }
+
+    pub fn done(&self) {
+        if let Some(bar) = &self.bar {
+            bar.finish_and_clear();
+        }
+    }
+}
+
 /// Runs `work` on every key of `keys`; `invalid` on every line that is no key. Saves the position to
 /// `state` at least once a second and at the end (not after a fatal error of the source, which is
-/// returned). `tick` is called every few seconds for progress output.
+/// returned). `tick` is called every `tick_every` for progress output.
 pub async fn drive<W, F>(
     keys: Keys,
     pace: &Pace,
     state: Option<(&Path, &str)>,
     work: W,
     mut invalid: impl FnMut(u64, &str, &str),
-    mut tick: impl FnMut(),
+    (tick_every, mut tick): (Duration, impl FnMut()),
 ) -> Result<(), keys::KeysError>
 where
     W: Fn(Item) -> F + Send + Sync + 'static,
@@ -300,7 +354,7 @@ where
             save(&progress);
             saved = Instant::now();
         }
-        if ticked.elapsed() >= Duration::from_secs(5) {
+        if ticked.elapsed() >= tick_every {
             tick();
             ticked = Instant::now();
         }

@@ -77,12 +77,16 @@ pub async fn run(config: Config, args: Args) -> Result<u8, Usage> {
         concurrency: args.concurrency,
         max_rps: args.max_rps,
     };
-    let invalid = |line: u64, text: &str, why: &str| {
-        eprintln!("verify: line {line}: {text:?} is no key ({why}); skipped");
+    let report = Arc::new(super::Report::new("verify"));
+    let r = report.clone();
+    let invalid = move |line: u64, text: &str, why: &str| {
+        r.note(format!("line {line}: {text:?} is no key ({why}); skipped"));
     };
-    let c = counts.clone();
-    let tick = move || eprintln!("verify: {}", summary(&c, started));
-    let result = drive(keys, &pace, None, work, invalid, tick).await;
+    let (c, r) = (counts.clone(), report.clone());
+    let tick = move || r.show(summary(&c, started));
+    let every = report.every();
+    let result = drive(keys, &pace, None, work, invalid, (every, tick)).await;
+    report.done();
     println!("{}", summary(&counts, started));
     if let Err(e) = result {
         eprintln!("verify: stopped: {e}");

@@ -370,3 +370,67 @@ async fn a_source_that_answers_503_part_of_the_time_still_completes() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn progress_is_a_live_line_on_a_terminal_and_plain_lines_otherwise() {
+    let new = S3Server::start(&["new"], true).await;
+    let old = S3Server::start(&["old"], true).await;
+    for i in 0..300 {
+        old.put("old", &key(i), pattern(200, i as u64), "image/jpeg")
+            .await;
+    }
+    let dir = TempDir::new().unwrap();
+    // Two names for one bucket: the two runs below copy into it at once, which is safe (If-None-Match).
+    let cfg = config(
+        &dir,
+        &format!(
+            "{}{}{}",
+            new.s3_upstream("new", "new"),
+            new.s3_upstream("other", "new"),
+            old.s3_upstream("old", "old")
+        ),
+    );
+    let bin = env!("CARGO_BIN_EXE_mediaproxy");
+    let args = |state: &str| {
+        format!(
+            "{bin} migrate --from old --to new --max-rps 50 --state {} --config {}",
+            dir.path().join(state).display(),
+            cfg.display()
+        )
+    };
+    // Under a pseudo-terminal (util-linux `script`), and through a pipe, at once: about 6 s each.
+    let tty_cmd = args("tty.state");
+    let tty = tokio::task::spawn_blocking(move || {
+        Command::new("script")
+            .args(["-qfec", &tty_cmd, "/dev/null"])
+            .output()
+            .unwrap()
+    });
+    let pipe = mediaproxy(
+        &cfg,
+        &[
+            "migrate",
+            "--from",
+            "old",
+            "--to",
+            "other",
+            "--max-rps",
+            "50",
+        ],
+    );
+    let (code, out, err) = pipe.await;
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(
+        err.lines()
+            .any(|l| l.starts_with("migrate: ") && l.contains(" keys: copied ")),
+        "plain lines: {err}"
+    );
+    let tty = tty.await.unwrap();
+    let screen = String::from_utf8_lossy(&tty.stdout);
+    assert!(tty.status.success(), "{screen}");
+    assert!(
+        screen.contains("migrate: ") && screen.contains('\r'),
+        "a redrawn line: {screen:?}"
+    );
+    assert!(screen.contains("300 keys: copied"), "{screen}");
+}

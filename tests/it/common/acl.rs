@@ -71,7 +71,7 @@ impl S3 for AclFs {
     ) -> S3Result<S3Response<GetObjectOutput>> {
         let every = self.slow_down_every.load(Ordering::SeqCst);
         let n = self.gets.fetch_add(1, Ordering::SeqCst) + 1;
-        if every > 0 && n % every == 0 {
+        if every > 0 && n.is_multiple_of(every) {
             return Err(s3_error!(SlowDown));
         }
         if req.credentials.is_none() && !self.public(&req.input.bucket, &req.input.key) {

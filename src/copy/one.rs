@@ -95,6 +95,9 @@ enum Data {
     Bytes(Bytes),
     /// A cache entry's file or an unlinked spool; the body is its first `len` bytes.
     File(Arc<File>),
+    /// The source's GET, streamed straight into the PUT: its ETag is a plain MD5, so `Content-MD5` is
+    /// known before the first byte and the target checks every byte against it. Taken by the PUT.
+    Stream(std::sync::Mutex<Option<crate::object::ByteStream>>),
 }
 
 /// Where a copy's bytes come from.
@@ -186,6 +189,14 @@ async fn copy_one(engine: &Engine<'_>, from: &From<'_>, key: &Key) -> Result<Cop
             put_multipart(target, &req, file, part, &engine.uploads).await?
         }
         _ => match target.put(&req, body(&src.data, 0, src.len)).await {
+            // A streamed body cannot be sent again: the whole copy is tried again (a new GET).
+            Err(WriteError::Refused { code, .. })
+                if code == "BadDigest" && matches!(src.data, Data::Stream(_)) =>
+            {
+                return Err(CopyError::Source(
+                    "the body did not match the source's MD5 on the way".into(),
+                ));
+            }
             // The body changed on the way (a flipped bit): send it once more.
             Err(WriteError::Refused { code, .. }) if code == "BadDigest" => {
                 target.put(&req, body(&src.data, 0, src.len)).await?
@@ -370,6 +381,7 @@ async fn from_entry(rt: &Runtime, target: &Upstream, key: &Key) -> Option<(Sourc
         let md5 = match &data {
             Data::Bytes(b) => Md5::digest(b).into(),
             Data::File(f) => md5_of_file(f, meta.len).ok()?,
+            Data::Stream(_) => return None,
         };
         if meta
             .etag
@@ -409,12 +421,53 @@ async fn spool_first(
         .filter(|u| u.origin != engine.target.origin)
     {
         match up.fetch(Method::Get, key, None).await {
-            Ok(Fetched::Found(obj)) => return spool_body(&engine.spool_dir, key, obj).await,
+            Ok(Fetched::Found(obj)) => {
+                return match streamed(obj, engine) {
+                    Ok(src) => Ok(src),
+                    Err(obj) => spool_body(&engine.spool_dir, key, *obj).await,
+                }
+            }
             Ok(Fetched::NotFound) => {}
             Err(e) => failed = Some(format!("{}: {e}", up.name)),
         }
     }
     Err(failed.map_or(CopyError::SourceGone, CopyError::Source))
+}
+
+/// A single-PUT object whose source ETag is a plain MD5 needs no spool: `Content-MD5` is that ETag,
+/// the body streams from the GET into the PUT, and the target refuses it (`BadDigest`) if a byte
+/// differs. Anything else goes back to be spooled.
+fn streamed(obj: Object, engine: &Engine<'_>) -> Result<Source, Box<Object>> {
+    let md5 = obj
+        .meta
+        .etag
+        .as_deref()
+        .and_then(plain_md5)
+        .and_then(|hex| {
+            let mut out = [0u8; 16];
+            for (i, b) in out.iter_mut().enumerate() {
+                *b = u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok()?;
+            }
+            Some(out)
+        });
+    match (md5, obj.meta.len, obj.body) {
+        (Some(md5), Some(len), Body::Stream { stream, offset: 0 })
+            if len <= engine.multipart_threshold =>
+        {
+            Ok(Source {
+                len,
+                md5,
+                content_type: obj.meta.content_type,
+                cache_control: obj.meta.cache_control,
+                content_disposition: obj.meta.content_disposition,
+                data: Data::Stream(std::sync::Mutex::new(Some(stream))),
+            })
+        }
+        (_, _, body) => Err(Box::new(Object {
+            meta: obj.meta,
+            body,
+        })),
+    }
 }
 
 /// A local file: uploaded straight from the root (its MD5 read first), typed as the proxy serves it.
@@ -515,6 +568,11 @@ fn md5_of_range(file: &File, start: u64, len: u64) -> io::Result<[u8; 16]> {
 /// pool (so memory stays flat with object size).
 fn body(data: &Data, start: u64, len: u64) -> reqwest::Body {
     match data {
+        // Once only: a second PUT of a streamed source is a new copy attempt (a new GET).
+        Data::Stream(stream) => match stream.lock().expect("stream lock").take() {
+            Some(s) => reqwest::Body::wrap_stream(s),
+            None => reqwest::Body::from(Bytes::new()),
+        },
         Data::Bytes(b) => reqwest::Body::from(b.slice(start as usize..(start + len) as usize)),
         Data::File(file) => {
             let state = (file.clone(), start, start + len);

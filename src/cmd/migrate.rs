@@ -59,6 +59,10 @@ pub async fn run(config: Config, args: Args) -> Result<u8, Usage> {
     let source_up = (args.from != "local")
         .then(|| upstream(&config, &args.from, "--from"))
         .transpose()?;
+    if let Some(Some(path)) = &args.keys_from {
+        std::fs::File::open(path)
+            .map_err(|e| Usage(format!("--keys-from {}: {e}", path.display())))?;
+    }
     let db = args.db.source().await?;
     let source = match (&args.keys_from, &source_up) {
         (Some(_), _) if db.is_some() => {
@@ -77,6 +81,9 @@ pub async fn run(config: Config, args: Args) -> Result<u8, Usage> {
             )))
         }
     };
+    if !args.prefix.is_empty() && !matches!(source, Source::Listing(_)) {
+        return Err(Usage("--prefix applies to a listing only".into()));
+    }
     // The source must answer before anything starts: a wrong name or key is exit 2, not 10,000 failures.
     if let Source::Listing(up) = &source {
         up.list_page(&args.prefix, None, None)
@@ -179,7 +186,7 @@ pub async fn run(config: Config, args: Args) -> Result<u8, Usage> {
         r.note(format!("line {line}: {text:?} is no key ({why}); skipped"));
         let _ = writeln!(
             invalid_list.lock().expect("list"),
-            "invalid line {line}: {text}"
+            "# invalid line {line}: {text}"
         );
     };
     let (c, r) = (counts.clone(), report.clone());
@@ -205,9 +212,12 @@ pub async fn run(config: Config, args: Args) -> Result<u8, Usage> {
     if failed > 0 {
         println!("failed and missing keys: {}", failed_list.display());
     }
-    if result.is_ok() && counts.failed.load(Ordering::Relaxed) == 0 {
-        // A complete run leaves no state: the next run starts over (and finds everything there).
+    if result.is_ok() {
+        // A complete walk leaves no state: the next run starts over, finds what is there with one
+        // HEAD each, and tries the failed keys again.
         let _ = std::fs::remove_file(&state);
+    }
+    if result.is_ok() && counts.failed.load(Ordering::Relaxed) == 0 {
         Ok(0)
     } else {
         Ok(1)
@@ -248,12 +258,13 @@ struct Shared {
 }
 
 impl Shared {
-    async fn one(&self, key: Key, size: Option<u64>) {
+    /// False when the key failed (a rerun must try it again).
+    async fn one(&self, key: Key, size: Option<u64>) -> bool {
         let c = &self.counts;
         c.keys.fetch_add(1, Ordering::Relaxed);
         if self.tombstones.contains(keyset::id_of(key.as_str())) {
             c.skipped.fetch_add(1, Ordering::Relaxed);
-            return;
+            return true;
         }
         if self.dry_run {
             match self.target.head_signed(&key).await {
@@ -267,7 +278,7 @@ impl Shared {
                     c.copied.fetch_add(1, Ordering::Relaxed)
                 }
             };
-            return;
+            return true;
         }
         let engine = Engine {
             target: &self.target,
@@ -311,11 +322,14 @@ impl Shared {
                 c.failed.fetch_add(1, Ordering::Relaxed);
                 self.report.note(format!("{key}: {e}"));
                 self.record("failed", &key, &e.to_string());
+                return false;
             }
         }
+        true
     }
 
+    /// A `#` line saying why, then the bare key: the list can be fed back with `--keys-from`.
     fn record(&self, what: &str, key: &Key, why: &str) {
-        let _ = writeln!(self.list.lock().expect("list"), "{what} {key} {why}");
+        let _ = writeln!(self.list.lock().expect("list"), "# {what}: {why}\n{key}");
     }
 }

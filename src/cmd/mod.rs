@@ -142,7 +142,14 @@ impl Source {
     /// Names the source in the state file, so a state is only resumed by the same kind of run.
     pub fn describe(&self, prefix: &str) -> String {
         match self {
-            Source::File(Some(p)) => format!("file {}", p.display()),
+            Source::File(Some(p)) => {
+                // Another file at the same path is another run.
+                let id = std::fs::metadata(p).map(|m| {
+                    use std::os::unix::fs::MetadataExt;
+                    format!("{} {} {}", m.len(), m.mtime(), m.ino())
+                });
+                format!("file {} {}", p.display(), id.unwrap_or_default())
+            }
             Source::File(None) => "stdin".into(),
             Source::Listing(up) => format!("listing {} {prefix}", up.origin),
             Source::Local(roots) => format!("local {roots:?}"),
@@ -183,8 +190,12 @@ pub fn state_path(explicit: Option<PathBuf>, config: &Config, what: &str) -> Pat
     })
 }
 
-/// Resumes from `path` when it holds a run of the same `source`.
+/// Resumes from `path` when it holds a run of the same `source` (never standard input: it is
+/// another stream each time).
 fn load_state(path: &Path, source: &str) -> Option<Mark> {
+    if source.contains(" stdin") {
+        return None;
+    }
     let text = std::fs::read_to_string(path).ok()?;
     let state: State = serde_json::from_str(&text).ok()?;
     (state.source == source).then_some(state.mark).flatten()
@@ -204,6 +215,8 @@ fn save_state(path: &Path, source: &str, mark: &Option<Mark>) -> std::io::Result
 }
 
 /// Marks completions, which come in any order, and knows the last mark before which all are done.
+/// A failed key pins the saved position before it, so a rerun after a kill tries it again (what was
+/// done after it is found "already there" by one HEAD each).
 #[derive(Default)]
 struct Progress {
     next: u64,
@@ -211,24 +224,48 @@ struct Progress {
     done: BTreeSet<u64>,
     upto: Option<Mark>,
     first_undone: u64,
+    pinned: bool,
 }
 
 impl Progress {
     fn start(&mut self, mark: Mark) -> u64 {
         let seq = self.next;
         self.next += 1;
-        self.marks.insert(seq, mark);
+        if !self.pinned {
+            self.marks.insert(seq, mark);
+        }
         seq
     }
 
-    fn finish(&mut self, seq: u64) {
+    fn finish(&mut self, seq: u64, ok: bool) {
+        if !ok {
+            self.pinned = true;
+        }
+        if self.pinned {
+            self.marks.clear();
+            self.done.clear();
+            return;
+        }
         self.done.insert(seq);
         while self.done.remove(&self.first_undone) {
             self.upto = self.marks.remove(&self.first_undone);
             self.first_undone += 1;
         }
     }
+
+    /// Keys started but not yet behind the saved position (bounds the marks kept in memory).
+    fn open(&self) -> u64 {
+        if self.pinned {
+            0
+        } else {
+            self.next - self.first_undone
+        }
+    }
 }
+
+/// At most this many keys (times the concurrency) between the oldest unfinished one and the newest:
+/// one slow object cannot make the kept marks grow with the number of keys.
+const AHEAD_PER_SLOT: u64 = 64;
 
 /// How the driver runs: at most `concurrency` keys at once, at most `max_rps` started a second.
 pub struct Pace {
@@ -290,7 +327,8 @@ impl Report {
     }
 }
 
-/// Runs `work` on every key of `keys`; `invalid` on every line that is no key. Saves the position to
+/// Runs `work` on every key of `keys` (it answers false for a key that failed and must be tried again
+/// by a rerun); `invalid` on every line that is no key. Saves the position to
 /// `state` at least once a second and at the end (not after a fatal error of the source, which is
 /// returned). `tick` is called every `tick_every` for progress output.
 pub async fn drive<W, F>(
@@ -303,7 +341,7 @@ pub async fn drive<W, F>(
 ) -> Result<(), keys::KeysError>
 where
     W: Fn(Item) -> F + Send + Sync + 'static,
-    F: Future<Output = ()> + Send + 'static,
+    F: Future<Output = bool> + Send + 'static,
 {
     let work = Arc::new(work);
     let slots = Arc::new(Semaphore::new(pace.concurrency.max(1)));
@@ -343,11 +381,15 @@ where
             r.tick().await;
         }
         let permit = slots.clone().acquire_owned().await.expect("never closed");
+        let ahead = AHEAD_PER_SLOT * pace.concurrency.max(1) as u64;
+        while progress.lock().expect("progress").open() > ahead {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         let seq = progress.lock().expect("progress").start(item.mark.clone());
         let (work, progress2) = (work.clone(), progress.clone());
         tokio::spawn(async move {
-            work(item).await;
-            progress2.lock().expect("progress").finish(seq);
+            let ok = work(item).await;
+            progress2.lock().expect("progress").finish(seq, ok);
             drop(permit);
         });
         if saved.elapsed() >= Duration::from_secs(1) {
@@ -387,11 +429,20 @@ mod tests {
         let a = p.start(m(1));
         let b = p.start(m(2));
         let c = p.start(m(3));
-        p.finish(b);
+        p.finish(b, true);
         assert_eq!(p.upto, None, "key 1 is still running");
-        p.finish(a);
+        p.finish(a, true);
         assert_eq!(p.upto, Some(m(2)));
-        p.finish(c);
+        p.finish(c, true);
         assert_eq!(p.upto, Some(m(3)));
+        // A failed key pins the position before it, whatever finishes later.
+        let d = p.start(m(4));
+        let e = p.start(m(5));
+        p.finish(e, true);
+        p.finish(d, false);
+        let f = p.start(m(6));
+        p.finish(f, true);
+        assert_eq!(p.upto, Some(m(3)));
+        assert_eq!(p.open(), 0);
     }
 }

@@ -77,7 +77,14 @@ impl Walker<'_> {
                 if self.after.is_some_and(|a| before_subtree(&key, a)) {
                     continue;
                 }
-                self.walk(&dir.join(&name), &key)?;
+                match self.walk(&dir.join(&name), &key) {
+                    Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => return Err(e),
+                    // One unreadable directory must not stop the walk (nor every resumed one).
+                    Err(e) => {
+                        tracing::warn!(dir = %dir.join(&name).display(), error = %e, "unreadable directory skipped")
+                    }
+                    Ok(()) => {}
+                }
             } else if kind.is_file() {
                 if self
                     .after

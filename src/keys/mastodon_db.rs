@@ -221,6 +221,10 @@ async fn produce(
         if !cols.contains(&name_col) {
             continue;
         }
+        if !cols.contains("id") {
+            tracing::warn!(table = spec.table, "table without an id column: skipped");
+            continue;
+        }
         let opt = |c: String| {
             if cols.contains(&c) {
                 c
@@ -248,17 +252,17 @@ async fn produce(
             .until
             .map_or(String::new(), |u| format!(" AND id <= {u}"));
         let sql = format!(
-            "SELECT id, {name_col}::text, {ctype}::text, COALESCE({version}::int, 0), {remote}, {var} \
-             FROM {table} WHERE id > $1 AND COALESCE({name_col}, '') <> ''{until} ORDER BY id LIMIT {PAGE}",
+            "SELECT id::bigint, {name_col}::text, {ctype}::text, COALESCE({version}::int, 0), {remote}, {var} \
+             FROM {table} WHERE id > $1::bigint AND COALESCE({name_col}, '') <> ''{until} ORDER BY id LIMIT {PAGE}",
             table = spec.table
         );
         let mut last = if index == start_spec {
             start_after
         } else {
-            db.since.map_or(i64::MIN, |s| s - 1)
+            db.since.map_or(i64::MIN, |s| s.saturating_sub(1))
         };
         if let Some(s) = db.since {
-            last = last.max(s - 1);
+            last = last.max(s.saturating_sub(1));
         }
         loop {
             let params: [&(dyn ToSql + Sync); 1] = [&last];

@@ -82,6 +82,15 @@ impl Upstream {
         let next = xml_tag(&body, "NextContinuationToken")
             .map(|t| unescape(&t))
             .filter(|t| truncated && !t.is_empty());
+        if truncated && next.is_none() {
+            // A server that speaks only ListObjects V1: stopping here would look like the end.
+            return Err(WriteError::Refused {
+                status: 200,
+                code:
+                    "a truncated listing without a continuation token (ListObjectsV2 unsupported?)"
+                        .into(),
+            });
+        }
         Ok(Page { objects, next })
     }
 

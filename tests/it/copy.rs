@@ -14,8 +14,11 @@ const VIDEO: &str = "media_attachments/files/109/383/759/229/326/702/original/cl
 async fn copied(s3: &S3Server, bucket: &str, key: &str) -> Option<(Vec<u8>, String)> {
     let deadline = std::time::Instant::now() + Duration::from_secs(15);
     loop {
-        if let Some(found) = s3.object(bucket, key).await {
-            return Some(found);
+        if s3.object(bucket, key).await.is_some() {
+            // s3s-fs renames the body into place before it writes the object's attributes: read
+            // again once they are surely there.
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            return s3.object(bucket, key).await;
         }
         if std::time::Instant::now() > deadline {
             return None;

@@ -434,3 +434,55 @@ async fn progress_is_a_live_line_on_a_terminal_and_plain_lines_otherwise() {
     );
     assert!(screen.contains("300 keys: copied"), "{screen}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn failed_keys_are_listed_for_keys_from_and_a_rerun_tries_them_again() {
+    let new = S3Server::start(&["new"], true).await;
+    let old = S3Server::start(&["old"], true).await;
+    for i in 0..10 {
+        old.put("old", &key(i), pattern(100, i as u64), "image/jpeg")
+            .await;
+    }
+    let dir = TempDir::new().unwrap();
+    let cfg = config(
+        &dir,
+        &format!(
+            "{}{}",
+            new.s3_upstream("new", "new"),
+            old.s3_upstream("old", "old")
+        ),
+    );
+    new.set_read_only(true); // a key without write permission
+    let (code, out, _) = mediaproxy(&cfg, &["migrate", "--from", "old", "--to", "new"]).await;
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("10 keys: copied 0, already there 0, missing 0, failed 10"),
+        "{out}"
+    );
+    let listed = out
+        .lines()
+        .find_map(|l| l.strip_prefix("failed and missing keys: "))
+        .unwrap()
+        .to_string();
+    new.set_read_only(false);
+    // The list feeds straight back in...
+    let (code, out, err) = mediaproxy(
+        &cfg,
+        &[
+            "migrate",
+            "--from",
+            "old",
+            "--to",
+            "new",
+            "--keys-from",
+            &listed,
+        ],
+    )
+    .await;
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(out.contains("10 keys: copied 10"), "{out}");
+    // ...and a plain rerun walks everything again (no state left to skip the failed part).
+    let (code, out, _) = mediaproxy(&cfg, &["migrate", "--from", "old", "--to", "new"]).await;
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("10 keys: copied 0, already there 10"), "{out}");
+}

@@ -3,7 +3,6 @@
 
 use std::collections::BTreeSet;
 use std::path::Path;
-use std::process::Command;
 
 use tempfile::TempDir;
 
@@ -95,21 +94,6 @@ fn bucket_keys(root: &Path) -> BTreeSet<String> {
     out
 }
 
-fn run(config: &Path, args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_mediaproxy"))
-        .args(args)
-        .arg("--config")
-        .arg(config)
-        .env("MEDIAPROXY_LOG", "warn")
-        .output()
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn migrate_copies_exactly_what_mastodon_references() {
     let Some(pg) = tokio::task::spawn_blocking(Postgres::start).await.unwrap() else {
@@ -147,25 +131,19 @@ async fn migrate_copies_exactly_what_mastodon_references() {
     )
     .unwrap();
     let url = pg.url();
-    let (code, out, err) = tokio::task::spawn_blocking({
-        let cfg = cfg.clone();
-        move || {
-            run(
-                &cfg,
-                &[
-                    "migrate",
-                    "--from",
-                    "old",
-                    "--to",
-                    "new",
-                    "--mastodon-db",
-                    &url,
-                ],
-            )
-        }
-    })
-    .await
-    .unwrap();
+    let (code, out, err) = mediaproxy(
+        &cfg,
+        &[
+            "migrate",
+            "--from",
+            "old",
+            "--to",
+            "new",
+            "--mastodon-db",
+            &url,
+        ],
+    )
+    .await;
     assert_eq!(
         code, 0,
         "a missing derived style is no failure: {out}\n{err}"
@@ -199,76 +177,61 @@ async fn migrate_copies_exactly_what_mastodon_references() {
 
     // --since/--until split the work by id: only the rows in range.
     let url = pg.url();
-    let (code, out, _) = tokio::task::spawn_blocking({
-        let cfg = cfg.clone();
-        move || {
-            run(
-                &cfg,
-                &[
-                    "migrate",
-                    "--from",
-                    "old",
-                    "--to",
-                    "new",
-                    "--mastodon-db",
-                    &url,
-                    "--since",
-                    "3",
-                    "--until",
-                    "5",
-                    "--dry-run",
-                ],
-            )
-        }
-    })
-    .await
-    .unwrap();
+    let (code, out, _) = mediaproxy(
+        &cfg,
+        &[
+            "migrate",
+            "--from",
+            "old",
+            "--to",
+            "new",
+            "--mastodon-db",
+            &url,
+            "--since",
+            "3",
+            "--until",
+            "5",
+            "--dry-run",
+        ],
+    )
+    .await;
     assert_eq!(code, 0, "{out}");
     // Emoji 3 and 4 (two keys each), card 5: all there already.
     assert!(out.contains("5 keys: copied 0, already there 5"), "{out}");
 
     // verify against the old bucket: everything the database references and the old bucket had.
     let url = pg.url();
-    let (code, out, _) = tokio::task::spawn_blocking({
-        let cfg = cfg.clone();
-        move || {
-            run(
-                &cfg,
-                &[
-                    "verify",
-                    "--upstream",
-                    "new",
-                    "--against",
-                    "old",
-                    "--mastodon-db",
-                    &url,
-                ],
-            )
-        }
-    })
-    .await
-    .unwrap();
+    let (code, out, _) = mediaproxy(
+        &cfg,
+        &[
+            "verify",
+            "--upstream",
+            "new",
+            "--against",
+            "old",
+            "--mastodon-db",
+            &url,
+        ],
+    )
+    .await;
     assert_eq!(code, 0, "{out}");
     assert!(out.contains("23 keys: 22 present, 0 missing"), "{out}");
 
     // An unreachable database is bad usage (exit 2), named.
     let dead = format!("postgres://postgres@127.0.0.1:{}/postgres", closed_port());
-    let (code, _, err) = tokio::task::spawn_blocking(move || {
-        run(
-            &cfg,
-            &[
-                "migrate",
-                "--from",
-                "old",
-                "--to",
-                "new",
-                "--mastodon-db",
-                &dead,
-            ],
-        )
-    })
-    .await
-    .unwrap();
+    let (code, _, err) = mediaproxy(
+        &cfg,
+        &[
+            "migrate",
+            "--from",
+            "old",
+            "--to",
+            "new",
+            "--mastodon-db",
+            &dead,
+        ],
+    )
+    .await;
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("cannot reach Mastodon's database"), "{err}");
 }
@@ -299,22 +262,19 @@ async fn keyset_pages_cover_every_row() {
     )
     .unwrap();
     let url = pg.url();
-    let (code, out, err) = tokio::task::spawn_blocking(move || {
-        run(
-            &cfg,
-            &[
-                "verify",
-                "--upstream",
-                "new",
-                "--mastodon-db",
-                &url,
-                "--concurrency",
-                "32",
-            ],
-        )
-    })
-    .await
-    .unwrap();
+    let (code, out, err) = mediaproxy(
+        &cfg,
+        &[
+            "verify",
+            "--upstream",
+            "new",
+            "--mastodon-db",
+            &url,
+            "--concurrency",
+            "32",
+        ],
+    )
+    .await;
     assert_eq!(code, 1, "{err}");
     // Originals are missing; derived styles (which a record may never have had) are counted apart.
     let tail = &out[out.len().saturating_sub(300)..];

@@ -1,34 +1,11 @@
 //! `mediaproxy migrate` and `verify` through the real binary, against real S3 servers (one per bucket).
 
-use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use tempfile::TempDir;
 
 use crate::common::*;
-
-/// Runs `mediaproxy ARGS --config CONFIG` off the async runtime: (exit code, stdout, stderr).
-async fn mediaproxy(config: &Path, args: &[&str]) -> (i32, String, String) {
-    let config = config.to_owned();
-    let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
-    tokio::task::spawn_blocking(move || {
-        let out = Command::new(env!("CARGO_BIN_EXE_mediaproxy"))
-            .args(&args)
-            .arg("--config")
-            .arg(&config)
-            .env("MEDIAPROXY_LOG", "warn")
-            .output()
-            .unwrap();
-        (
-            out.status.code().unwrap_or(-1),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
-    })
-    .await
-    .unwrap()
-}
 
 /// A config with `new` (s3, empty) and `old` upstreams, the cache (and so the state) under `dir`.
 fn config(dir: &TempDir, upstreams: &str) -> std::path::PathBuf {

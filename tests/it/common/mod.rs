@@ -366,6 +366,28 @@ pub async fn get(proxy: &Proxy, key: &str) -> (u16, String, Vec<u8>) {
     (status, xc, r.bytes().await.unwrap().to_vec())
 }
 
+/// Runs `mediaproxy ARGS --config CONFIG` off the async runtime: (exit code, stdout, stderr).
+pub async fn mediaproxy(config: &Path, args: &[&str]) -> (i32, String, String) {
+    let config = config.to_owned();
+    let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+    tokio::task::spawn_blocking(move || {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_mediaproxy"))
+            .args(&args)
+            .arg("--config")
+            .arg(&config)
+            .env("MEDIAPROXY_LOG", "warn")
+            .output()
+            .unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    })
+    .await
+    .unwrap()
+}
+
 /// The Prometheus text served on the admin listener at `port`.
 pub async fn metrics(port: u16) -> String {
     client()

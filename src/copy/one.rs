@@ -96,8 +96,35 @@ enum Data {
     /// A cache entry's file or an unlinked spool; the body is its first `len` bytes.
     File(Arc<File>),
     /// The source's GET, streamed straight into the PUT: its ETag is a plain MD5, so `Content-MD5` is
-    /// known before the first byte and the target checks every byte against it. Taken by the PUT.
-    Stream(std::sync::Mutex<Option<crate::object::ByteStream>>),
+    /// known before the first byte and the target checks every byte against it. Taken by the PUT;
+    /// hashed on the way too (`Seen`), for targets that would not check.
+    Stream(
+        std::sync::Mutex<Option<crate::object::ByteStream>>,
+        Arc<Seen>,
+    ),
+}
+
+/// What went through a streamed PUT: its MD5 and length, checked once the PUT succeeded.
+#[derive(Default)]
+struct Seen(std::sync::Mutex<(Md5, u64)>);
+
+impl Seen {
+    fn wrap(self: &Arc<Self>, stream: crate::object::ByteStream) -> crate::object::ByteStream {
+        let seen = self.clone();
+        Box::pin(futures_util::StreamExt::map(stream, move |chunk| {
+            if let Ok(bytes) = &chunk {
+                let mut s = seen.0.lock().expect("seen lock");
+                s.0.update(bytes);
+                s.1 += bytes.len() as u64;
+            }
+            chunk
+        }))
+    }
+
+    fn result(&self) -> ([u8; 16], u64) {
+        let s = self.0.lock().expect("seen lock");
+        (s.0.clone().finalize().into(), s.1)
+    }
 }
 
 /// Where a copy's bytes come from.
@@ -191,7 +218,7 @@ async fn copy_one(engine: &Engine<'_>, from: &From<'_>, key: &Key) -> Result<Cop
         _ => match target.put(&req, body(&src.data, 0, src.len)).await {
             // A streamed body cannot be sent again: the whole copy is tried again (a new GET).
             Err(WriteError::Refused { code, .. })
-                if code == "BadDigest" && matches!(src.data, Data::Stream(_)) =>
+                if code == "BadDigest" && matches!(src.data, Data::Stream(..)) =>
             {
                 return Err(CopyError::Source(
                     "the body did not match the source's MD5 on the way".into(),
@@ -235,6 +262,17 @@ async fn verify(
     put_etag: Option<String>,
 ) -> Result<(), CopyError> {
     let ours = hex(&src.md5);
+    if let Data::Stream(_, seen) = &src.data {
+        // What actually went out, whatever the target says.
+        let (md5, len) = seen.result();
+        if (md5, len) != (src.md5, src.len) {
+            return Err(CopyError::Verify(format!(
+                "the streamed body ({len} bytes, MD5 {}) is not the source's ({} bytes, MD5 {ours})",
+                hex(&md5),
+                src.len
+            )));
+        }
+    }
     if put_etag.as_deref().and_then(plain_md5).as_deref() == Some(ours.as_str()) {
         return Ok(());
     }
@@ -381,7 +419,7 @@ async fn from_entry(rt: &Runtime, target: &Upstream, key: &Key) -> Option<(Sourc
         let md5 = match &data {
             Data::Bytes(b) => Md5::digest(b).into(),
             Data::File(f) => md5_of_file(f, meta.len).ok()?,
-            Data::Stream(_) => return None,
+            Data::Stream(..) => return None,
         };
         if meta
             .etag
@@ -460,7 +498,10 @@ fn streamed(obj: Object, engine: &Engine<'_>) -> Result<Source, Box<Object>> {
                 content_type: obj.meta.content_type,
                 cache_control: obj.meta.cache_control,
                 content_disposition: obj.meta.content_disposition,
-                data: Data::Stream(std::sync::Mutex::new(Some(stream))),
+                data: {
+                    let seen = Arc::new(Seen::default());
+                    Data::Stream(std::sync::Mutex::new(Some(seen.wrap(stream))), seen)
+                },
             })
         }
         (_, _, body) => Err(Box::new(Object {
@@ -569,7 +610,7 @@ fn md5_of_range(file: &File, start: u64, len: u64) -> io::Result<[u8; 16]> {
 fn body(data: &Data, start: u64, len: u64) -> reqwest::Body {
     match data {
         // Once only: a second PUT of a streamed source is a new copy attempt (a new GET).
-        Data::Stream(stream) => match stream.lock().expect("stream lock").take() {
+        Data::Stream(stream, _) => match stream.lock().expect("stream lock").take() {
             Some(s) => reqwest::Body::wrap_stream(s),
             None => reqwest::Body::from(Bytes::new()),
         },

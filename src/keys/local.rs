@@ -42,17 +42,16 @@ pub fn local(roots: Vec<PathBuf>, resume: Option<Mark>) -> Keys {
                 return;
             }
         }
+        let _ = tx.blocking_send(Ok(None));
     });
-    Box::pin(futures_util::stream::unfold(rx, |mut rx| async move {
-        rx.recv().await.map(|e| (e, rx))
-    }))
+    super::received(rx, "the local roots")
 }
 
 struct Walker<'a> {
     roots: &'a [PathBuf],
     index: usize,
     after: Option<&'a str>,
-    tx: &'a Sender<Result<Entry, KeysError>>,
+    tx: &'a Sender<Result<Option<Entry>, KeysError>>,
 }
 
 impl Walker<'_> {
@@ -109,7 +108,7 @@ impl Walker<'_> {
                         after: key,
                     },
                 };
-                if self.tx.blocking_send(Ok(Entry::Key(item))).is_err() {
+                if self.tx.blocking_send(Ok(Some(Entry::Key(item)))).is_err() {
                     return Err(std::io::ErrorKind::BrokenPipe.into());
                 }
             }

@@ -158,13 +158,13 @@ fn error_text(e: &tokio_postgres::Error) -> String {
 pub fn mastodon_db(db: Db, resume: Option<Mark>) -> Keys {
     let (tx, rx) = tokio::sync::mpsc::channel(2 * PAGE as usize);
     tokio::spawn(async move {
-        if let Err(e) = produce(&db, resume, &tx).await {
-            let _ = tx.send(Err(e)).await;
-        }
+        let end = match produce(&db, resume, &tx).await {
+            Ok(()) => Ok(None),
+            Err(e) => Err(e),
+        };
+        let _ = tx.send(end).await;
     });
-    Box::pin(futures_util::stream::unfold(rx, |mut rx| async move {
-        rx.recv().await.map(|e| (e, rx))
-    }))
+    super::received(rx, "the Mastodon database")
 }
 
 fn db_error(e: &tokio_postgres::Error) -> KeysError {
@@ -177,7 +177,7 @@ fn db_error(e: &tokio_postgres::Error) -> KeysError {
 async fn produce(
     db: &Db,
     resume: Option<Mark>,
-    tx: &tokio::sync::mpsc::Sender<Result<Entry, KeysError>>,
+    tx: &tokio::sync::mpsc::Sender<Result<Option<Entry>, KeysError>>,
 ) -> Result<(), KeysError> {
     let (client, conn) = db
         .config
@@ -303,7 +303,7 @@ async fn produce(
                         size: None,
                         mark: Mark::Db { spec: index, after },
                     };
-                    if tx.send(Ok(Entry::Key(item))).await.is_err() {
+                    if tx.send(Ok(Some(Entry::Key(item)))).await.is_err() {
                         return Ok(());
                     }
                 }

@@ -68,3 +68,57 @@ pub enum KeysError {
 }
 
 pub type Keys = Pin<Box<dyn Stream<Item = Result<Entry, KeysError>> + Send>>;
+
+/// The receiving end of a source that produces in a task or thread of its own. The producer sends
+/// `Ok(None)` when it has finished: a channel that closes without it (a panic) is an error, not an
+/// end that would look like a complete walk (and delete a migration's saved position).
+pub(crate) fn received(
+    rx: tokio::sync::mpsc::Receiver<Result<Option<Entry>, KeysError>>,
+    what: &'static str,
+) -> Keys {
+    Box::pin(futures_util::stream::unfold(
+        Some(rx),
+        move |rx| async move {
+            let mut rx = rx?;
+            match rx.recv().await {
+                Some(Ok(Some(entry))) => Some((Ok(entry), Some(rx))),
+                Some(Ok(None)) => None,
+                Some(Err(e)) => Some((Err(e), None)),
+                None => Some((
+                    Err(KeysError::Read {
+                        what: what.to_string(),
+                        source: std::io::Error::other("the key source stopped unexpectedly"),
+                    }),
+                    None,
+                )),
+            }
+        },
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use futures_util::StreamExt;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn a_producer_that_dies_is_an_error_not_an_end() {
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        let item = Item {
+            key: crate::key::from_raw("a/b").unwrap(),
+            size: None,
+            mark: Mark::Line { line: 1 },
+        };
+        tx.send(Ok(Some(Entry::Key(item)))).await.unwrap();
+        drop(tx); // no Ok(None): a panic, say
+        let got: Vec<_> = received(rx, "test").collect().await;
+        assert!(matches!(got[0], Ok(Entry::Key(_))));
+        assert!(matches!(got[1], Err(KeysError::Read { .. })));
+
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<Option<Entry>, KeysError>>(4);
+        tx.send(Ok(None)).await.unwrap();
+        drop(tx);
+        assert_eq!(received(rx, "test").count().await, 0, "a clean end");
+    }
+}

@@ -96,35 +96,10 @@ enum Data {
     /// A cache entry's file or an unlinked spool; the body is its first `len` bytes.
     File(Arc<File>),
     /// The source's GET, streamed straight into the PUT: its ETag is a plain MD5, so `Content-MD5` is
-    /// known before the first byte and the target checks every byte against it. Taken by the PUT;
-    /// hashed on the way too (`Seen`), for targets that would not check.
-    Stream(
-        std::sync::Mutex<Option<crate::object::ByteStream>>,
-        Arc<Seen>,
-    ),
-}
-
-/// What went through a streamed PUT: its MD5 and length, checked once the PUT succeeded.
-#[derive(Default)]
-struct Seen(std::sync::Mutex<(Md5, u64)>);
-
-impl Seen {
-    fn wrap(self: &Arc<Self>, stream: crate::object::ByteStream) -> crate::object::ByteStream {
-        let seen = self.clone();
-        Box::pin(futures_util::StreamExt::map(stream, move |chunk| {
-            if let Ok(bytes) = &chunk {
-                let mut s = seen.0.lock().expect("seen lock");
-                s.0.update(bytes);
-                s.1 += bytes.len() as u64;
-            }
-            chunk
-        }))
-    }
-
-    fn result(&self) -> ([u8; 16], u64) {
-        let s = self.0.lock().expect("seen lock");
-        (s.0.clone().finalize().into(), s.1)
-    }
+    /// known before the first byte and the target checks every byte against it (`BadDigest`), and its
+    /// answer's ETag proves it. Not hashed here as well: on the 1 GiB benchmark that cost 2 s of CPU
+    /// for no check a target honouring Content-MD5 has not made already. Taken by the PUT.
+    Stream(std::sync::Mutex<Option<crate::object::ByteStream>>),
 }
 
 /// Where a copy's bytes come from.
@@ -262,17 +237,6 @@ async fn verify(
     put_etag: Option<String>,
 ) -> Result<(), CopyError> {
     let ours = hex(&src.md5);
-    if let Data::Stream(_, seen) = &src.data {
-        // What actually went out, whatever the target says.
-        let (md5, len) = seen.result();
-        if (md5, len) != (src.md5, src.len) {
-            return Err(CopyError::Verify(format!(
-                "the streamed body ({len} bytes, MD5 {}) is not the source's ({} bytes, MD5 {ours})",
-                hex(&md5),
-                src.len
-            )));
-        }
-    }
     if put_etag.as_deref().and_then(plain_md5).as_deref() == Some(ours.as_str()) {
         return Ok(());
     }
@@ -498,10 +462,7 @@ fn streamed(obj: Object, engine: &Engine<'_>) -> Result<Source, Box<Object>> {
                 content_type: obj.meta.content_type,
                 cache_control: obj.meta.cache_control,
                 content_disposition: obj.meta.content_disposition,
-                data: {
-                    let seen = Arc::new(Seen::default());
-                    Data::Stream(std::sync::Mutex::new(Some(seen.wrap(stream))), seen)
-                },
+                data: Data::Stream(std::sync::Mutex::new(Some(stream))),
             })
         }
         (_, _, body) => Err(Box::new(Object {
@@ -610,7 +571,7 @@ fn md5_of_range(file: &File, start: u64, len: u64) -> io::Result<[u8; 16]> {
 fn body(data: &Data, start: u64, len: u64) -> reqwest::Body {
     match data {
         // Once only: a second PUT of a streamed source is a new copy attempt (a new GET).
-        Data::Stream(stream, _) => match stream.lock().expect("stream lock").take() {
+        Data::Stream(stream) => match stream.lock().expect("stream lock").take() {
             Some(s) => reqwest::Body::wrap_stream(s),
             None => reqwest::Body::from(Bytes::new()),
         },

@@ -13,6 +13,7 @@
 
 mod one;
 mod queue;
+mod source;
 mod uploads;
 
 use std::panic::AssertUnwindSafe;
@@ -24,8 +25,9 @@ use futures_util::FutureExt;
 use arc_swap::ArcSwap;
 use tokio::sync::Notify;
 
-pub use one::{plain_md5, Copied, CopyError, Engine, From};
+pub use one::{Copied, CopyError, Engine, From};
 use queue::{Pushed, Queue};
+pub use source::plain_md5;
 pub use uploads::{Open, Uploads};
 
 use crate::config;

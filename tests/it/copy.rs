@@ -10,6 +10,15 @@ use crate::common::*;
 const PHOTO: &str = "media_attachments/files/109/383/759/229/326/700/original/photo.jpg";
 const VIDEO: &str = "media_attachments/files/109/383/759/229/326/702/original/clip.mp4";
 
+/// The copy target as an admin might first get it wrong: an address nothing answers at, so copies
+/// stay queued (retrying) while reads go on from the old bucket.
+fn unreachable_target() -> String {
+    format!(
+        "[[upstream]]\nname = \"new\"\ntype = \"s3\"\nendpoint = \"http://127.0.0.1:{}\"\nbucket = \"new\"\naccess_key_id = \"{ACCESS_KEY}\"\nsecret_access_key = \"{SECRET_KEY}\"\ncopy_missing = true\nconnect_timeout = \"200ms\"\n\n",
+        closed_port()
+    )
+}
+
 /// Waits for the copy of `key` into `bucket` on `s3` (a copy normally lands within seconds).
 async fn copied(s3: &S3Server, bucket: &str, key: &str) -> Option<(Vec<u8>, String)> {
     let deadline = std::time::Instant::now() + Duration::from_secs(15);
@@ -262,8 +271,8 @@ async fn a_tombstoned_key_is_never_copied() {
     let cache_cfg = format!("[cache]\ndir = \"{}\"\n\n", cache.path().display());
     // The target is down while the key is read: its copy stays queued, retrying.
     let down = format!(
-        "{cache_cfg}[[upstream]]\nname = \"new\"\ntype = \"s3\"\nendpoint = \"http://127.0.0.1:{}\"\nbucket = \"new\"\naccess_key_id = \"{ACCESS_KEY}\"\nsecret_access_key = \"{SECRET_KEY}\"\ncopy_missing = true\nconnect_timeout = \"200ms\"\n\n{}",
-        closed_port(),
+        "{cache_cfg}{}{}",
+        unreachable_target(),
         old.s3_upstream("old", "old")
     );
     let proxy = Proxy::start_with_server(&down, &server);
@@ -314,8 +323,8 @@ async fn queued_keys_survive(stop: &str) {
     let cache = TempDir::new().unwrap();
     let cache_cfg = format!("[cache]\ndir = \"{}\"\n\n", cache.path().display());
     let down = format!(
-        "{cache_cfg}[[upstream]]\nname = \"new\"\ntype = \"s3\"\nendpoint = \"http://127.0.0.1:{}\"\nbucket = \"new\"\naccess_key_id = \"{ACCESS_KEY}\"\nsecret_access_key = \"{SECRET_KEY}\"\ncopy_missing = true\nconnect_timeout = \"200ms\"\n\n{}",
-        closed_port(),
+        "{cache_cfg}{}{}",
+        unreachable_target(),
         old.s3_upstream("old", "old")
     );
     let mut proxy = Proxy::start(&down);
@@ -401,8 +410,8 @@ async fn a_full_queue_never_blocks_a_request() {
     let admin = closed_port();
     // One worker, a queue of 2, and a target that never answers: every copy waits out its retries.
     let cfg = format!(
-        "[copy]\nworkers = 1\nqueue = 2\n\n[[upstream]]\nname = \"new\"\ntype = \"s3\"\nendpoint = \"http://127.0.0.1:{}\"\nbucket = \"new\"\naccess_key_id = \"{ACCESS_KEY}\"\nsecret_access_key = \"{SECRET_KEY}\"\ncopy_missing = true\nconnect_timeout = \"200ms\"\n\n{}",
-        closed_port(),
+        "[copy]\nworkers = 1\nqueue = 2\n\n{}{}",
+        unreachable_target(),
         old.s3_upstream("old", "old")
     );
     let proxy = Proxy::start_with_server(&cfg, &format!("admin_listen = \"127.0.0.1:{admin}\""));
@@ -540,11 +549,7 @@ async fn a_reload_that_changes_the_target_applies_to_queued_keys() {
     old.put("old", PHOTO, b"queued".to_vec(), "image/jpeg")
         .await;
     // Queued while the configured target is a wrong address: retrying with backoff.
-    let wrong = format!(
-        "[[upstream]]\nname = \"new\"\ntype = \"s3\"\nendpoint = \"http://127.0.0.1:{}\"\nbucket = \"new\"\naccess_key_id = \"{ACCESS_KEY}\"\nsecret_access_key = \"{SECRET_KEY}\"\ncopy_missing = true\nconnect_timeout = \"200ms\"\n\n{}",
-        closed_port(),
-        old.s3_upstream("old", "old")
-    );
+    let wrong = format!("{}{}", unreachable_target(), old.s3_upstream("old", "old"));
     let proxy = Proxy::start(&wrong);
     assert_eq!(get(&proxy, PHOTO).await.0, 200);
     tokio::time::sleep(Duration::from_millis(500)).await;

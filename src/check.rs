@@ -71,6 +71,18 @@ async fn probe(up: &Upstream) -> (bool, String) {
             )
         }
     }
+    // s3s-fs and some providers answer a missing key even when the whole bucket is missing: ask it.
+    match up.bucket_exists().await {
+        Ok(false) => {
+            return (
+                false,
+                "NoSuchBucket: the bucket does not exist here (check bucket, endpoint, path_style)"
+                    .into(),
+            )
+        }
+        Ok(true) => {}
+        Err(e) => return (false, format!("HeadBucket: {e}")),
+    }
     let key = key::parse(&format!("/{PROBE_KEY}"), "").expect("probe key is valid");
     let ms = |s: Instant| s.elapsed().as_millis();
     match up.fetch(Method::Head, &key, None).await {

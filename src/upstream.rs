@@ -63,6 +63,9 @@ pub enum UpstreamError {
     Auth(String),
     #[error("unusable response: {0}")]
     Protocol(String),
+    /// The bucket itself does not exist (S3's `NoSuchBucket`): a wrong bucket, endpoint or prefix.
+    #[error("NoSuchBucket: the bucket does not exist (check bucket, endpoint, path_style)")]
+    NoSuchBucket,
 }
 
 pub struct Upstream {
@@ -221,14 +224,37 @@ impl Upstream {
             StatusCode::RANGE_NOT_SATISFIABLE
                 if !resp.headers().contains_key(http::header::CONTENT_RANGE) =>
             {
-                Box::pin(self.fetch(Method::Head, key, None)).await
+                match method {
+                    Method::Get => Box::pin(self.fetch(Method::Head, key, None)).await,
+                    // A HEAD has no range to be unsatisfiable: asking again would never end.
+                    Method::Head => Err(UpstreamError::Protocol(
+                        "416 to a HEAD, without the object's length".into(),
+                    )),
+                }
             }
             StatusCode::OK | StatusCode::PARTIAL_CONTENT | StatusCode::RANGE_NOT_SATISFIABLE => {
                 self.to_object(method, resp).map(Fetched::Found)
             }
-            StatusCode::NOT_FOUND | StatusCode::GONE => Ok(Fetched::NotFound),
+            StatusCode::NOT_FOUND | StatusCode::GONE => self.not_found(method, resp).await,
             StatusCode::FORBIDDEN => self.forbidden(method, key, resp).await,
             _ => Err(UpstreamError::Status(status)),
+        }
+    }
+
+    /// A 404 tells of a missing key, unless its S3 error code says the whole bucket is missing (a wrong
+    /// bucket, endpoint or prefix): then every key would become a cached 404, so it is a failure.
+    async fn not_found(
+        &self,
+        method: Method,
+        resp: reqwest::Response,
+    ) -> Result<Fetched, UpstreamError> {
+        if method == Method::Head {
+            return Ok(Fetched::NotFound); // no body to tell; `check` asks the bucket itself
+        }
+        let body = read_prefix(resp, 8192).await;
+        match xml_tag(&body, "Code").as_deref() {
+            Some("NoSuchBucket") => Err(UpstreamError::NoSuchBucket),
+            _ => Ok(Fetched::NotFound),
         }
     }
 
@@ -261,7 +287,13 @@ impl Upstream {
                     .header(http::header::RANGE, "bytes=0-0");
                 match tokio::time::timeout(self.first_byte_timeout, get.send()).await {
                     Ok(Ok(r)) if r.status() == StatusCode::FORBIDDEN => r,
-                    _ => return Ok(Fetched::NotFound),
+                    Ok(Ok(r)) if r.status().is_success() || r.status() == StatusCode::NOT_FOUND => {
+                        return Ok(Fetched::NotFound)
+                    }
+                    // The follow-up failed: nobody learned that the key is missing.
+                    Ok(Ok(r)) => return Err(UpstreamError::Status(r.status())),
+                    Ok(Err(e)) => return Err(UpstreamError::Request(error_chain(&e))),
+                    Err(_) => return Err(UpstreamError::Timeout(self.first_byte_timeout)),
                 }
             }
         };

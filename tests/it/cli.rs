@@ -158,3 +158,17 @@ async fn check_tells_whether_the_copy_target_takes_writes_and_conditional_puts()
     assert_eq!(code, 0, "{text}");
     assert!(text.contains("IGNORES If-None-Match"), "{text}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn check_fails_a_bucket_that_does_not_exist() {
+    let s3 = S3Server::start(&["media"], true).await;
+    let config = s3.s3_upstream("typo", "medai");
+    let (code, text) = tokio::task::spawn_blocking(move || check(&config))
+        .await
+        .unwrap();
+    assert_eq!(code, 1, "{text}");
+    assert!(
+        text.contains("FAIL typo") && text.contains("NoSuchBucket"),
+        "{text}"
+    );
+}

@@ -455,3 +455,51 @@ async fn upstream_connections_are_pooled() {
         "20 sequential misses opened {used} connections to the bucket"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_missing_bucket_is_a_failure_never_a_cached_404() {
+    let s3 = S3Server::start(&["media"], true).await;
+    // A typo in the bucket name.
+    let proxy = Proxy::start(&s3.s3_upstream("typo", "medai"));
+    let r = client()
+        .get(proxy.url(&format!("/{KEY}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 502, "NoSuchBucket is not \"no such key\"");
+    assert!(proxy.log().contains("NoSuchBucket"), "{}", proxy.log());
+    // Nothing negative was cached: once the bucket exists and has the key, it is served.
+    std::fs::create_dir_all(s3.root.path().join("medai")).unwrap();
+    s3.put("medai", KEY, b"found".to_vec(), "image/jpeg").await;
+    let r = client()
+        .get(proxy.url(&format!("/{KEY}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["x-cache"], "MISS");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_head_answered_416_without_a_length_does_not_loop() {
+    let up = RawUpstream::start(Behaviour::Respond {
+        status: 416,
+        headers: vec![],
+        body: Vec::new(),
+    })
+    .await;
+    let proxy = Proxy::start(&up.http_upstream("odd"));
+    let started = Instant::now();
+    let r = client()
+        .head(proxy.url(&format!("/{KEY}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 502);
+    assert!(started.elapsed() < Duration::from_secs(5));
+    assert_eq!(
+        up.hits.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "asked once"
+    );
+}

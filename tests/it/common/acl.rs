@@ -15,6 +15,8 @@ pub type Acls = Arc<Mutex<HashMap<(String, String), String>>>;
 
 pub struct AclFs {
     pub fs: s3s_fs::FileSystem,
+    /// s3s-fs's root: a bucket is a directory in it.
+    pub root: std::path::PathBuf,
     pub acls: Acls,
     /// Behave like the many S3-compatible providers that ignore `If-None-Match` on PutObject.
     pub ignore_if_none_match: Arc<AtomicBool>,
@@ -69,6 +71,10 @@ impl S3 for AclFs {
         &self,
         req: S3Request<GetObjectInput>,
     ) -> S3Result<S3Response<GetObjectOutput>> {
+        // s3s-fs answers NoSuchKey for a missing bucket too; S3 says NoSuchBucket.
+        if !self.root.join(&req.input.bucket).is_dir() {
+            return Err(s3_error!(NoSuchBucket));
+        }
         let every = self.slow_down_every.load(Ordering::SeqCst);
         let n = self.gets.fetch_add(1, Ordering::SeqCst) + 1;
         if every > 0 && n.is_multiple_of(every) {

@@ -61,6 +61,7 @@ impl S3Server {
         let service = if signed {
             let mut builder = S3ServiceBuilder::new(acl::AclFs {
                 fs,
+                root: root.path().to_owned(),
                 acls: acls.clone(),
                 ignore_if_none_match: ignore_if_none_match.clone(),
                 read_only: read_only.clone(),

@@ -135,6 +135,8 @@ pub struct Local {
 pub struct Cache {
     pub dir: PathBuf,
     pub max_size: u64,
+    /// Larger objects stream through without a cache entry (default `max_size / 8`).
+    pub max_object_size: u64,
     pub inactive: Duration,
     pub ttl_ok: Duration,
     pub ttl_error: Duration,
@@ -231,6 +233,10 @@ impl Config {
         let cache = Cache {
             dir: file.cache.dir,
             max_size: file.cache.max_size.0,
+            max_object_size: file
+                .cache
+                .max_object_size
+                .map_or(file.cache.max_size.0 / 8, |s| s.0),
             inactive: file.cache.inactive.0,
             ttl_ok: file.cache.ttl_ok.0,
             ttl_error: file.cache.ttl_error.0,

@@ -77,8 +77,15 @@ async fn find(
         Lookup::Miss => None,
     };
     if rt.upstreams.is_empty() {
-        // Nothing to fill from (the embedded default): no negative entries for every missing file.
-        return Outcome::NotFound(None);
+        // Nothing to fill from (the embedded default, or every bucket removed from the config): an
+        // expired copy is still the best answer; no negative entries for every missing file.
+        return match stale {
+            Some(Cached::Found(mut obj)) => {
+                obj.meta.source = Source::Stale;
+                Outcome::Found(obj)
+            }
+            _ => Outcome::NotFound(None),
+        };
     }
     if method == Method::Get {
         match rt.cache.flight(key.as_str()) {
@@ -229,7 +236,9 @@ fn resume_on_fill_failure(rt: Arc<Runtime>, key: Key, obj: Object) -> Object {
 /// Not for a key Mastodon busted after the stale copy was read: that copy is what it took back.
 fn serve_stale(rt: &Runtime, key: &Key, stale: Option<Cached>) -> Outcome {
     match stale {
-        Some(cached)
+        // Only an object: an expired 404 is no answer when nobody could confirm it (502, as the
+        // README says).
+        Some(cached @ Cached::Found(_))
             if !rt
                 .cache
                 .tombstoned(key.as_str(), rt.config.cache.tombstone_ttl) =>

@@ -55,6 +55,7 @@ pub async fn run(config: Config, config_path: Option<PathBuf>) -> Result<(), Ser
     let cache = Cache::open(
         &config.cache.dir,
         config.cache.max_size,
+        config.cache.max_object_size,
         config.cache.inactive,
         open_files_within_limit(config.cache.open_files),
         config.cache.tombstone_ttl,

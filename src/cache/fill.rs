@@ -175,7 +175,11 @@ impl FillGuard {
     pub fn tee(self, obj: Object) -> Object {
         let Object { meta, body } = obj;
         let (len, stream) = match (meta.len, body) {
-            (Some(len), Body::Stream { stream, offset: 0 }) => (len, stream),
+            (Some(len), Body::Stream { stream, offset: 0 }) if len <= self.cache.max_object => {
+                (len, stream)
+            }
+            // Larger than `cache.max_object_size`: it would push out everything else, at every
+            // request. It streams through; followers (released) ask the upstream themselves.
             (_, body) => return Object { meta, body },
         };
         let (writer, file) = match self.writer() {
@@ -216,6 +220,9 @@ impl FillGuard {
         let (Some(len), Body::Stream { stream, offset: 0 }) = (meta.len, body) else {
             return;
         };
+        if len > self.cache.max_object {
+            return;
+        }
         let Some((writer, file)) = self.writer() else {
             return;
         };

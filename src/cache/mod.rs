@@ -63,6 +63,8 @@ pub struct Cache {
     flights: fill::Flights,
     counters: CacheCounters,
     tombstones: KeySet,
+    /// Objects larger than this are never stored (`cache.max_object_size`).
+    max_object: u64,
 }
 
 impl Cache {
@@ -71,6 +73,7 @@ impl Cache {
     pub fn open(
         dir: &std::path::Path,
         max_size: u64,
+        max_object: u64,
         inactive: Duration,
         open_files: usize,
         tombstone_ttl: Duration,
@@ -91,6 +94,7 @@ impl Cache {
             flights: fill::Flights::default(),
             counters,
             tombstones,
+            max_object,
         }))
     }
 

@@ -117,6 +117,7 @@ impl Default for FileLocal {
 pub(super) struct FileCache {
     pub(super) dir: PathBuf,
     pub(super) max_size: SizeValue,
+    pub(super) max_object_size: Option<SizeValue>,
     pub(super) inactive: DurationValue,
     pub(super) ttl_ok: DurationValue,
     pub(super) ttl_error: DurationValue,
@@ -130,6 +131,7 @@ impl Default for FileCache {
         FileCache {
             dir: default_cache_dir(),
             max_size: default_max_size(),
+            max_object_size: None,
             inactive: days90(),
             ttl_ok: days90(),
             ttl_error: secs300(),

@@ -737,3 +737,82 @@ async fn a_fill_that_dies_part_way_is_resumed_for_every_client() {
     );
     assert!(proxy.log().contains("the rest comes from the upstreams"));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_object_larger_than_max_object_size_streams_through_uncached() {
+    let s3 = S3Server::start(&["media"], true).await;
+    let big = pattern(2 << 20, 61);
+    let small = pattern(100_000, 62);
+    s3.put("media", KEY, big.clone(), "video/mp4").await;
+    s3.put(
+        "media",
+        "media_attachments/files/1/original/s.png",
+        small.clone(),
+        "image/png",
+    )
+    .await;
+    // max_size 8 MiB: objects over 1 MiB (an eighth) are not stored.
+    let cfg = format!(
+        "[cache]\ndir = \"{{dir}}/cache\"\nmax_size = \"8MiB\"\n\n{}",
+        s3.s3_upstream("b", "media")
+    );
+    let proxy = Proxy::start(&cfg);
+    for _ in 0..2 {
+        let (st, xc, body) = get(&proxy, KEY).await;
+        assert_eq!((st, xc.as_str()), (200, "MISS"), "never cached");
+        assert!(body == big);
+    }
+    assert_eq!(s3.count("GET"), 2);
+    get(&proxy, "media_attachments/files/1/original/s.png").await;
+    assert_eq!(
+        get(&proxy, "media_attachments/files/1/original/s.png")
+            .await
+            .1,
+        "HIT"
+    );
+    assert_eq!(
+        cache_files(&proxy.dir.path().join("cache")).len(),
+        1,
+        "only the small one"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn stale_answers_without_upstreams_and_no_stale_404s() {
+    let s3 = S3Server::start(&["media"], true).await;
+    s3.put("media", KEY, b"kept".to_vec(), "video/mp4").await;
+    let cache = tempfile::tempdir().unwrap();
+    let cfg = format!(
+        "[cache]\ndir = \"{}\"\nttl_ok = \"1s\"\nttl_error = \"1s\"\n\n{}",
+        cache.path().display(),
+        s3.s3_upstream("b", "media")
+    );
+    let proxy = Proxy::start(&cfg);
+    assert_eq!(get(&proxy, KEY).await.1, "MISS");
+    let missing = "media_attachments/files/2/original/gone.png";
+    assert_eq!(get(&proxy, missing).await.0, 404);
+    drop(proxy);
+    tokio::time::sleep(Duration::from_millis(1_200)).await;
+
+    // Every bucket removed from the config: the expired copy is still served.
+    let none = Proxy::start(&format!(
+        "[cache]\ndir = \"{}\"\nttl_ok = \"1s\"\n\n",
+        cache.path().display()
+    ));
+    let (st, xc, body) = get(&none, KEY).await;
+    assert_eq!(
+        (st, xc.as_str(), body.as_slice()),
+        (200, "STALE", &b"kept"[..])
+    );
+    drop(none);
+
+    // The bucket fails: an expired 404 is not an answer (502), an expired object is (STALE).
+    let port = s3.addr.port();
+    drop(s3);
+    let failing = Proxy::start(&format!(
+        "[cache]\ndir = \"{}\"\nttl_ok = \"1s\"\nttl_error = \"1s\"\n\n[[upstream]]\nname = \"b\"\ntype = \"http\"\nurl = \"http://127.0.0.1:{port}/media\"\n",
+        cache.path().display()
+    ));
+    assert_eq!(get(&failing, missing).await.0, 502);
+    assert_eq!(get(&failing, KEY).await.1, "STALE");
+}

@@ -26,8 +26,41 @@ use crate::metrics::Metrics;
 use crate::runtime::{Runtime, RuntimeError};
 use crate::{admin, proxy};
 
+mod reload;
 mod stall;
 use stall::StallGuard;
+
+/// What a new connection is served with, from `[server]`: rebuilt by a reload, so a renewed
+/// certificate or a changed timeout applies to the next connection.
+pub(crate) struct Conn {
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    tls: Option<TlsAcceptor>,
+    header_read_timeout: Duration,
+    send_timeout: Duration,
+}
+
+impl Conn {
+    pub(crate) fn new(server: &crate::config::Server) -> Result<Conn, ServerError> {
+        let mut builder = auto::Builder::new(TokioExecutor::new());
+        builder
+            .http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(server.header_read_timeout)
+            .keep_alive(true);
+        builder
+            .http2()
+            .timer(TokioTimer::new())
+            .keep_alive_interval(Some(Duration::from_secs(30)))
+            .keep_alive_timeout(server.header_read_timeout)
+            .max_concurrent_streams(256);
+        Ok(Conn {
+            builder: Arc::new(builder),
+            tls: server.tls.as_ref().map(tls_acceptor).transpose()?,
+            header_read_timeout: server.header_read_timeout,
+            send_timeout: server.send_timeout,
+        })
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -61,7 +94,8 @@ pub async fn run(config: Config, config_path: Option<PathBuf>) -> Result<(), Ser
         config.cache.tombstone_ttl,
         metrics.cache.clone(),
     )?;
-    let cache_cfg = config.cache.clone();
+    // What only a restart changes is compared against this at each reload.
+    let started_with = config.clone();
     let copier = Copier::open(&config.cache.dir, &config.copy, metrics.copy.clone())?;
     let shared = Arc::new(ArcSwap::from_pointee(Runtime::new(
         config,
@@ -73,7 +107,6 @@ pub async fn run(config: Config, config_path: Option<PathBuf>) -> Result<(), Ser
         .start(shared.clone())
         .map_err(|e| ServerError::Copy(CopierError::thread(e)))?;
 
-    let tls = server_cfg.tls.as_ref().map(tls_acceptor).transpose()?;
     let (tx, mut accepted) = mpsc::channel::<TcpStream>(1024);
     let mut accept_tasks = Vec::new();
     for addr in &server_cfg.listen {
@@ -83,7 +116,7 @@ pub async fn run(config: Config, config_path: Option<PathBuf>) -> Result<(), Ser
                 addr: *addr,
                 source,
             })?;
-        tracing::info!(%addr, tls = tls.is_some(), "listening");
+        tracing::info!(%addr, tls = server_cfg.tls.is_some(), "listening");
         accept_tasks.push(tokio::spawn(accept_loop(listener, tx.clone())));
     }
     drop(tx);
@@ -100,19 +133,7 @@ pub async fn run(config: Config, config_path: Option<PathBuf>) -> Result<(), Ser
         )));
     }
 
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(server_cfg.header_read_timeout)
-        .keep_alive(true);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .keep_alive_interval(Some(Duration::from_secs(30)))
-        .keep_alive_timeout(server_cfg.header_read_timeout)
-        .max_concurrent_streams(256);
-    let builder = Arc::new(builder);
+    let conns = ArcSwap::from_pointee(Conn::new(&server_cfg)?);
 
     let mut hup = signal(SignalKind::hangup()).map_err(ServerError::Signal)?;
     let mut term = signal(SignalKind::terminate()).map_err(ServerError::Signal)?;
@@ -124,9 +145,12 @@ pub async fn run(config: Config, config_path: Option<PathBuf>) -> Result<(), Ser
         tokio::select! {
             Some(stream) = accepted.recv() => {
                 let watcher = graceful.watcher();
-                let (builder, shared, tls) = (builder.clone(), shared.clone(), tls.clone());
-                let handshake_timeout = server_cfg.header_read_timeout;
-                let send_timeout = server_cfg.send_timeout;
+                // The settings in force when the connection arrives (a reload replaces them).
+                let conn = conns.load_full();
+                let (builder, tls) = (conn.builder.clone(), conn.tls.clone());
+                let shared = shared.clone();
+                let handshake_timeout = conn.header_read_timeout;
+                let send_timeout = conn.send_timeout;
                 tokio::spawn(async move {
                     let service = service_fn(move |req| {
                         let rt = shared.load_full();
@@ -148,7 +172,7 @@ pub async fn run(config: Config, config_path: Option<PathBuf>) -> Result<(), Ser
                     }
                 });
             }
-            _ = hup.recv() => reload(&shared, config_path.as_deref(), (&server_cfg, &cache_cfg), &metrics, (&cache, &copier)),
+            _ = hup.recv() => reload::reload(&shared, &conns, config_path.as_deref(), &started_with, &metrics, (&cache, &copier)),
             _ = term.recv() => break,
             _ = int.recv() => break,
         }
@@ -163,11 +187,13 @@ pub async fn run(config: Config, config_path: Option<PathBuf>) -> Result<(), Ser
         task.abort();
     }
     drop(accepted);
-    if tokio::time::timeout(server_cfg.shutdown_timeout, graceful.shutdown())
+    // As reloaded: the admin may have raised it for a long upload window.
+    let shutdown_timeout = shared.load().config.server.shutdown_timeout;
+    if tokio::time::timeout(shutdown_timeout, graceful.shutdown())
         .await
         .is_err()
     {
-        tracing::warn!(timeout = ?server_cfg.shutdown_timeout, "connections still open at shutdown timeout; closing them");
+        tracing::warn!(timeout = ?shutdown_timeout, "connections still open at shutdown timeout; closing them");
     }
     // Copies in flight stop here; their keys have no `-` line in the journal, so they are copied
     // again after the restart, like the keys still waiting.
@@ -195,57 +221,7 @@ async fn accept_loop(listener: TcpListener, tx: mpsc::Sender<TcpStream>) {
     }
 }
 
-/// A bad file keeps the old config serving; the admin sees which key is wrong in the log.
-fn reload(
-    shared: &ArcSwap<Runtime>,
-    path: Option<&std::path::Path>,
-    (running, running_cache): (&crate::config::Server, &crate::config::Cache),
-    metrics: &Arc<Metrics>,
-    (cache, copier): (&Arc<Cache>, &Arc<Copier>),
-) {
-    let Some(path) = path else {
-        tracing::warn!(
-            "SIGHUP ignored: running on the embedded default config, there is no file to re-read"
-        );
-        return;
-    };
-    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Reloading]);
-    let result = Config::load(path)
-        .map_err(|e| e.to_string())
-        .and_then(|cfg| {
-            Runtime::new(cfg, metrics.clone(), cache.clone(), copier.clone())
-                .map_err(|e| e.to_string())
-        });
-    match result {
-        Ok(rt) => {
-            if rt.config.server.listen != running.listen
-                || rt.config.server.admin_listen != running.admin_listen
-            {
-                tracing::warn!("listen addresses change only on restart; the rest of the new config is in force");
-            }
-            let c = &rt.config.cache;
-            if c.dir != running_cache.dir
-                || c.max_size != running_cache.max_size
-                || c.inactive != running_cache.inactive
-            {
-                tracing::warn!("cache.dir, cache.max_size and cache.inactive change only on restart; TTLs apply now");
-            }
-            let (now, was) = (&rt.config.copy, &shared.load().config.copy);
-            if (now.workers, now.queue, now.remember) != (was.workers, was.queue, was.remember) {
-                tracing::warn!("copy.workers, copy.queue and copy.remember change only on restart; the copy target applies now");
-            }
-            let names: Vec<&str> = rt.upstreams.iter().map(|u| u.name.as_str()).collect();
-            tracing::info!(config = %path.display(), upstreams = ?names, "config reloaded");
-            shared.store(Arc::new(rt));
-        }
-        Err(e) => {
-            tracing::error!(config = %path.display(), error = %e, "config reload failed; the previous config keeps serving")
-        }
-    }
-    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
-}
-
-fn tls_acceptor(tls: &Tls) -> Result<TlsAcceptor, ServerError> {
+pub(crate) fn tls_acceptor(tls: &Tls) -> Result<TlsAcceptor, ServerError> {
     use rustls_pki_types::pem::PemObject;
     use rustls_pki_types::{CertificateDer, PrivateKeyDer};
     let certs = CertificateDer::pem_file_iter(&tls.cert)

@@ -228,3 +228,63 @@ async fn admin_listener_serves_health_and_metrics() {
         404
     );
 }
+
+#[tokio::test]
+async fn a_reload_takes_a_renewed_certificate_and_names_what_needs_a_restart() {
+    let root = mastodon_root();
+    write_file(root.path(), KEY, b"over tls");
+    let dir = tempfile::tempdir().unwrap();
+    let issue = || {
+        let c = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+        std::fs::write(dir.path().join("cert.pem"), c.cert.pem()).unwrap();
+        std::fs::write(dir.path().join("key.pem"), c.key_pair.serialize_pem()).unwrap();
+        reqwest::Certificate::from_pem(c.cert.pem().as_bytes()).unwrap()
+    };
+    let trusting = |ca: &reqwest::Certificate| {
+        reqwest::Client::builder()
+            .no_proxy()
+            .add_root_certificate(ca.clone())
+            .tls_built_in_root_certs(false)
+            .build()
+            .unwrap()
+    };
+    let old_ca = issue();
+    let server = format!(
+        "[server.tls]\ncert = \"{0}/cert.pem\"\nkey = \"{0}/key.pem\"\n",
+        dir.path().display()
+    );
+    let body = format!("[local]\nroots = [\"{}\"]\n", root.path().display());
+    let proxy = Proxy::start_with_server(&body, &server);
+    let url = format!("https://localhost:{}/{KEY}", proxy.addr.port());
+    assert_eq!(
+        trusting(&old_ca).get(&url).send().await.unwrap().status(),
+        200
+    );
+
+    // certbot renews the certificate in place and runs `systemctl reload`.
+    let new_ca = issue();
+    proxy.signal("HUP");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let r = trusting(&new_ca).get(&url).send().await;
+    assert_eq!(r.expect("the renewed certificate is served").status(), 200);
+    assert!(
+        trusting(&old_ca).get(&url).send().await.is_err(),
+        "the old one is not"
+    );
+
+    // A key only a restart can change is named in the log.
+    std::fs::write(
+        &proxy.config_path,
+        std::fs::read_to_string(&proxy.config_path)
+            .unwrap()
+            .replace("[cache]\n", "[cache]\nmax_size = \"1GiB\"\n"),
+    )
+    .unwrap();
+    proxy.signal("HUP");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let log = proxy.log();
+    assert!(
+        log.contains("cache.max_size") && log.contains("only after a restart"),
+        "{log}"
+    );
+}

@@ -188,36 +188,32 @@ fn resume_on_fill_failure(rt: Arc<Runtime>, key: Key, obj: Object) -> Object {
         (Body::Stream { stream, offset: 0 }, Some(len)) => (stream, len),
         (body, _) => return Object { meta, body },
     };
+    let same = Arc::new((meta.origin.clone(), meta.etag.clone()));
     let state = Some((stream, rt, key));
-    let resumed = futures_util::stream::unfold(state, move |state| async move {
-        let (mut stream, rt, key) = state?;
-        loop {
-            let at = match stream.next().await {
-                None => return None,
-                Some(Ok(bytes)) => return Some((Ok(bytes), Some((stream, rt, key)))),
-                Some(Err(e)) => match fill_failed_at(&e) {
-                    Some(at) => at,
-                    None => return Some((Err(e), None)),
-                },
-            };
-            let range = HeaderValue::from_str(&format!("bytes={at}-")).expect("ascii");
-            match ask(&rt, &key, Method::Get, Some(&range)).await {
-                Asked::Found(Object {
-                    meta: m,
-                    body:
-                        Body::Stream {
-                            stream: rest,
-                            offset,
-                        },
-                }) if offset == at && m.len == Some(len) => {
-                    tracing::info!(%key, at, "fill failed; the rest comes from the upstreams");
-                    stream = rest;
-                }
-                _ => {
-                    let e = std::io::Error::other(format!(
-                        "the cache fill failed at byte {at} and no upstream could resume it"
+    let resumed = futures_util::stream::unfold(state, move |state| {
+        let same = same.clone();
+        async move {
+            let (mut stream, rt, key) = state?;
+            loop {
+                let at = match stream.next().await {
+                    None => return None,
+                    Some(Ok(bytes)) => return Some((Ok(bytes), Some((stream, rt, key)))),
+                    Some(Err(e)) => match fill_failed_at(&e) {
+                        Some(at) => at,
+                        None => return Some((Err(e), None)),
+                    },
+                };
+                match resume_from(&rt, &key, at, len, &same.0, &same.1).await {
+                    Some(rest) => {
+                        tracing::info!(%key, at, "fill failed; the rest comes from the upstreams");
+                        stream = rest;
+                    }
+                    None => {
+                        let e = std::io::Error::other(format!(
+                        "the cache fill failed at byte {at} and no upstream could resume the same object"
                     ));
-                    return Some((Err(e), None));
+                        return Some((Err(e), None));
+                    }
                 }
             }
         }
@@ -229,6 +225,41 @@ fn resume_on_fill_failure(rt: Arc<Runtime>, key: Key, obj: Object) -> Object {
             offset: 0,
         },
     }
+}
+
+/// The rest of the object from byte `at`, only if it is provably the same object: from the upstream
+/// that served the start, with `If-Match` on its ETag; from another, only with the same length and the
+/// same plain-MD5 ETag. Otherwise `None`: an aborted connection beats mixed bytes.
+async fn resume_from(
+    rt: &Runtime,
+    key: &Key,
+    at: u64,
+    len: u64,
+    origin: &Option<Arc<str>>,
+    etag: &Option<String>,
+) -> Option<crate::object::ByteStream> {
+    let range = HeaderValue::from_str(&format!("bytes={at}-")).expect("ascii");
+    let md5 = etag.as_deref().and_then(crate::copy::plain_md5);
+    for up in rt.chain(key) {
+        let same_upstream = origin.as_deref() == Some(&*up.origin);
+        if !same_upstream && md5.is_none() {
+            continue; // nothing to prove another bucket's copy is the same object
+        }
+        let if_match = if same_upstream { etag.as_deref() } else { None };
+        let Ok(Fetched::Found(Object { meta, body })) =
+            up.fetch_if(Method::Get, key, Some(&range), if_match).await
+        else {
+            continue;
+        };
+        let Body::Stream { stream, offset } = body else {
+            continue;
+        };
+        let proven = same_upstream || meta.etag.as_deref().and_then(crate::copy::plain_md5) == md5;
+        if offset == at && meta.len == Some(len) && proven {
+            return Some(stream);
+        }
+    }
+    None
 }
 
 /// Varnish's grace, nginx's `proxy_cache_use_stale error timeout`: every upstream failed, so an expired

@@ -204,6 +204,18 @@ impl Upstream {
         key: &Key,
         range: Option<&HeaderValue>,
     ) -> Result<Fetched, UpstreamError> {
+        self.fetch_if(method, key, range, None).await
+    }
+
+    /// With `If-Match: etag` when given: an object that changed since answers 412, an error (S3's
+    /// GetObject has no `If-Range`, so this is how a resumed body proves it continues the same object).
+    pub async fn fetch_if(
+        &self,
+        method: Method,
+        key: &Key,
+        range: Option<&HeaderValue>,
+        if_match: Option<&str>,
+    ) -> Result<Fetched, UpstreamError> {
         let url = self.url(method, key);
         let mut req = match method {
             Method::Get => self.client.get(url),
@@ -211,6 +223,9 @@ impl Upstream {
         };
         if let Some(r) = range {
             req = req.header(http::header::RANGE, r.clone());
+        }
+        if let Some(etag) = if_match {
+            req = req.header(http::header::IF_MATCH, etag);
         }
         let resp = match tokio::time::timeout(self.first_byte_timeout, req.send()).await {
             Err(_) => return Err(UpstreamError::Timeout(self.first_byte_timeout)),

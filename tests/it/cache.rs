@@ -688,6 +688,8 @@ async fn paced(body: &[u8], die_after: Option<usize>) -> RawUpstream {
         chunk: 64 << 10,
         pace: Duration::from_millis(20),
         die_after,
+        etag: None,
+        replaced_by: None,
     })
     .await
 }
@@ -815,4 +817,64 @@ async fn stale_answers_without_upstreams_and_no_stale_404s() {
     ));
     assert_eq!(get(&failing, missing).await.0, 502);
     assert_eq!(get(&failing, KEY).await.1, "STALE");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_fill_is_resumed_only_from_the_same_object() {
+    // The object is replaced in its bucket while a fill of it runs, and the fill dies part-way; the
+    // other bucket has another object of the same length. Stitching either would give mixed bytes.
+    let original = pattern(3 << 20, 81);
+    let replaced = pattern(3 << 20, 82);
+    let elsewhere = pattern(3 << 20, 83);
+    let first = RawUpstream::start(Behaviour::Paced {
+        body: original.clone(),
+        chunk: 64 << 10,
+        pace: Duration::from_millis(20),
+        die_after: Some(1 << 20),
+        etag: Some("\"v1\"".into()),
+        replaced_by: Some((replaced, "\"v2\"".into())),
+    })
+    .await;
+    let second = RawUpstream::start(Behaviour::Paced {
+        body: elsewhere,
+        chunk: 64 << 10,
+        pace: Duration::from_millis(1),
+        die_after: None,
+        etag: Some("\"other\"".into()),
+        replaced_by: None,
+    })
+    .await;
+    let proxy = Proxy::start(&format!(
+        "{}{}",
+        first.http_upstream("first"),
+        second.http_upstream("second")
+    ));
+    let r = client()
+        .get(proxy.url(&format!("/{KEY}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let mut got = Vec::new();
+    let mut stream = r.bytes_stream();
+    let mut aborted = false;
+    while let Some(chunk) = stream.next().await {
+        match chunk {
+            Ok(c) => got.extend_from_slice(&c),
+            Err(_) => {
+                aborted = true;
+                break;
+            }
+        }
+    }
+    assert!(
+        aborted,
+        "the client's connection is aborted rather than given mixed bytes"
+    );
+    assert!(got.len() < original.len());
+    assert_eq!(
+        got[..],
+        original[..got.len()],
+        "what it got is the original's start"
+    );
 }

@@ -325,6 +325,8 @@ async fn a_fill_running_during_a_bust_is_not_stored() {
         chunk: 64 * 1024,
         pace: Duration::from_millis(60),
         die_after: None,
+        etag: None,
+        replaced_by: None,
     })
     .await;
     let secret_dir = TempDir::new().unwrap();

@@ -628,6 +628,11 @@ pub enum Behaviour {
         chunk: usize,
         pace: Duration,
         die_after: Option<usize>,
+        /// Sent with the whole body; and with ranges, unless `replaced_by` is set.
+        etag: Option<String>,
+        /// The object was replaced right after the whole-body GET started: ranged requests see this
+        /// body and ETag, and `If-Match` on the old ETag gets 412.
+        replaced_by: Option<(Vec<u8>, String)>,
     },
     /// A full response with these extra header lines.
     Respond {
@@ -674,6 +679,8 @@ impl RawUpstream {
                             chunk,
                             pace,
                             die_after,
+                            etag,
+                            replaced_by,
                         } => {
                             let head = String::from_utf8_lossy(&got).to_ascii_lowercase();
                             let from = head
@@ -682,8 +689,25 @@ impl RawUpstream {
                                 .and_then(|r| r.split('-').next())
                                 .and_then(|n| n.parse::<usize>().ok());
                             if let Some(from) = from {
+                                let (body, etag) = match &replaced_by {
+                                    Some((b, e)) => (b.clone(), Some(e.clone())),
+                                    None => (body.clone(), etag.clone()),
+                                };
+                                let if_match = head
+                                    .split("if-match: ")
+                                    .nth(1)
+                                    .and_then(|v| v.split("\r\n").next())
+                                    .map(str::to_string);
+                                if if_match.is_some_and(|m| {
+                                    Some(m) != etag.as_ref().map(|e| e.to_ascii_lowercase())
+                                }) {
+                                    let _ = s.write_all(b"HTTP/1.1 412 Precondition Failed\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").await;
+                                    return;
+                                }
+                                let etag_line =
+                                    etag.map(|e| format!("ETag: {e}\r\n")).unwrap_or_default();
                                 let head = format!(
-                                    "HTTP/1.1 206 Partial\r\nContent-Length: {}\r\nContent-Range: bytes {from}-{}/{}\r\nContent-Type: video/mp4\r\nConnection: close\r\n\r\n",
+                                    "HTTP/1.1 206 Partial\r\nContent-Length: {}\r\nContent-Range: bytes {from}-{}/{}\r\nContent-Type: video/mp4\r\n{etag_line}Connection: close\r\n\r\n",
                                     body.len() - from,
                                     body.len() - 1,
                                     body.len()
@@ -692,7 +716,9 @@ impl RawUpstream {
                                 let _ = s.write_all(&body[from..]).await;
                                 return;
                             }
-                            let head = format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\nContent-Type: video/mp4\r\nConnection: close\r\n\r\n", body.len());
+                            let etag_line =
+                                etag.map(|e| format!("ETag: {e}\r\n")).unwrap_or_default();
+                            let head = format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\nContent-Type: video/mp4\r\n{etag_line}Connection: close\r\n\r\n", body.len());
                             let _ = s.write_all(head.as_bytes()).await;
                             let stop = die_after.unwrap_or(body.len());
                             for part in body[..stop].chunks(chunk) {

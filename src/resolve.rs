@@ -102,6 +102,9 @@ async fn find(
                 }
                 return fill(rt, key, guard, stale).await;
             }
+            // A seek that joins a running fill is answered like a leader's seek, with a ranged GET
+            // at once, rather than after waiting for the fill to reach its first byte.
+            Flight::Follower(_) if starts_past_zero(range) => {}
             Flight::Follower(follower) => match follower.join(rt.config.cache.lock_timeout).await {
                 Joined::Streaming(obj) => {
                     return Outcome::Found(resume_on_fill_failure(rt.clone(), key.clone(), obj))
@@ -116,7 +119,8 @@ async fn find(
             },
         }
     }
-    // HEAD, or a follower whose fill failed or timed out: ask upstreams directly, without filling.
+    // HEAD, a follower's seek, or a follower whose fill failed or timed out: ask upstreams directly,
+    // without filling.
     match ask(rt, key, method, range).await {
         Asked::Found(obj) => Outcome::Found(obj),
         Asked::NotFound => Outcome::NotFound(None),

@@ -878,3 +878,42 @@ async fn a_fill_is_resumed_only_from_the_same_object() {
         "what it got is the original's start"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_seek_that_joins_a_running_fill_is_answered_at_once() {
+    let data = pattern(6 << 20, 91);
+    // 64 KiB every 20 ms: the whole body takes about 2 s.
+    let up = paced(&data, None).await;
+    let proxy = Proxy::start(&up.http_upstream("slow"));
+    let url = proxy.url(&format!("/{KEY}"));
+    let leader = tokio::spawn({
+        let url = url.clone();
+        async move {
+            client()
+                .get(url)
+                .send()
+                .await
+                .unwrap()
+                .bytes()
+                .await
+                .unwrap()
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let from = data.len() - 100_000;
+    let started = Instant::now();
+    let r = client()
+        .get(&url)
+        .header("range", format!("bytes={from}-"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 206);
+    assert_eq!(&r.bytes().await.unwrap()[..], &data[from..]);
+    assert!(
+        started.elapsed() < Duration::from_millis(1200),
+        "the seek waited {:?} for the fill",
+        started.elapsed()
+    );
+    assert!(leader.await.unwrap() == data);
+}

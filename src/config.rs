@@ -137,6 +137,8 @@ pub struct Cache {
     pub max_size: u64,
     /// Larger objects stream through without a cache entry (default `max_size / 8`).
     pub max_object_size: u64,
+    /// Fills that no client reads any more, at once; the next is cancelled (counted).
+    pub background_fills: usize,
     pub inactive: Duration,
     pub ttl_ok: Duration,
     pub ttl_error: Duration,
@@ -237,6 +239,7 @@ impl Config {
                 .cache
                 .max_object_size
                 .map_or(file.cache.max_size.0 / 8, |s| s.0),
+            background_fills: file.cache.background_fills.max(1),
             inactive: file.cache.inactive.0,
             ttl_ok: file.cache.ttl_ok.0,
             ttl_error: file.cache.ttl_error.0,

@@ -29,6 +29,7 @@ struct UpstreamLabels {
 pub struct CacheCounters {
     pub write_errors: Counter,
     pub corrupt: Counter,
+    pub fills_cancelled: Counter,
     bytes: Gauge,
     entries: Gauge,
     open_files: Gauge,
@@ -98,6 +99,11 @@ impl Metrics {
             "cache_write_errors",
             "Cache fills that could not be written (disk full, I/O error); clients were still served",
             cache.write_errors.clone(),
+        );
+        registry.register(
+            "cache_fills_cancelled",
+            "Fills cancelled because no client read them and cache.background_fills were all in use",
+            cache.fills_cancelled.clone(),
         );
         registry.register(
             "cache_corrupt_entries",

@@ -5,13 +5,13 @@
 //! never a 404 that clients and caches would believe.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use futures_util::StreamExt;
 use http::HeaderValue;
-use tokio::sync::Semaphore;
 
-use crate::cache::{fill_failed_at, Cached, FillGuard, Flight, Joined, Lookup};
+use crate::cache::{
+    fill_failed_at, Cached, FillGuard, Flight, Joined, Lookup, BACKGROUND_FILL_LIMIT,
+};
 use crate::key::Key;
 use crate::object::{Body, Meta, Object, Source};
 use crate::respond::RangeSpec;
@@ -154,22 +154,17 @@ fn starts_past_zero(range: Option<&HeaderValue>) -> bool {
     )
 }
 
-/// At most this many seek-triggered fills run at once; past it a seek is answered without filling.
-const BACKGROUND_FILLS: usize = 64;
-/// And none of them runs longer than this (the same bound as a fill whose client left).
-const BACKGROUND_FILL_LIMIT: Duration = Duration::from_secs(300);
-static BACKGROUND: Semaphore = Semaphore::const_new(BACKGROUND_FILLS);
-
+/// A seek-triggered fill has no client from the start: it takes one of the cache's background-fill
+/// permits (`cache.background_fills`, the same bound as fills whose client left), or none is made.
 fn background_fill(rt: Arc<Runtime>, key: Key, guard: FillGuard) {
-    let Ok(permit) = BACKGROUND.try_acquire() else {
-        tracing::debug!(%key, "too many background fills; answering the seek without filling");
+    let Some(permit) = rt.cache.background_permit() else {
+        tracing::debug!(%key, "cache.background_fills in use; answering the seek without filling");
         return;
     };
     tokio::spawn(async move {
-        let _permit = permit;
         let work = async {
             match ask(&rt, &key, Method::Get, None).await {
-                Asked::Found(obj) => guard.fill(obj).await,
+                Asked::Found(obj) => guard.fill(obj, permit).await,
                 Asked::NotFound => guard.not_found(),
                 Asked::Failed => {}
             }

@@ -86,12 +86,8 @@ pub async fn run(config: Config, config_path: Option<PathBuf>) -> Result<(), Ser
     let metrics = Arc::new(Metrics::new());
     let server_cfg = config.server.clone();
     let cache = Cache::open(
-        &config.cache.dir,
-        config.cache.max_size,
-        config.cache.max_object_size,
-        config.cache.inactive,
+        &config.cache,
         open_files_within_limit(config.cache.open_files),
-        config.cache.tombstone_ttl,
         metrics.cache.clone(),
     )?;
     // What only a restart changes is compared against this at each reload.

@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures_util::{Stream, StreamExt};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, watch, OwnedSemaphorePermit};
 
 use super::follow::FillFailed;
 pub use super::follow::Follower;
@@ -195,7 +195,14 @@ impl FillGuard {
         self.share_body(&meta, &file);
         let (tx, rx) = mpsc::channel(CLIENT_QUEUE);
         let ended = Arc::new(Mutex::new(Ended::Running));
-        tokio::spawn(run(self, stream, writer, entry, Some(tx), ended.clone()));
+        let reserved = self.cache.index.reserve(len);
+        tokio::spawn(run(
+            self,
+            (stream, writer, entry),
+            (Some(tx), None),
+            ended.clone(),
+            reserved,
+        ));
         let reader = Reader {
             rx,
             file,
@@ -215,7 +222,7 @@ impl FillGuard {
 
     /// Fills from a full upstream response with no client reading it (a seek was answered with a
     /// ranged GET); returns when the fill has ended.
-    pub async fn fill(self, obj: Object) {
+    pub async fn fill(self, obj: Object, permit: OwnedSemaphorePermit) {
         let Object { meta, body } = obj;
         let (Some(len), Body::Stream { stream, offset: 0 }) = (meta.len, body) else {
             return;
@@ -228,7 +235,15 @@ impl FillGuard {
         };
         self.share_body(&meta, &file);
         let entry = self.entry_meta(&meta, len);
-        run(self, stream, writer, entry, None, Arc::default()).await;
+        let reserved = self.cache.index.reserve(len);
+        run(
+            self,
+            (stream, writer, entry),
+            (None, Some(permit)),
+            Arc::default(),
+            reserved,
+        )
+        .await;
     }
 
     fn entry_meta(&self, meta: &Meta, len: u64) -> EntryMeta {
@@ -303,15 +318,20 @@ enum Ended {
 }
 
 /// The fill task: upstream → file (→ the client's queue), then the commit that makes the entry visible.
+/// `client`: the leader's client's queue, or a background-fill permit taken beforehand (a seek's fill).
+/// `reserved`: the length counted against `max_size` while the fill runs.
 async fn run(
     guard: FillGuard,
-    mut upstream: ByteStream,
-    writer: EntryWriter,
-    entry: EntryMeta,
-    mut client: Option<mpsc::Sender<(u64, Bytes)>>,
+    (mut upstream, writer, entry): (ByteStream, EntryWriter, EntryMeta),
+    (mut client, mut permit): (
+        Option<mpsc::Sender<(u64, Bytes)>>,
+        Option<OwnedSemaphorePermit>,
+    ),
     ended: Arc<Mutex<Ended>>,
+    reserved: super::index::Reserved,
 ) {
     let cache = guard.cache.clone();
+    let mut reserved = Some(reserved);
     let mut guard = Some(guard);
     let mut writer = Some(writer);
     let mut left_at = client.is_none().then(Instant::now);
@@ -359,12 +379,25 @@ async fn run(
             if writer.is_none() {
                 break Ended::Failed;
             }
+            // Nobody reads this fill any more: it goes on only within `cache.background_fills`.
+            if permit.is_none() {
+                match cache.background_permit() {
+                    Some(p) => permit = Some(p),
+                    None => {
+                        cache.counters.fills_cancelled.inc();
+                        tracing::debug!(key = %entry.key, "fill cancelled: its client left and cache.background_fills are in use");
+                        break Ended::Failed;
+                    }
+                }
+            }
             if left.elapsed() > BACKGROUND_FILL_LIMIT {
                 tracing::warn!(key = %entry.key, "fill abandoned {BACKGROUND_FILL_LIMIT:?} after its client left");
                 break Ended::Failed;
             }
         }
     };
+    // Released before the entry is published, which counts its real size.
+    reserved.take();
     if outcome == Ended::Complete {
         if let (Some(w), Some(g)) = (writer.take(), guard.as_mut()) {
             let hash = g.hash;

@@ -70,6 +70,19 @@ pub struct Index {
     inactive: u64,
 }
 
+/// A fill's share of `max_size`, held while it runs.
+pub struct Reserved {
+    inner: Arc<Mutex<Inner>>,
+    size: u64,
+}
+
+impl Drop for Reserved {
+    fn drop(&mut self) {
+        let mut inner = self.inner.lock().expect("index lock");
+        inner.bytes = inner.bytes.saturating_sub(self.size);
+    }
+}
+
 impl Index {
     pub fn new(store: Store, max_size: u64, inactive: Duration, open_files: usize) -> Index {
         Index {
@@ -252,6 +265,21 @@ impl Index {
         }
         drop(inner);
         self.open.drop_entry(hash);
+    }
+
+    /// Counts a fill's length against `max_size` while it runs (evicting to make room), so fills in
+    /// flight cannot take the disk past it; released when dropped (before the entry is published).
+    pub fn reserve(&self, size: u64) -> Reserved {
+        let size = on_disk(size);
+        let mut inner = self.lock();
+        inner.bytes += size;
+        let victims = self.victims(&mut inner, store::unix_now());
+        drop(inner);
+        self.delete(victims);
+        Reserved {
+            inner: self.inner.clone(),
+            size,
+        }
     }
 
     /// Deletes the entry for `hash` (a bust), whatever it holds; true if there was one.

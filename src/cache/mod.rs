@@ -23,7 +23,7 @@ use crate::metrics::CacheCounters;
 use crate::object::{Body, Meta, Object, Source};
 
 use crate::keyset::{self, KeySet};
-pub use fill::{FillGuard, Flight};
+pub use fill::{FillGuard, Flight, BACKGROUND_FILL_LIMIT};
 pub use follow::{fill_failed_at, Joined};
 use index::Index;
 use store::{hash_key, Store, StoreError};
@@ -65,28 +65,28 @@ pub struct Cache {
     tombstones: KeySet,
     /// Objects larger than this are never stored (`cache.max_object_size`).
     max_object: u64,
+    /// Fills that no client reads (a seek's, or one whose client left): `cache.background_fills`.
+    background: Arc<tokio::sync::Semaphore>,
 }
 
 impl Cache {
     /// Opens (creating) `dir`, deletes half-written fills from a crash, and starts loading the index in
     /// the background.
+    /// `open_files`: `cfg.open_files` within the process's descriptor limit.
     pub fn open(
-        dir: &std::path::Path,
-        max_size: u64,
-        max_object: u64,
-        inactive: Duration,
+        cfg: &crate::config::Cache,
         open_files: usize,
-        tombstone_ttl: Duration,
         counters: CacheCounters,
     ) -> Result<Arc<Cache>, CacheError> {
+        let dir = cfg.dir.as_path();
         let error = |source| CacheError {
             dir: dir.display().to_string(),
             source,
         };
         let store = Store::open(dir).map_err(error)?;
         let tombstones =
-            KeySet::open(dir, "tombstones", tombstone_ttl, usize::MAX).map_err(error)?;
-        let index = Index::new(store.clone(), max_size, inactive, open_files);
+            KeySet::open(dir, "tombstones", cfg.tombstone_ttl, usize::MAX).map_err(error)?;
+        let index = Index::new(store.clone(), cfg.max_size, cfg.inactive, open_files);
         index.load_in_background();
         Ok(Arc::new(Cache {
             store,
@@ -94,7 +94,8 @@ impl Cache {
             flights: fill::Flights::default(),
             counters,
             tombstones,
-            max_object,
+            max_object: cfg.max_object_size,
+            background: Arc::new(tokio::sync::Semaphore::new(cfg.background_fills)),
         }))
     }
 
@@ -136,6 +137,11 @@ impl Cache {
             }
             _ => None,
         }
+    }
+
+    /// A place among the fills no client reads, if one is free.
+    pub fn background_permit(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        self.background.clone().try_acquire_owned().ok()
     }
 
     /// Whether Mastodon busted `key` less than `ttl` ago.

@@ -917,3 +917,40 @@ async fn a_seek_that_joins_a_running_fill_is_answered_at_once() {
     );
     assert!(leader.await.unwrap() == data);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn fills_nobody_reads_are_bounded_by_background_fills() {
+    // Ten clients ask for ten large keys, read the headers and hang up.
+    let data = pattern(3 << 20, 71);
+    let up = paced(&data, None).await;
+    let admin = closed_port();
+    let cfg = format!(
+        "[cache]\ndir = \"{{dir}}/cache\"\nbackground_fills = 2\n\n{}",
+        up.http_upstream("slow")
+    );
+    let proxy = Proxy::start_with_server(&cfg, &format!("admin_listen = \"127.0.0.1:{admin}\""));
+    for i in 0..10 {
+        let mut s = std::net::TcpStream::connect(proxy.addr).unwrap();
+        std::io::Write::write_all(
+            &mut s,
+            format!("GET /media_attachments/files/9/original/{i}.mp4 HTTP/1.1\r\nHost: x\r\n\r\n")
+                .as_bytes(),
+        )
+        .unwrap();
+        let mut head = [0u8; 64];
+        let _ = std::io::Read::read(&mut s, &mut head);
+        drop(s);
+    }
+    let settled = eventually(Duration::from_secs(5), || async {
+        metric_value(
+            &metrics(admin).await,
+            "mediaproxy_cache_fills_cancelled_total",
+        ) >= 8
+    })
+    .await;
+    assert!(settled, "{}", metrics(admin).await);
+    let tmp = std::fs::read_dir(proxy.dir.path().join("cache/tmp"))
+        .unwrap()
+        .count();
+    assert!(tmp <= 2, "{tmp} fills still running");
+}

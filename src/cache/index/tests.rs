@@ -156,3 +156,20 @@ fn a_flood_of_404s_evicts_its_own_entries_not_media() {
     assert!(store.path(store::hash_key("random999")).exists());
     assert!(!store.path(store::hash_key("random0")).exists());
 }
+
+#[test]
+fn a_running_fill_reserves_its_length_against_max_size() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let index = Index::new(store.clone(), 10_000, Duration::from_secs(3600), 16);
+    let a = entry(&store, "a", 4000);
+    index.insert(a, 4000, false);
+    let b = entry(&store, "b", 4000);
+    index.insert(b, 4000, false);
+    // A fill of 4 KB starts: the oldest entry makes room for it before a byte is written.
+    let reserved = index.reserve(4000);
+    assert!(!store.path(a).exists() && store.path(b).exists());
+    assert_eq!(index.usage().0, 8192);
+    drop(reserved);
+    assert_eq!(index.usage().0, 4096);
+}

@@ -38,8 +38,7 @@ async fn copied(s3: &S3Server, bucket: &str, key: &str) -> Option<(Vec<u8>, Stri
 
 #[tokio::test(flavor = "multi_thread")]
 async fn an_object_only_in_the_old_bucket_is_copied_with_its_bytes_type_and_acl() {
-    let new = S3Server::start(&["new"], true).await;
-    let old = S3Server::start(&["old"], true).await;
+    let (new, old) = two_buckets().await;
     let data = pattern(70_000, 1);
     // As Mastodon uploads it.
     let immutable = "public, max-age=315576000, immutable";
@@ -100,8 +99,7 @@ async fn an_object_only_in_the_old_bucket_is_copied_with_its_bytes_type_and_acl(
 
 #[tokio::test(flavor = "multi_thread")]
 async fn twenty_concurrent_reads_cost_one_old_get_and_one_put() {
-    let new = S3Server::start(&["new"], true).await;
-    let old = S3Server::start(&["old"], true).await;
+    let (new, old) = two_buckets().await;
     let data = pattern(300_000, 2);
     old.put("old", PHOTO, data.clone(), "image/jpeg").await;
     let cfg = format!(
@@ -136,8 +134,7 @@ async fn twenty_concurrent_reads_cost_one_old_get_and_one_put() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_range_read_copies_the_whole_object() {
-    let new = S3Server::start(&["new"], true).await;
-    let old = S3Server::start(&["old"], true).await;
+    let (new, old) = two_buckets().await;
     let data = pattern(2_000_000, 3);
     old.put("old", VIDEO, data.clone(), "video/mp4").await;
     let cfg = format!(
@@ -162,8 +159,7 @@ async fn a_range_read_copies_the_whole_object() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_head_queues_a_copy_too_and_the_target_gets_back_what_it_lost() {
-    let new = S3Server::start(&["new"], true).await;
-    let old = S3Server::start(&["old"], true).await;
+    let (new, old) = two_buckets().await;
     old.put("old", PHOTO, b"in both".to_vec(), "image/jpeg")
         .await;
     new.put("new", PHOTO, b"in both".to_vec(), "image/jpeg")
@@ -187,8 +183,7 @@ async fn a_head_queues_a_copy_too_and_the_target_gets_back_what_it_lost() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_cache_warmed_before_the_switch_is_copied_on_the_next_hit_and_never_overwrites() {
-    let new = S3Server::start(&["new"], true).await;
-    let old = S3Server::start(&["old"], true).await;
+    let (new, old) = two_buckets().await;
     old.put("old", PHOTO, b"old bytes".to_vec(), "image/jpeg")
         .await;
     old.put("old", VIDEO, b"video".to_vec(), "video/mp4").await;
@@ -256,8 +251,7 @@ async fn a_put_never_overwrites_an_existing_object() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_tombstoned_key_is_never_copied() {
-    let new = S3Server::start(&["new"], true).await;
-    let old = S3Server::start(&["old"], true).await;
+    let (new, old) = two_buckets().await;
     old.put("old", PHOTO, b"deleted".to_vec(), "image/jpeg")
         .await;
     old.put("old", VIDEO, b"kept".to_vec(), "video/mp4").await;
@@ -311,8 +305,7 @@ async fn a_tombstoned_key_is_never_copied() {
 
 /// A target that is down (a closed port) while keys are read, then up after a restart.
 async fn queued_keys_survive(stop: &str) {
-    let new = S3Server::start(&["new"], true).await;
-    let old = S3Server::start(&["old"], true).await;
+    let (new, old) = two_buckets().await;
     let keys: Vec<String> = (0..5)
         .map(|i| format!("media_attachments/files/000/000/00{i}/original/{i}.png"))
         .collect();
@@ -371,8 +364,7 @@ async fn queued_keys_are_copied_after_kill_9_and_restart() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_target_refusing_puts_changes_nothing_for_clients_and_counts_failures() {
-    let new = S3Server::start(&["new"], true).await;
-    let old = S3Server::start(&["old"], true).await;
+    let (new, old) = two_buckets().await;
     let data = pattern(40_000, 9);
     old.put("old", PHOTO, data.clone(), "image/jpeg").await;
     let admin = closed_port();
@@ -435,8 +427,7 @@ async fn a_full_queue_never_blocks_a_request() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_multipart_copy_killed_midway_leaves_no_object_and_no_open_upload() {
-    let new = S3Server::start(&["new"], true).await;
-    let old = S3Server::start(&["old"], true).await;
+    let (new, old) = two_buckets().await;
     let data = pattern(12 << 20, 11);
     old.put("old", VIDEO, data.clone(), "video/mp4").await;
     let cache = TempDir::new().unwrap();
@@ -500,8 +491,7 @@ fn legacy_entry(cache_dir: &std::path::Path, key: &str, body: &[u8], content_typ
 
 #[tokio::test(flavor = "multi_thread")]
 async fn entries_from_an_earlier_release_queue_one_copy_check_each() {
-    let new = S3Server::start(&["new"], true).await;
-    let old = S3Server::start(&["old"], true).await;
+    let (new, old) = two_buckets().await;
     // One key was already migrated (by rclone, say); the other was not.
     new.put("new", PHOTO, b"migrated".to_vec(), "image/jpeg")
         .await;
@@ -544,8 +534,7 @@ async fn entries_from_an_earlier_release_queue_one_copy_check_each() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_reload_that_changes_the_target_applies_to_queued_keys() {
-    let new = S3Server::start(&["new"], true).await;
-    let old = S3Server::start(&["old"], true).await;
+    let (new, old) = two_buckets().await;
     old.put("old", PHOTO, b"queued".to_vec(), "image/jpeg")
         .await;
     // Queued while the configured target is a wrong address: retrying with backoff.

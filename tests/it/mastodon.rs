@@ -100,8 +100,7 @@ async fn migrate_copies_exactly_what_mastodon_references() {
         return;
     };
     pg.exec(SCHEMA).await;
-    let new = S3Server::start(&["new"], true).await;
-    let old = S3Server::start(&["old"], true).await;
+    let (new, old) = two_buckets().await;
     // The old bucket holds every referenced file but one derived style (a video whose `small` was
     // never made), plus what Mastodon no longer references: an orphan and a deleted record's files.
     let mut in_old = expected();

@@ -22,6 +22,15 @@ fn config(dir: &TempDir, upstreams: &str) -> std::path::PathBuf {
     path
 }
 
+/// `new` then `old`, as upstreams of those names.
+fn new_and_old(new: &S3Server, old: &S3Server) -> String {
+    format!(
+        "{}{}",
+        new.s3_upstream("new", "new"),
+        old.s3_upstream("old", "old")
+    )
+}
+
 fn key(i: usize) -> String {
     format!(
         "media_attachments/files/109/{:03}/{:03}/original/{i}.jpg",
@@ -32,8 +41,7 @@ fn key(i: usize) -> String {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_listing_is_copied_once_a_second_run_writes_nothing_and_verify_agrees() {
-    let new = S3Server::start(&["new"], true).await;
-    let old = S3Server::start(&["old"], true).await;
+    let (new, old) = two_buckets().await;
     // Over 1,000 keys: the listing takes two pages.
     for i in 0..1_050 {
         old.put("old", &key(i), pattern(300 + i, i as u64), "image/jpeg")
@@ -43,14 +51,7 @@ async fn a_listing_is_copied_once_a_second_run_writes_nothing_and_verify_agrees(
     new.put("new", &key(7), b"newer".to_vec(), "image/jpeg")
         .await;
     let dir = TempDir::new().unwrap();
-    let cfg = config(
-        &dir,
-        &format!(
-            "{}{}",
-            new.s3_upstream("new", "new"),
-            old.s3_upstream("old", "old")
-        ),
-    );
+    let cfg = config(&dir, &new_and_old(&new, &old));
     new.reset_counts();
     let (code, out, err) = mediaproxy(&cfg, &["migrate", "--from", "old", "--to", "new"]).await;
     assert_eq!(code, 0, "{out}\n{err}");
@@ -227,21 +228,13 @@ async fn from_local_uploads_exactly_the_files_only_the_server_holds() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_killed_migrate_resumes_where_it_stopped() {
-    let new = S3Server::start(&["new"], true).await;
-    let old = S3Server::start(&["old"], true).await;
+    let (new, old) = two_buckets().await;
     for i in 0..200 {
         old.put("old", &key(i), pattern(500, i as u64), "image/jpeg")
             .await;
     }
     let dir = TempDir::new().unwrap();
-    let cfg = config(
-        &dir,
-        &format!(
-            "{}{}",
-            new.s3_upstream("new", "new"),
-            old.s3_upstream("old", "old")
-        ),
-    );
+    let cfg = config(&dir, &new_and_old(&new, &old));
     new.reset_counts();
     let mut child = Command::new(env!("CARGO_BIN_EXE_mediaproxy"))
         .args([
@@ -321,22 +314,14 @@ async fn bad_usage_exits_2_naming_the_value() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_source_that_answers_503_part_of_the_time_still_completes() {
-    let new = S3Server::start(&["new"], true).await;
-    let old = S3Server::start(&["old"], true).await;
+    let (new, old) = two_buckets().await;
     for i in 0..20 {
         old.put("old", &key(i), pattern(1_000, i as u64), "image/jpeg")
             .await;
     }
     old.slow_down_every(3);
     let dir = TempDir::new().unwrap();
-    let cfg = config(
-        &dir,
-        &format!(
-            "{}{}",
-            new.s3_upstream("new", "new"),
-            old.s3_upstream("old", "old")
-        ),
-    );
+    let cfg = config(&dir, &new_and_old(&new, &old));
     let (code, out, err) = mediaproxy(&cfg, &["migrate", "--from", "old", "--to", "new"]).await;
     assert_eq!(code, 0, "{out}\n{err}");
     assert!(out.contains("20 keys: copied 20"), "{out}");
@@ -350,8 +335,7 @@ async fn a_source_that_answers_503_part_of_the_time_still_completes() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn progress_is_a_live_line_on_a_terminal_and_plain_lines_otherwise() {
-    let new = S3Server::start(&["new"], true).await;
-    let old = S3Server::start(&["old"], true).await;
+    let (new, old) = two_buckets().await;
     for i in 0..300 {
         old.put("old", &key(i), pattern(200, i as u64), "image/jpeg")
             .await;
@@ -414,21 +398,13 @@ async fn progress_is_a_live_line_on_a_terminal_and_plain_lines_otherwise() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn failed_keys_are_listed_for_keys_from_and_a_rerun_tries_them_again() {
-    let new = S3Server::start(&["new"], true).await;
-    let old = S3Server::start(&["old"], true).await;
+    let (new, old) = two_buckets().await;
     for i in 0..10 {
         old.put("old", &key(i), pattern(100, i as u64), "image/jpeg")
             .await;
     }
     let dir = TempDir::new().unwrap();
-    let cfg = config(
-        &dir,
-        &format!(
-            "{}{}",
-            new.s3_upstream("new", "new"),
-            old.s3_upstream("old", "old")
-        ),
-    );
+    let cfg = config(&dir, &new_and_old(&new, &old));
     new.set_read_only(true); // a key without write permission
     let (code, out, _) = mediaproxy(&cfg, &["migrate", "--from", "old", "--to", "new"]).await;
     assert_eq!(code, 1, "{out}");

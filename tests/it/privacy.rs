@@ -164,8 +164,7 @@ async fn suspension_and_unsuspension_are_seen_at_the_next_read_after_a_bust() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_bust_purges_the_key_and_older_upstreams_are_no_longer_asked() {
-    let new = S3Server::start(&["new"], true).await;
-    let old = S3Server::start(&["old"], true).await;
+    let (new, old) = two_buckets().await;
     old.put("old", PHOTO, b"deleted by mastodon".to_vec(), "image/jpeg")
         .await;
     new.put("new", OTHER, b"in both".to_vec(), "image/png")
@@ -282,8 +281,7 @@ async fn a_bust_with_a_wrong_or_missing_secret_changes_nothing() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn tombstones_survive_a_kill_and_expire_after_tombstone_ttl() {
-    let new = S3Server::start(&["new"], true).await;
-    let old = S3Server::start(&["old"], true).await;
+    let (new, old) = two_buckets().await;
     old.put("old", PHOTO, b"old copy".to_vec(), "image/jpeg")
         .await;
     let secret_dir = TempDir::new().unwrap();

@@ -351,6 +351,14 @@ pub fn client() -> reqwest::Client {
         .unwrap()
 }
 
+/// Two S3 servers (SigV4), one bucket each: `new` and `old`, counted apart.
+pub async fn two_buckets() -> (S3Server, S3Server) {
+    (
+        S3Server::start(&["new"], true).await,
+        S3Server::start(&["old"], true).await,
+    )
+}
+
 /// GET `/key` through the proxy: status, `X-Cache`, body.
 pub async fn get(proxy: &Proxy, key: &str) -> (u16, String, Vec<u8>) {
     let r = client()

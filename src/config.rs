@@ -101,9 +101,11 @@ pub struct Server {
     pub path_prefix: String,
     pub admin_listen: Option<SocketAddr>,
     pub tls: Option<Tls>,
-    /// Also bounds how long an idle keep-alive connection is held (hyper starts the clock while waiting).
+    /// Also bounds how long an idle connection is held: HTTP/1 keep-alive (hyper starts the clock while
+    /// waiting) and HTTP/2 with no open stream (closed with GOAWAY).
     pub header_read_timeout: Duration,
-    /// A response write that makes no progress for this long closes the connection (nginx's send_timeout).
+    /// A response that makes no progress for this long closes the connection (nginx's send_timeout):
+    /// a blocked socket write, or an HTTP/2 stream whose window stays shut.
     pub send_timeout: Duration,
     pub shutdown_timeout: Duration,
     /// Key prefixes served (each ending in `/`; an empty string allows every key). Anything else is 404

@@ -3,64 +3,29 @@
 //! Accept loops feed one channel; the main loop owns the graceful-shutdown handle and the reload, so
 //! SIGHUP swaps the runtime between two requests and SIGTERM drains connections before exit.
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::mpsc;
 use tokio_rustls::TlsAcceptor;
 
+use crate::admin;
 use crate::cache::{Cache, CacheError};
 use crate::config::{Config, Tls};
 use crate::copy::{Copier, CopierError};
 use crate::metrics::Metrics;
 use crate::runtime::{Runtime, RuntimeError};
-use crate::{admin, proxy};
 
+mod connection;
 mod reload;
 mod stall;
-use stall::StallGuard;
-
-/// What a new connection is served with, from `[server]`: rebuilt by a reload, so a renewed
-/// certificate or a changed timeout applies to the next connection.
-pub(crate) struct Conn {
-    builder: Arc<auto::Builder<TokioExecutor>>,
-    tls: Option<TlsAcceptor>,
-    header_read_timeout: Duration,
-    send_timeout: Duration,
-}
-
-impl Conn {
-    pub(crate) fn new(server: &crate::config::Server) -> Result<Conn, ServerError> {
-        let mut builder = auto::Builder::new(TokioExecutor::new());
-        builder
-            .http1()
-            .timer(TokioTimer::new())
-            .header_read_timeout(server.header_read_timeout)
-            .keep_alive(true);
-        builder
-            .http2()
-            .timer(TokioTimer::new())
-            .keep_alive_interval(Some(Duration::from_secs(30)))
-            .keep_alive_timeout(server.header_read_timeout)
-            .max_concurrent_streams(256);
-        Ok(Conn {
-            builder: Arc::new(builder),
-            tls: server.tls.as_ref().map(tls_acceptor).transpose()?,
-            header_read_timeout: server.header_read_timeout,
-            send_timeout: server.send_timeout,
-        })
-    }
-}
+mod streams;
+pub(crate) use connection::Conn;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -134,39 +99,16 @@ pub async fn run(config: Config, config_path: Option<PathBuf>) -> Result<(), Ser
     let mut hup = signal(SignalKind::hangup()).map_err(ServerError::Signal)?;
     let mut term = signal(SignalKind::terminate()).map_err(ServerError::Signal)?;
     let mut int = signal(SignalKind::interrupt()).map_err(ServerError::Signal)?;
-    let graceful = GracefulShutdown::new();
+    // Each connection holds a receiver: the drain at shutdown flips it and waits for them all to drop.
+    let (stop, stop_rx) = tokio::sync::watch::channel(false);
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
 
     loop {
         tokio::select! {
             Some(stream) = accepted.recv() => {
-                let watcher = graceful.watcher();
                 // The settings in force when the connection arrives (a reload replaces them).
                 let conn = conns.load_full();
-                let (builder, tls) = (conn.builder.clone(), conn.tls.clone());
-                let shared = shared.clone();
-                let handshake_timeout = conn.header_read_timeout;
-                let send_timeout = conn.send_timeout;
-                tokio::spawn(async move {
-                    let service = service_fn(move |req| {
-                        let rt = shared.load_full();
-                        async move { Ok::<_, Infallible>(proxy::handle(rt, req).await) }
-                    });
-                    let result = match tls {
-                        None => watcher.watch(builder.serve_connection(TokioIo::new(StallGuard::new(stream, send_timeout)), service).into_owned()).await,
-                        Some(acceptor) => {
-                            let tls_stream = match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
-                                Ok(Ok(s)) => s,
-                                Ok(Err(e)) => return tracing::debug!(error = %e, "TLS handshake failed"),
-                                Err(_) => return tracing::debug!("TLS handshake timed out"),
-                            };
-                            watcher.watch(builder.serve_connection(TokioIo::new(StallGuard::new(tls_stream, send_timeout)), service).into_owned()).await
-                        }
-                    };
-                    if let Err(e) = result {
-                        tracing::debug!(error = %e, "connection ended with an error");
-                    }
-                });
+                tokio::spawn(conn.serve(stream, shared.clone(), stop_rx.clone()));
             }
             _ = hup.recv() => reload::reload(&shared, &conns, config_path.as_deref(), &started_with, &metrics, (&cache, &copier)),
             _ = term.recv() => break,
@@ -175,7 +117,7 @@ pub async fn run(config: Config, config_path: Option<PathBuf>) -> Result<(), Ser
     }
 
     tracing::info!(
-        in_flight = graceful.count(),
+        connections = stop.receiver_count() - 1,
         "stopping: no new connections, finishing responses"
     );
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
@@ -185,7 +127,9 @@ pub async fn run(config: Config, config_path: Option<PathBuf>) -> Result<(), Ser
     drop(accepted);
     // As reloaded: the admin may have raised it for a long upload window.
     let shutdown_timeout = shared.load().config.server.shutdown_timeout;
-    if tokio::time::timeout(shutdown_timeout, graceful.shutdown())
+    let _ = stop.send(true);
+    drop(stop_rx);
+    if tokio::time::timeout(shutdown_timeout, stop.closed())
         .await
         .is_err()
     {

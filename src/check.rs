@@ -102,7 +102,7 @@ async fn probe_writes(up: &Upstream) -> Result<String, String> {
     let name = format!(
         "/mediaproxy-check/write-probe-{}-{}.txt",
         std::process::id(),
-        crate::cache::store::unix_now_ms()
+        crate::unix_time::now_ms()
     );
     let key = key::parse(&name, "").expect("probe key is valid");
     let body = b"mediaproxy check: safe to delete\n".to_vec();

@@ -249,6 +249,18 @@ impl Config {
             open_files: file.cache.open_files,
             tombstone_ttl: file.cache.tombstone_ttl.0,
         };
+        if cache.max_object_size > cache.max_size / 2 {
+            // Fills in flight may hold half of max_size; a larger object could never be cached.
+            return Err(ConfigError::invalid(
+                "cache.max_object_size",
+                None,
+                format!(
+                    "{} is more than half of cache.max_size ({}); larger objects stream through uncached",
+                    bytesize::ByteSize(cache.max_object_size),
+                    bytesize::ByteSize(cache.max_size)
+                ),
+            ));
+        }
 
         let mut upstreams: Vec<UpstreamConfig> = Vec::new();
         for (i, spanned) in file.upstream.into_iter().enumerate() {

@@ -189,7 +189,7 @@ fn parse(r: &[u8]) -> Option<(KeyId, u32)> {
 }
 
 pub fn unix_now() -> u32 {
-    u32::try_from(crate::cache::store::unix_now()).unwrap_or(u32::MAX)
+    u32::try_from(crate::unix_time::now()).unwrap_or(u32::MAX)
 }
 
 impl KeySet {

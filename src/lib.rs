@@ -20,4 +20,5 @@ pub mod resolve;
 pub mod respond;
 pub mod runtime;
 pub mod server;
+pub mod unix_time;
 pub mod upstream;

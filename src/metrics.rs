@@ -30,6 +30,7 @@ pub struct CacheCounters {
     pub write_errors: Counter,
     pub corrupt: Counter,
     pub fills_cancelled: Counter,
+    pub verifications: Counter,
     bytes: Gauge,
     entries: Gauge,
     open_files: Gauge,
@@ -102,8 +103,13 @@ impl Metrics {
         );
         registry.register(
             "cache_fills_cancelled",
-            "Fills cancelled because no client read them and cache.background_fills were all in use",
+            "Fills not cached: no client read them and cache.background_fills were all in use, or fills in flight already held half of cache.max_size",
             cache.fills_cancelled.clone(),
+        );
+        registry.register(
+            "cache_verifications",
+            "Large entries checksummed end to end before their first hit by this process (concurrent first hits share one pass)",
+            cache.verifications.clone(),
         );
         registry.register(
             "cache_corrupt_entries",

@@ -12,6 +12,11 @@ use std::time::SystemTime;
 use bytes::Bytes;
 use futures_util::Stream;
 
+/// The largest read from a file, and the largest write batch: one size for every path that streams
+/// a file (responses, fills, followers, copies, checksums), big enough to amortize a syscall or a trip
+/// to the blocking pool, small enough that memory stays flat per response.
+pub const CHUNK: usize = 256 * 1024;
+
 pub type ByteStream = Pin<Box<dyn Stream<Item = io::Result<Bytes>> + Send + 'static>>;
 
 /// Where the bytes came from; shown to clients as `X-Cache`.

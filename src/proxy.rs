@@ -119,7 +119,7 @@ async fn cache_buster<B>(
 /// every bust into a plain read: say so, at most once a minute (anyone can send the header).
 fn warn_refused_bust() {
     static LAST: AtomicU64 = AtomicU64::new(0);
-    let now = crate::cache::store::unix_now();
+    let now = crate::unix_time::now();
     let last = LAST.load(Ordering::Relaxed);
     if now >= last + 60
         && LAST

@@ -6,12 +6,11 @@
 
 use std::sync::Arc;
 
-use futures_util::StreamExt;
 use http::HeaderValue;
 
-use crate::cache::{
-    fill_failed_at, Cached, FillGuard, Flight, Joined, Lookup, BACKGROUND_FILL_LIMIT,
-};
+use futures_util::future::BoxFuture;
+
+use crate::cache::{Answer, Cached, Flight, Joined, Lookup, Origin};
 use crate::key::Key;
 use crate::object::{Body, Meta, Object, Source};
 use crate::respond::RangeSpec;
@@ -88,59 +87,53 @@ async fn find(
         };
     }
     if method == Method::Get {
-        match rt.cache.flight(key.as_str()) {
+        let origin = || -> Arc<dyn Origin> {
+            Arc::new(Chain {
+                rt: rt.clone(),
+                key: key.clone(),
+            })
+        };
+        match rt.cache.lead(key.as_str(), rt.policy()).await {
+            Flight::Cached(cached) => return from_cache(cached, Source::Hit),
             Flight::Leader(guard) if starts_past_zero(range) => {
                 // A seek into a video: answer the range now, and fill the whole object beside it,
                 // rather than making the client wait for every byte before its range.
-                background_fill(rt.clone(), key.clone(), guard);
+                guard.fill_in_background(&rt.cache, origin());
             }
             Flight::Leader(guard) => {
-                // A fill may have committed between our lookup and taking the lead.
-                if let Lookup::Fresh(cached) = rt.cache.lookup(key.as_str(), rt.policy()).await {
-                    drop(guard);
-                    return from_cache(cached, Source::Hit);
+                return match guard.fill_for_client(origin()).await {
+                    Answer::Found(obj) => Outcome::Found(obj),
+                    Answer::NotFound => Outcome::NotFound(None),
+                    Answer::Failed => serve_stale(rt, key, stale),
                 }
-                return fill(rt, key, guard, stale).await;
             }
             // A seek that joins a running fill is answered like a leader's seek, with a ranged GET
             // at once, rather than after waiting for the fill to reach its first byte.
             Flight::Follower(_) if starts_past_zero(range) => {}
-            Flight::Follower(follower) => match follower.join(rt.config.cache.lock_timeout).await {
-                Joined::Streaming(obj) => {
-                    return Outcome::Found(resume_on_fill_failure(rt.clone(), key.clone(), obj))
-                }
-                Joined::Finished => {
-                    if let Lookup::Fresh(cached) = rt.cache.lookup(key.as_str(), rt.policy()).await
-                    {
-                        return from_cache(cached, Source::Hit);
+            Flight::Follower(follower) => {
+                match follower
+                    .follow(rt.config.cache.lock_timeout, origin())
+                    .await
+                {
+                    Joined::Streaming(obj) => return Outcome::Found(obj),
+                    Joined::Finished => {
+                        if let Lookup::Fresh(cached) =
+                            rt.cache.lookup(key.as_str(), rt.policy()).await
+                        {
+                            return from_cache(cached, Source::Hit);
+                        }
                     }
+                    Joined::GaveUp => {}
                 }
-                Joined::GaveUp => {}
-            },
+            }
         }
     }
     // HEAD, a follower's seek, or a follower whose fill failed or timed out: ask upstreams directly,
     // without filling.
     match ask(rt, key, method, range).await {
-        Asked::Found(obj) => Outcome::Found(obj),
-        Asked::NotFound => Outcome::NotFound(None),
-        Asked::Failed => serve_stale(rt, key, stale),
-    }
-}
-
-/// The leader of a fill: fetch the whole object (whatever the client's Range), tee it into the cache.
-async fn fill(rt: &Arc<Runtime>, key: &Key, guard: FillGuard, stale: Option<Cached>) -> Outcome {
-    match ask(rt, key, Method::Get, None).await {
-        Asked::Found(obj) => Outcome::Found(resume_on_fill_failure(
-            rt.clone(),
-            key.clone(),
-            guard.tee(obj),
-        )),
-        Asked::NotFound => {
-            guard.not_found();
-            Outcome::NotFound(None)
-        }
-        Asked::Failed => serve_stale(rt, key, stale),
+        Answer::Found(obj) => Outcome::Found(obj),
+        Answer::NotFound => Outcome::NotFound(None),
+        Answer::Failed => serve_stale(rt, key, stale),
     }
 }
 
@@ -154,75 +147,24 @@ fn starts_past_zero(range: Option<&HeaderValue>) -> bool {
     )
 }
 
-/// A seek-triggered fill has no client from the start: it takes one of the cache's background-fill
-/// permits (`cache.background_fills`, the same bound as fills whose client left), or none is made.
-fn background_fill(rt: Arc<Runtime>, key: Key, guard: FillGuard) {
-    let Some(permit) = rt.cache.background_permit() else {
-        tracing::debug!(%key, "cache.background_fills in use; answering the seek without filling");
-        return;
-    };
-    tokio::spawn(async move {
-        let work = async {
-            match ask(&rt, &key, Method::Get, None).await {
-                Asked::Found(obj) => guard.fill(obj, permit).await,
-                Asked::NotFound => guard.not_found(),
-                Asked::Failed => {}
-            }
-        };
-        if tokio::time::timeout(BACKGROUND_FILL_LIMIT, work)
-            .await
-            .is_err()
-        {
-            tracing::warn!(%key, "background fill abandoned after {BACKGROUND_FILL_LIMIT:?}");
-        }
-    });
+/// The upstreams in order, as a fill's [`Origin`] for one key.
+struct Chain {
+    rt: Arc<Runtime>,
+    key: Key,
 }
 
-/// A fill may fail part-way (the upstream dies mid-body, or, for followers, the disk fills up): then the
-/// rest of the body comes from the upstreams, a ranged GET from where the client stopped, so the client
-/// gets the whole object if any upstream can still give it.
-fn resume_on_fill_failure(rt: Arc<Runtime>, key: Key, obj: Object) -> Object {
-    let Object { meta, body } = obj;
-    let (stream, len) = match (body, meta.len) {
-        (Body::Stream { stream, offset: 0 }, Some(len)) => (stream, len),
-        (body, _) => return Object { meta, body },
-    };
-    let same = Arc::new((meta.origin.clone(), meta.etag.clone()));
-    let state = Some((stream, rt, key));
-    let resumed = futures_util::stream::unfold(state, move |state| {
-        let same = same.clone();
-        async move {
-            let (mut stream, rt, key) = state?;
-            loop {
-                let at = match stream.next().await {
-                    None => return None,
-                    Some(Ok(bytes)) => return Some((Ok(bytes), Some((stream, rt, key)))),
-                    Some(Err(e)) => match fill_failed_at(&e) {
-                        Some(at) => at,
-                        None => return Some((Err(e), None)),
-                    },
-                };
-                match resume_from(&rt, &key, at, len, &same.0, &same.1).await {
-                    Some(rest) => {
-                        tracing::info!(%key, at, "fill failed; the rest comes from the upstreams");
-                        stream = rest;
-                    }
-                    None => {
-                        let e = std::io::Error::other(format!(
-                        "the cache fill failed at byte {at} and no upstream could resume the same object"
-                    ));
-                        return Some((Err(e), None));
-                    }
-                }
-            }
-        }
-    });
-    Object {
-        meta,
-        body: Body::Stream {
-            stream: Box::pin(resumed),
-            offset: 0,
-        },
+impl Origin for Chain {
+    fn fetch(&self) -> BoxFuture<'_, Answer> {
+        Box::pin(ask(&self.rt, &self.key, Method::Get, None))
+    }
+
+    fn resume<'a>(
+        &'a self,
+        at: u64,
+        len: u64,
+        meta: &'a Meta,
+    ) -> BoxFuture<'a, Option<crate::object::ByteStream>> {
+        Box::pin(resume_from(&self.rt, &self.key, at, len, meta))
     }
 }
 
@@ -234,13 +176,13 @@ async fn resume_from(
     key: &Key,
     at: u64,
     len: u64,
-    origin: &Option<Arc<str>>,
-    etag: &Option<String>,
+    started: &Meta,
 ) -> Option<crate::object::ByteStream> {
     let range = HeaderValue::from_str(&format!("bytes={at}-")).expect("ascii");
+    let etag = &started.etag;
     let md5 = etag.as_deref().and_then(crate::copy::plain_md5);
     for up in rt.chain(key) {
-        let same_upstream = origin.as_deref() == Some(&*up.origin);
+        let same_upstream = started.origin.as_deref() == Some(&*up.origin);
         if !same_upstream && md5.is_none() {
             continue; // nothing to prove another bucket's copy is the same object
         }
@@ -289,19 +231,13 @@ fn from_cache(cached: Cached, source: Source) -> Outcome {
     }
 }
 
-enum Asked {
-    Found(Object),
-    NotFound,
-    Failed,
-}
-
-async fn ask(rt: &Runtime, key: &Key, method: Method, range: Option<&HeaderValue>) -> Asked {
+async fn ask(rt: &Runtime, key: &Key, method: Method, range: Option<&HeaderValue>) -> Answer {
     let mut failed = false;
     for up in rt.chain(key) {
         match up.fetch(method, key, range).await {
             Ok(Fetched::Found(obj)) => {
                 rt.metrics.upstream_result(&up.name, "found");
-                return Asked::Found(obj);
+                return Answer::Found(obj);
             }
             Ok(Fetched::NotFound) => {
                 rt.metrics.upstream_result(&up.name, "not_found");
@@ -318,8 +254,8 @@ async fn ask(rt: &Runtime, key: &Key, method: Method, range: Option<&HeaderValue
         }
     }
     if failed {
-        Asked::Failed
+        Answer::Failed
     } else {
-        Asked::NotFound
+        Answer::NotFound
     }
 }

@@ -18,7 +18,7 @@ use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Empty, Full, StreamBody};
 use hyper::body::Frame;
 
-use crate::object::{Body, ByteStream, Object};
+use crate::object::{Body, ByteStream, Object, CHUNK};
 
 pub mod range;
 
@@ -32,10 +32,9 @@ const IMMUTABLE: &str = "public, max-age=315576000, immutable";
 const NOT_FOUND_CACHE: &str = "public, max-age=60";
 const CSP: &str = "default-src 'none'; form-action 'none'";
 const ALLOW: &str = "GET, HEAD, OPTIONS";
-/// Up to this size a local file (or range) is read in one call on the worker; above, in chunks on the
-/// blocking pool, so a slow disk read of a large video cannot stall other connections for long.
-const SMALL_FILE: u64 = 256 * 1024;
-const CHUNK: usize = 256 * 1024;
+/// Up to this size (one chunk) a local file (or range) is read in one call on the worker; above, in
+/// chunks on the blocking pool, so a slow disk read of a large video cannot stall other connections.
+const SMALL_FILE: u64 = CHUNK as u64;
 
 /// What the responder needs to know of the request.
 pub struct RequestInfo<'a> {
@@ -242,7 +241,7 @@ fn not_modified(h: &HeaderMap, etag: Option<&str>, last_modified: Option<SystemT
         last_modified,
     ) {
         (Some(ims), Some(lm)) => match httpdate::parse_http_date(ims) {
-            Ok(since) => unix_secs(lm) <= unix_secs(since),
+            Ok(since) => crate::unix_time::secs(lm) <= crate::unix_time::secs(since),
             Err(_) => false,
         },
         _ => false,
@@ -251,12 +250,6 @@ fn not_modified(h: &HeaderMap, etag: Option<&str>, last_modified: Option<SystemT
 
 fn weak(tag: &str) -> &str {
     tag.strip_prefix("W/").unwrap_or(tag)
-}
-
-fn unix_secs(t: SystemTime) -> u64 {
-    t.duration_since(SystemTime::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
 }
 
 /// The body for bytes `start..start+count` of the object, or `None` when the source cannot give them.

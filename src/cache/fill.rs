@@ -2,44 +2,38 @@
 //! whatever its first client does.
 //!
 //! Like nginx's `proxy_cache_lock`: the first request for an uncached key leads the fill; others that
-//! arrive meanwhile wait for it (up to `lock_timeout`) and are then served from the cache, so 50
-//! concurrent requests cost the bucket one GET. A follower whose wait times out goes to the upstream
-//! itself, without filling.
+//! arrive meanwhile follow it ([`super::follow`]), so 50 concurrent requests cost the bucket one GET.
 //!
 //! The fill runs in its own task, like nginx's buffering to a temp file: it reads the upstream and writes
-//! the entry as fast as both allow, and hands each chunk to the leader's client through a short queue.
-//! A client that falls behind (a phone on a slow link, an HTTP/2 stream whose window stays shut) misses
-//! chunks from the queue and reads them back from the file being written instead, so it neither slows
-//! the fill nor holds the key's lock, and memory stays bounded. A client that leaves does not stop the
-//! fill either (within [`BACKGROUND_FILL_LIMIT`]), so the bytes already paid for are kept. If the disk
-//! write fails, the fill stops being one (followers are released) and the client gets the rest of the
-//! body straight from the upstream, at its own pace.
+//! the entry as fast as both allow, on the blocking pool (a slow disk delays this fill, not the async
+//! workers serving hits), batching whatever the upstream has ready into one write. Each batch then goes
+//! to the leader's client through a short queue; a client that falls behind reads back from the file
+//! ([`super::growing`]), so it neither slows the fill nor holds the key's lock. A client that leaves
+//! does not stop the fill either (within `cache.background_fills` and [`BACKGROUND_FILL_LIMIT`]), so the
+//! bytes already paid for are kept. If the disk write fails, the fill stops being one (followers are
+//! released) and the client gets the rest of the body straight from the upstream, at its own pace.
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::io;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use futures_util::{Stream, StreamExt};
+use futures_util::{FutureExt, StreamExt};
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit};
 
-use super::follow::FillFailed;
 pub use super::follow::Follower;
-use super::store::{self, hash_key, EntryMeta, EntryWriter, KeyHash};
-use super::Cache;
-use crate::object::{read_at, Body, ByteStream, Meta, Object, Source};
+use super::growing;
+use super::index::Reserved;
+use super::store::{hash_key, EntryMeta, EntryWriter, KeyHash};
+use super::{Cache, Cached};
+use crate::object::{Body, ByteStream, Meta, Object, Source, CHUNK};
 
 /// How long a fill may go on after its client left (or, for a fill without a client, at all).
 pub const BACKGROUND_FILL_LIMIT: Duration = Duration::from_secs(300);
-/// Chunks queued for the leader's client before it counts as behind and reads from the file.
+/// Batches queued for the leader's client before it counts as behind and reads from the file.
 const CLIENT_QUEUE: usize = 16;
-/// Largest read from the file for a client that is behind.
-const FILE_CHUNK: u64 = 256 * 1024;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Status {
@@ -53,7 +47,7 @@ pub enum Status {
 pub(super) struct Progress {
     pub status: Status,
     pub written: u64,
-    /// The body is being written and [`Flight::body`] is set: followers can stream it.
+    /// The body is being written and [`Shared::body`] is set: followers can stream it.
     pub streaming: bool,
 }
 
@@ -80,10 +74,12 @@ pub struct Flights {
 pub enum Flight {
     Leader(FillGuard),
     Follower(Follower),
+    /// A fill committed between the caller's lookup and its taking the lead: serve this instead.
+    Cached(Cached),
 }
 
 impl Flights {
-    pub fn join(&self, cache: Arc<Cache>, key: &str) -> Flight {
+    pub(super) fn join(&self, cache: Arc<Cache>, key: &str) -> Flight {
         let hash = hash_key(key);
         let mut running = self.running.lock().expect("flights lock");
         if let Some(shared) = running.get(&hash) {
@@ -109,9 +105,7 @@ impl Flights {
             status: Status::Failed,
         })
     }
-}
 
-impl Flights {
     /// The fill running for `hash` (if any) will not be stored, and later requests do not join it: they
     /// start a new one under the rules in force after the bust.
     pub fn void(&self, hash: KeyHash) {
@@ -151,99 +145,118 @@ pub struct FillGuard {
     status: Status,
 }
 
+/// A fill ready to run: the entry's file is open and its length reserved.
+struct Prepared {
+    guard: FillGuard,
+    upstream: ByteStream,
+    writer: EntryWriter,
+    entry: EntryMeta,
+    reserved: Reserved,
+}
+
 impl FillGuard {
-    pub fn not_found(mut self) {
+    pub fn key(&self) -> &str {
+        &self.key
+    }
+
+    /// No upstream has the key: a negative entry, unless a bust voided the fill.
+    pub async fn not_found(mut self) {
         let cache = self.cache.clone();
-        // Written outside the flights lock; only the rename happens under it.
-        let stored = cache.sealed_not_found(&self.key).and_then(|sealed| {
-            cache
-                .flights
-                .unless_voided(&self.shared, || {
-                    cache.index.publish(self.hash, sealed, true)
-                })
-                .unwrap_or(Ok(0))
-        });
-        if let Err(e) = stored {
-            cache.write_failed(&self.key, &e);
+        let (key, hash, shared) = (self.key.clone(), self.hash, self.shared.clone());
+        let stored = tokio::task::spawn_blocking(move || {
+            // Written outside the flights lock; only the rename happens under it.
+            let stored = cache.sealed_not_found(&key).and_then(|sealed| {
+                cache
+                    .flights
+                    .unless_voided(&shared, || cache.index.publish(hash, sealed, true))
+                    .unwrap_or(Ok(0))
+            });
+            if let Err(e) = stored {
+                cache.write_failed(&key, &e);
+            }
+        })
+        .await;
+        if stored.is_ok() {
+            self.status = Status::Done;
         }
-        self.status = Status::Done;
     }
 
     /// Starts filling from a full upstream response and returns what the client reads: the same bytes,
-    /// from memory while it keeps up, from the entry's file when it falls behind. Anything that cannot
-    /// be cached as a whole (unknown length, a partial body) passes through untouched.
-    pub fn tee(self, obj: Object) -> Object {
+    /// from memory while it keeps up, from the entry's file when it falls behind (its body may end in
+    /// [`growing::FillFailed`]). Anything that cannot be cached as a whole (unknown length, a partial
+    /// body, too large, no room) passes through untouched.
+    pub async fn tee(self, obj: Object) -> Object {
+        let (p, meta, file) = match self.prepare(obj).await {
+            Ok(prepared) => prepared,
+            Err(passed) => return passed,
+        };
+        let (tx, rx) = mpsc::channel(CLIENT_QUEUE);
+        let stream = growing::stream(file, p.entry.len, p.guard.shared.clone(), Some(rx));
+        tokio::spawn(run(p, Some(tx), None));
+        Object {
+            meta,
+            body: Body::Stream { stream, offset: 0 },
+        }
+    }
+
+    /// Fills from a full upstream response with no client reading it (a seek was answered with a
+    /// ranged GET), under a background-fill permit; returns when the fill has ended.
+    pub async fn fill(self, obj: Object, permit: OwnedSemaphorePermit) {
+        if let Ok((p, _, _)) = self.prepare(obj).await {
+            run(p, None, Some(permit)).await;
+        }
+    }
+
+    /// The fill, the object's metadata and a descriptor of the file being written (for readers); or the
+    /// object back, untouched, when it is not to be cached.
+    async fn prepare(self, obj: Object) -> Result<(Prepared, Meta, File), Object> {
         let Object { meta, body } = obj;
-        let (len, stream) = match (meta.len, body) {
+        let (len, upstream) = match (meta.len, body) {
             (Some(len), Body::Stream { stream, offset: 0 }) if len <= self.cache.max_object => {
                 (len, stream)
             }
             // Larger than `cache.max_object_size`: it would push out everything else, at every
             // request. It streams through; followers (released) ask the upstream themselves.
-            (_, body) => return Object { meta, body },
+            (_, body) => return Err(Object { meta, body }),
         };
-        let (writer, file) = match self.writer() {
-            Some(w) => w,
-            None => {
-                return Object {
-                    meta,
-                    body: Body::Stream { stream, offset: 0 },
-                }
-            }
-        };
-        let entry = self.entry_meta(&meta, len);
-        self.share_body(&meta, &file);
-        let (tx, rx) = mpsc::channel(CLIENT_QUEUE);
-        let ended = Arc::new(Mutex::new(Ended::Running));
-        let reserved = self.cache.index.reserve(len);
-        tokio::spawn(run(
-            self,
-            (stream, writer, entry),
-            (Some(tx), None),
-            ended.clone(),
-            reserved,
-        ));
-        let reader = Reader {
-            rx,
-            file,
-            ended,
-            pos: 0,
-            len,
-            pending: None,
-        };
-        Object {
-            meta,
+        let passed = |upstream| Object {
+            meta: meta.clone(),
             body: Body::Stream {
-                stream: Box::pin(reader),
+                stream: upstream,
                 offset: 0,
             },
-        }
-    }
-
-    /// Fills from a full upstream response with no client reading it (a seek was answered with a
-    /// ranged GET); returns when the fill has ended.
-    pub async fn fill(self, obj: Object, permit: OwnedSemaphorePermit) {
-        let Object { meta, body } = obj;
-        let (Some(len), Body::Stream { stream, offset: 0 }) = (meta.len, body) else {
-            return;
         };
-        if len > self.cache.max_object {
-            return;
-        }
-        let Some((writer, file)) = self.writer() else {
-            return;
+        let Some(reserved) = self.cache.index.try_reserve(len) else {
+            self.cache.counters.fills_cancelled.inc();
+            tracing::debug!(key = %self.key, len, "fills in flight hold their share of cache.max_size; streaming through uncached");
+            return Err(passed(upstream));
+        };
+        let cache = self.cache.clone();
+        let opened = tokio::task::spawn_blocking(move || {
+            cache
+                .store()
+                .writer()
+                .and_then(|w| w.reader().map(|r| (w, r)))
+        })
+        .await
+        .unwrap_or_else(|e| Err(std::io::Error::other(e)));
+        let (writer, file) = match opened {
+            Ok(pair) => pair,
+            Err(e) => {
+                self.cache.write_failed(&self.key, &e);
+                return Err(passed(upstream));
+            }
         };
         self.share_body(&meta, &file);
         let entry = self.entry_meta(&meta, len);
-        let reserved = self.cache.index.reserve(len);
-        run(
-            self,
-            (stream, writer, entry),
-            (None, Some(permit)),
-            Arc::default(),
+        let prepared = Prepared {
+            guard: self,
+            upstream,
+            writer,
+            entry,
             reserved,
-        )
-        .await;
+        };
+        Ok((prepared, meta, file))
     }
 
     fn entry_meta(&self, meta: &Meta, len: u64) -> EntryMeta {
@@ -253,8 +266,8 @@ impl FillGuard {
             len,
             content_type: meta.content_type.clone(),
             etag: meta.etag.clone(),
-            last_modified: meta.last_modified.map(store::to_unix),
-            stored_at_ms: store::unix_now_ms(),
+            last_modified: meta.last_modified.map(crate::unix_time::secs),
+            stored_at_ms: crate::unix_time::now_ms(),
             origin: meta.origin.as_deref().map(str::to_string),
             cache_control: meta.cache_control.clone(),
             content_disposition: meta.content_disposition.clone(),
@@ -274,21 +287,6 @@ impl FillGuard {
             self.shared.progress.send_modify(|p| p.streaming = true);
         }
     }
-
-    fn writer(&self) -> Option<(EntryWriter, File)> {
-        let opened = self
-            .cache
-            .store()
-            .writer()
-            .and_then(|w| w.reader().map(|r| (w, r)));
-        match opened {
-            Ok(pair) => Some(pair),
-            Err(e) => {
-                self.cache.write_failed(&self.key, &e);
-                None
-            }
-        }
-    }
 }
 
 impl Drop for FillGuard {
@@ -306,60 +304,95 @@ impl Drop for FillGuard {
     }
 }
 
-/// How a fill ended, for a client that fell behind and must know whether the file holds the rest.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-enum Ended {
-    #[default]
-    Running,
-    /// The whole body was read and written.
-    Complete,
-    /// The upstream failed, or the fill was abandoned.
+/// How a batch of the upstream's body ended.
+enum Next {
+    More,
+    /// The upstream's body ended: complete if every byte came.
+    End,
     Failed,
 }
 
 /// The fill task: upstream → file (→ the client's queue), then the commit that makes the entry visible.
-/// `client`: the leader's client's queue, or a background-fill permit taken beforehand (a seek's fill).
-/// `reserved`: the length counted against `max_size` while the fill runs.
+/// `client`: the leader's client's queue; `permit`: a background-fill permit taken beforehand (a seek's
+/// fill), or taken here when the client leaves.
 async fn run(
-    guard: FillGuard,
-    (mut upstream, writer, entry): (ByteStream, EntryWriter, EntryMeta),
-    (mut client, mut permit): (
-        Option<mpsc::Sender<(u64, Bytes)>>,
-        Option<OwnedSemaphorePermit>,
-    ),
-    ended: Arc<Mutex<Ended>>,
-    reserved: super::index::Reserved,
+    p: Prepared,
+    mut client: Option<mpsc::Sender<(u64, Bytes)>>,
+    mut permit: Option<OwnedSemaphorePermit>,
 ) {
+    let Prepared {
+        guard,
+        mut upstream,
+        writer,
+        entry,
+        reserved,
+        ..
+    } = p;
     let cache = guard.cache.clone();
-    let mut reserved = Some(reserved);
     let mut guard = Some(guard);
     let mut writer = Some(writer);
     let mut left_at = client.is_none().then(Instant::now);
     let mut pos = 0u64;
-    let outcome = loop {
-        let chunk = match upstream.next().await {
-            Some(Ok(chunk)) => chunk,
-            Some(Err(_)) => break Ended::Failed,
-            None if pos == entry.len => break Ended::Complete,
-            None => break Ended::Failed,
-        };
-        let offset = pos;
-        pos += chunk.len() as u64;
-        if let Some(w) = writer.as_mut() {
-            match w.write(&chunk) {
-                Ok(()) => {
+    let complete = loop {
+        // One chunk, then whatever else the upstream already has, up to one CHUNK: one trip to the
+        // blocking pool per batch.
+        let mut batch = Vec::new();
+        let mut size = 0;
+        let mut next = Next::More;
+        match upstream.next().await {
+            Some(Ok(chunk)) => {
+                size += chunk.len();
+                batch.push(chunk);
+            }
+            Some(Err(_)) => break false,
+            None => break pos == entry.len,
+        }
+        while size < CHUNK {
+            match upstream.next().now_or_never() {
+                Some(Some(Ok(chunk))) => {
+                    size += chunk.len();
+                    batch.push(chunk);
+                }
+                Some(Some(Err(_))) => {
+                    next = Next::Failed;
+                    break;
+                }
+                Some(None) => {
+                    next = Next::End;
+                    break;
+                }
+                None => break, // the batch is what is ready now
+            }
+        }
+        if let Some(w) = writer.take() {
+            let chunks = batch.clone();
+            let written = tokio::task::spawn_blocking(move || {
+                let mut w = w;
+                match chunks.iter().try_for_each(|c| w.write(c)) {
+                    Ok(()) => Ok(w),
+                    Err(e) => Err(e), // dropping `w` deletes the partial file, here off the workers
+                }
+            })
+            .await
+            .unwrap_or_else(|e| Err(std::io::Error::other(e)));
+            match written {
+                Ok(w) => {
+                    writer = Some(w);
                     if let Some(g) = &guard {
-                        g.shared.progress.send_modify(|p| p.written = pos);
+                        let end = pos + size as u64;
+                        g.shared.progress.send_modify(|p| p.written = end);
                     }
                 }
                 Err(e) => {
                     cache.write_failed(&entry.key, &e);
-                    writer = None; // deletes the partial file
                     guard = None; // followers: failed; they resume from the upstreams themselves
                 }
             }
         }
-        if let Some(tx) = &client {
+        for chunk in batch {
+            let offset = pos;
+            pos += chunk.len() as u64;
+            let Some(tx) = &client else { continue };
             let gone = if writer.is_some() {
                 // Behind is fine: what the queue cannot take, the client reads back from the file.
                 matches!(
@@ -377,7 +410,7 @@ async fn run(
         }
         if let Some(left) = left_at {
             if writer.is_none() {
-                break Ended::Failed;
+                break false;
             }
             // Nobody reads this fill any more: it goes on only within `cache.background_fills`.
             if permit.is_none() {
@@ -386,101 +419,52 @@ async fn run(
                     None => {
                         cache.counters.fills_cancelled.inc();
                         tracing::debug!(key = %entry.key, "fill cancelled: its client left and cache.background_fills are in use");
-                        break Ended::Failed;
+                        break false;
                     }
                 }
             }
             if left.elapsed() > BACKGROUND_FILL_LIMIT {
                 tracing::warn!(key = %entry.key, "fill abandoned {BACKGROUND_FILL_LIMIT:?} after its client left");
-                break Ended::Failed;
+                break false;
             }
+        }
+        match next {
+            Next::More => {}
+            Next::End => break pos == entry.len,
+            Next::Failed => break false,
         }
     };
     // Released before the entry is published, which counts its real size.
-    reserved.take();
-    if outcome == Ended::Complete {
+    drop(reserved);
+    if complete {
         if let (Some(w), Some(g)) = (writer.take(), guard.as_mut()) {
-            let hash = g.hash;
-            // Sealed outside the flights lock; only the rename happens under it.
-            let stored = w.seal(cache.store(), &entry).and_then(|sealed| {
-                cache
-                    .flights
-                    .unless_voided(&g.shared, || cache.index.publish(hash, sealed, false))
-                    // Voided: waiting followers find no entry and ask the upstreams under the new rules.
-                    .unwrap_or(Ok(0))
-            });
-            match stored {
-                Ok(_) => g.status = Status::Done,
-                Err(e) => cache.write_failed(&entry.key, &e),
+            let (cache, hash, shared) = (cache.clone(), g.hash, g.shared.clone());
+            let entry = entry.clone();
+            let stored = tokio::task::spawn_blocking(move || {
+                // Sealed outside the flights lock; only the rename happens under it.
+                let stored = w.seal(cache.store(), &entry).and_then(|sealed| {
+                    cache
+                        .flights
+                        .unless_voided(&shared, || cache.index.publish(hash, sealed, false))
+                        // Voided: waiting followers find no entry and ask the upstreams anew.
+                        .unwrap_or(Ok(0))
+                });
+                if let Err(e) = &stored {
+                    cache.write_failed(&entry.key, e);
+                }
+                stored.is_ok()
+            })
+            .await;
+            if stored.unwrap_or(false) {
+                g.status = Status::Done;
             }
         }
     }
-    // Order matters: the client, seeing its queue closed, reads `ended` to learn whether to finish from
-    // the file. Then followers are released (the guard drops), and a failed fill's file is deleted.
-    *ended.lock().expect("fill state") = outcome;
+    // Order matters: the client, seeing its queue closed, finishes from the file or learns the fill
+    // failed from the status the guard leaves. A failed fill's file is deleted off the workers.
     drop(client);
     drop(guard);
-    drop(writer);
-}
-
-/// The leader's client's body: chunks from the fill's queue, and from the file for whatever it missed.
-struct Reader {
-    rx: mpsc::Receiver<(u64, Bytes)>,
-    /// The entry's file as it is written; still readable after a commit renames it or a failure unlinks it.
-    file: File,
-    ended: Arc<Mutex<Ended>>,
-    /// The next byte this client needs.
-    pos: u64,
-    len: u64,
-    /// A chunk from the queue that lies ahead of `pos` (the client missed the ones before it).
-    pending: Option<(u64, Bytes)>,
-}
-
-impl Reader {
-    fn read_back(&mut self, up_to: u64) -> io::Result<Bytes> {
-        let n = (up_to - self.pos).min(FILE_CHUNK) as usize;
-        let bytes = read_at(&self.file, self.pos, n)?;
-        self.pos += n as u64;
-        Ok(bytes)
-    }
-}
-
-impl Stream for Reader {
-    type Item = io::Result<Bytes>;
-
-    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        let this = &mut *self;
-        loop {
-            if this.pos >= this.len {
-                return Poll::Ready(None);
-            }
-            if let Some((offset, chunk)) = this.pending.take() {
-                let end = offset + chunk.len() as u64;
-                if end <= this.pos {
-                    continue; // already read from the file
-                }
-                if offset <= this.pos {
-                    let rest = chunk.slice((this.pos - offset) as usize..);
-                    this.pos = end;
-                    return Poll::Ready(Some(Ok(rest)));
-                }
-                // Everything before a queued chunk was written before it was queued.
-                this.pending = Some((offset, chunk));
-                return Poll::Ready(Some(this.read_back(offset)));
-            }
-            match this.rx.poll_recv(cx) {
-                Poll::Ready(Some(queued)) => this.pending = Some(queued),
-                Poll::Ready(None) => {
-                    if *this.ended.lock().expect("fill state") == Ended::Complete {
-                        return Poll::Ready(Some(this.read_back(this.len)));
-                    }
-                    // The upstream failed mid-body: say how far this client got, so it can be resumed.
-                    let at = this.pos;
-                    this.pos = this.len; // ends the body after this error
-                    return Poll::Ready(Some(Err(io::Error::other(FillFailed { at }))));
-                }
-                Poll::Pending => return Poll::Pending,
-            }
-        }
+    if let Some(w) = writer {
+        tokio::task::spawn_blocking(move || drop(w));
     }
 }

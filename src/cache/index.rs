@@ -39,6 +39,8 @@ struct Inner {
     /// instead of the media everyone reads.
     negatives: LruCache<KeyHash, ()>,
     negative_bytes: u64,
+    /// The part of `bytes` reserved by fills still running: their files in `tmp/`.
+    in_flight: u64,
 }
 
 /// Negative entries may take at most 1/8 of `max_size`.
@@ -80,8 +82,14 @@ impl Drop for Reserved {
     fn drop(&mut self) {
         let mut inner = self.inner.lock().expect("index lock");
         inner.bytes = inner.bytes.saturating_sub(self.size);
+        inner.in_flight = inner.in_flight.saturating_sub(self.size);
     }
 }
+
+/// Fills in flight may hold at most this share of `max_size` in `tmp/`: room is made for them by
+/// evicting entries, and beyond it (a stranger starting many large transfers) the next one is not
+/// cached at all rather than emptying the cache.
+const IN_FLIGHT_SHARE: u64 = 2;
 
 impl Index {
     pub fn new(store: Store, max_size: u64, inactive: Duration, open_files: usize) -> Index {
@@ -91,6 +99,7 @@ impl Index {
                 bytes: 0,
                 negatives: LruCache::unbounded(),
                 negative_bytes: 0,
+                in_flight: 0,
             })),
             store,
             open: Arc::new(OpenFiles::new(open_files)),
@@ -110,7 +119,7 @@ impl Index {
                 // start are already in and stay warmer. (24 bytes per entry while loading.)
                 let mut found: Vec<(u64, KeyHash, u64)> = Vec::new();
                 let result = store::walk(&index.store, |hash, size, _, last_read| {
-                    found.push((store::to_unix(last_read), hash, size));
+                    found.push((crate::unix_time::secs(last_read), hash, size));
                 });
                 found.sort_unstable_by_key(|e| std::cmp::Reverse(e.0));
                 let n = found.len();
@@ -176,7 +185,7 @@ impl Index {
     /// background load has not reached yet.
     pub fn touch(&self, hash: KeyHash, size: u64, verified: Option<i64>) {
         let size = on_disk(size);
-        let now = store::unix_now();
+        let now = crate::unix_time::now();
         let mut inner = self.lock();
         match inner.lru.get_mut(&hash) {
             Some(slot) => {
@@ -235,7 +244,7 @@ impl Index {
         negative: bool,
     ) -> Vec<KeyHash> {
         let size = on_disk(size);
-        let now = store::unix_now();
+        let now = crate::unix_time::now();
         // The file was replaced by the rename: the old entry's count goes.
         inner.take(hash);
         inner.lru.push(
@@ -269,17 +278,23 @@ impl Index {
 
     /// Counts a fill's length against `max_size` while it runs (evicting to make room), so fills in
     /// flight cannot take the disk past it; released when dropped (before the entry is published).
-    pub fn reserve(&self, size: u64) -> Reserved {
+    /// Counts a fill's length against `max_size` while it runs (evicting to make room), or `None` when
+    /// the fills in flight already hold their share of it.
+    pub fn try_reserve(&self, size: u64) -> Option<Reserved> {
         let size = on_disk(size);
         let mut inner = self.lock();
+        if inner.in_flight + size > self.max_size / IN_FLIGHT_SHARE {
+            return None;
+        }
         inner.bytes += size;
-        let victims = self.victims(&mut inner, store::unix_now());
+        inner.in_flight += size;
+        let victims = self.victims(&mut inner, crate::unix_time::now());
         drop(inner);
         self.delete(victims);
-        Reserved {
+        Some(Reserved {
             inner: self.inner.clone(),
             size,
-        }
+        })
     }
 
     /// Deletes the entry for `hash` (a bust), whatever it holds; true if there was one.
@@ -305,7 +320,7 @@ impl Index {
 
     fn enforce(&self) {
         let mut inner = self.lock();
-        let victims = self.victims(&mut inner, store::unix_now());
+        let victims = self.victims(&mut inner, crate::unix_time::now());
         drop(inner);
         self.delete(victims);
     }

@@ -5,6 +5,9 @@
 //! - `index`: in-memory LRU/size/inactivity accounting over the files; eviction deletes files.
 //! - `fill`: one fill per key (cache lock), run at the upstream's pace, streamed to its first client.
 //! - `follow`: requests that arrive during a fill stream the body from the file being written.
+//! - `growing`: the one reader of an entry being written, for the fill's client and its followers.
+//! - `lead`: the fill policy (fills that outlive their client, background fills, resume), over an
+//!   [`Origin`] the caller supplies, since the cache knows nothing of upstreams.
 //! - tombstones (a [`KeySet`]): keys Mastodon busted (deleted or made private), beside the entries.
 //!
 //! A lookup reads the file directly (its path derives from the key), so the cache serves at once after
@@ -12,11 +15,14 @@
 
 mod fill;
 mod follow;
+mod growing;
 mod index;
+mod lead;
 mod open;
 pub mod store;
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, UNIX_EPOCH};
 
 use crate::metrics::CacheCounters;
@@ -24,9 +30,11 @@ use crate::object::{Body, Meta, Object, Source};
 
 use crate::keyset::{self, KeySet};
 pub use fill::{FillGuard, Flight, BACKGROUND_FILL_LIMIT};
-pub use follow::{fill_failed_at, Joined};
+pub use follow::Joined;
+pub use growing::fill_failed_at;
 use index::Index;
-use store::{hash_key, Store, StoreError};
+pub use lead::{Answer, Origin};
+use store::{hash_key, KeyHash, Store, StoreError};
 pub use store::{EntryMeta, Loaded};
 
 /// The TTLs in force (from the runtime config, so a reload changes them).
@@ -67,6 +75,9 @@ pub struct Cache {
     max_object: u64,
     /// Fills that no client reads (a seek's, or one whose client left): `cache.background_fills`.
     background: Arc<tokio::sync::Semaphore>,
+    /// One checksum pass per large entry at a time: concurrent first hits after a restart wait for
+    /// the first one's verdict instead of each reading the whole file.
+    verifying: Mutex<HashMap<KeyHash, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 impl Cache {
@@ -96,6 +107,7 @@ impl Cache {
             tombstones,
             max_object: cfg.max_object_size,
             background: Arc::new(tokio::sync::Semaphore::new(cfg.background_fills)),
+            verifying: Mutex::default(),
         }))
     }
 
@@ -189,14 +201,12 @@ impl Cache {
                 if Store::is_small(size) || !verify {
                     Store::load_opened(file, size, key, verify).map(Some)
                 } else {
-                    let k = key.to_string();
-                    match tokio::task::spawn_blocking(move || {
-                        Store::load_opened(file, size, &k, true)
-                    })
-                    .await
-                    {
-                        Ok(r) => r.map(Some),
-                        Err(_) => return Lookup::Miss,
+                    match self.verify_large(hash, key, file, size, stamp).await {
+                        Some((r, verified)) => {
+                            checked = verified.then_some(stamp);
+                            r.map(Some)
+                        }
+                        None => return Lookup::Miss,
                     }
                 }
             }
@@ -232,9 +242,57 @@ impl Cache {
         }
     }
 
-    /// Joins or leads the one fill for `key` (nginx's `proxy_cache_lock`).
-    pub fn flight(self: &Arc<Cache>, key: &str) -> Flight {
-        self.flights.join(self.clone(), key)
+    /// Loads a large entry, checksumming it end to end on the blocking pool unless another request
+    /// for it has just done so (it waited for that one's turn); `None` if the pool failed. The flag
+    /// says whether this call checked the checksum.
+    async fn verify_large(
+        &self,
+        hash: KeyHash,
+        key: &str,
+        file: std::fs::File,
+        size: u64,
+        stamp: i64,
+    ) -> Option<(Result<Loaded, StoreError>, bool)> {
+        let gate = self
+            .verifying
+            .lock()
+            .expect("verifying lock")
+            .entry(hash)
+            .or_default()
+            .clone();
+        let turn = gate.lock().await;
+        let verify = !self.index.trusted(hash, stamp);
+        let k = key.to_string();
+        let loaded =
+            tokio::task::spawn_blocking(move || Store::load_opened(file, size, &k, verify)).await;
+        if verify {
+            self.counters.verifications.inc();
+        }
+        if let Ok(Ok(_)) = &loaded {
+            if verify {
+                // Trusted before the next in line looks.
+                self.index.touch(hash, size, Some(stamp));
+            }
+        }
+        drop(turn);
+        let mut verifying = self.verifying.lock().expect("verifying lock");
+        if Arc::strong_count(&gate) <= 2 {
+            verifying.remove(&hash);
+        }
+        drop(verifying);
+        loaded.ok().map(|r| (r, verify))
+    }
+
+    /// Joins or leads the one fill for `key` (nginx's `proxy_cache_lock`). A leader first looks
+    /// again: a fill may have committed between the caller's lookup and its taking the lead.
+    pub async fn lead(self: &Arc<Cache>, key: &str, policy: Policy) -> Flight {
+        match self.flights.join(self.clone(), key) {
+            Flight::Leader(guard) => match self.lookup(key, policy).await {
+                Lookup::Fresh(cached) => Flight::Cached(cached),
+                _ => Flight::Leader(guard),
+            },
+            other => other,
+        }
     }
 
     /// Remembers that no upstream has `key`.
@@ -248,7 +306,7 @@ impl Cache {
             content_type: None,
             etag: None,
             last_modified: None,
-            stored_at_ms: store::unix_now_ms(),
+            stored_at_ms: crate::unix_time::now_ms(),
             origin: None,
             cache_control: None,
             content_disposition: None,

@@ -34,7 +34,6 @@ const MAGIC_V1: &[u8; 8] = b"MPCACHE1";
 const TRAILER: u64 = 16;
 /// Entries up to this size are read with one `pread` and served from memory.
 pub const SMALL: u64 = 512 * 1024;
-const VERIFY_CHUNK: usize = 256 * 1024;
 
 /// What an entry remembers of the response, besides the body.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -61,28 +60,8 @@ pub struct EntryMeta {
 
 impl EntryMeta {
     pub fn age(&self) -> Duration {
-        Duration::from_millis(unix_now_ms().saturating_sub(self.stored_at_ms))
+        Duration::from_millis(crate::unix_time::now_ms().saturating_sub(self.stored_at_ms))
     }
-}
-
-pub fn unix_now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
-
-pub fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
-
-pub fn to_unix(t: SystemTime) -> u64 {
-    t.duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
 }
 
 /// The first 16 bytes of SHA-256(key): the index key and the file name.
@@ -125,7 +104,7 @@ pub fn mtime_stamp(md: &fs::Metadata) -> i64 {
 pub fn note_read(file: &File, accessed: i64) {
     const EVERY: i64 = 3600;
     let now = SystemTime::now();
-    if (to_unix(now) as i64).saturating_sub(accessed) < EVERY {
+    if (crate::unix_time::secs(now) as i64).saturating_sub(accessed) < EVERY {
         return;
     }
     if let Err(e) = file.set_times(fs::FileTimes::new().set_accessed(now)) {
@@ -269,7 +248,7 @@ impl Store {
         let mut sum = 0u32;
         let mut pos = 0u64;
         while pos < t.body_len {
-            let n = (t.body_len - pos).min(VERIFY_CHUNK as u64) as usize;
+            let n = (t.body_len - pos).min(crate::object::CHUNK as u64) as usize;
             let chunk = read_at(&file, pos, n)?;
             sum = crc32c::crc32c_append(sum, &chunk);
             pos += n as u64;

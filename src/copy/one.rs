@@ -29,8 +29,7 @@ use crate::upstream::{Fetched, Method, Put, PutRequest, Upstream, WriteError};
 
 /// How long a copy waits for a fill of the same key before fetching on its own.
 const FILL_WAIT: Duration = Duration::from_secs(300);
-/// Read size when hashing or uploading from a file.
-pub(super) const CHUNK: usize = 256 * 1024;
+pub(super) use crate::object::CHUNK;
 
 #[derive(Debug, PartialEq, Eq)]
 pub enum Copied {

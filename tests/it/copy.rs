@@ -470,7 +470,8 @@ async fn a_multipart_copy_killed_midway_leaves_no_object_and_no_open_upload() {
 
 /// Writes a cache entry as the release before lazy copy did: no record of the bucket that filled it.
 fn legacy_entry(cache_dir: &std::path::Path, key: &str, body: &[u8], content_type: &str) {
-    use mediaproxy::cache::store::{unix_now_ms, Store};
+    use mediaproxy::cache::store::Store;
+    use mediaproxy::unix_time::now_ms as unix_now_ms;
     let store = Store::open(cache_dir).unwrap();
     let mut w = store.writer().unwrap();
     w.write(body).unwrap();

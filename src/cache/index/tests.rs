@@ -8,7 +8,7 @@ fn entry(store: &Store, key: &str, len: usize) -> KeyHash {
         content_type: None,
         etag: None,
         last_modified: None,
-        stored_at_ms: store::unix_now_ms(),
+        stored_at_ms: crate::unix_time::now_ms(),
         origin: None,
         cache_control: None,
         content_disposition: None,
@@ -46,7 +46,7 @@ fn an_entry_published_again_after_being_chosen_for_eviction_is_kept() {
     let a = entry(&store, "a", 100);
     index.insert(a, 100, false);
     // An eviction picks `a` (idle, seen from two hours on)...
-    let victims = index.victims(&mut index.lock(), store::unix_now() + 7200);
+    let victims = index.victims(&mut index.lock(), crate::unix_time::now() + 7200);
     assert_eq!(victims, vec![a]);
     // ...and before it deletes the file, a fill publishes a fresh copy of the same key.
     let mut w = store.writer().unwrap();
@@ -58,7 +58,7 @@ fn an_entry_published_again_after_being_chosen_for_eviction_is_kept() {
         content_type: None,
         etag: None,
         last_modified: None,
-        stored_at_ms: store::unix_now_ms(),
+        stored_at_ms: crate::unix_time::now_ms(),
         origin: None,
         cache_control: None,
         content_disposition: None,
@@ -80,7 +80,7 @@ fn drops_inactive_entries_and_reloads_from_disk() {
     let store = Store::open(dir.path()).unwrap();
     let index = Index::new(store.clone(), u64::MAX, Duration::from_secs(3600), 16);
     let old = entry(&store, "old", 10);
-    index.admit_cold(old, 100, store::unix_now() - 7200);
+    index.admit_cold(old, 100, crate::unix_time::now() - 7200);
     let fresh = entry(&store, "fresh", 10);
     index.insert(fresh, 100, false);
     assert!(!store.path(old).exists(), "idle past `inactive`");
@@ -167,9 +167,25 @@ fn a_running_fill_reserves_its_length_against_max_size() {
     let b = entry(&store, "b", 4000);
     index.insert(b, 4000, false);
     // A fill of 4 KB starts: the oldest entry makes room for it before a byte is written.
-    let reserved = index.reserve(4000);
+    let reserved = index.try_reserve(4000).expect("room for one fill");
     assert!(!store.path(a).exists() && store.path(b).exists());
     assert_eq!(index.usage().0, 8192);
     drop(reserved);
     assert_eq!(index.usage().0, 4096);
+}
+
+#[test]
+fn fills_in_flight_hold_at_most_half_of_max_size() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let index = Index::new(store.clone(), 16 * 4096, Duration::from_secs(3600), 16);
+    let first = index.try_reserve(5 * 4096).expect("5 of 8 blocks");
+    assert!(
+        index.try_reserve(4 * 4096).is_none(),
+        "9 blocks in flight would be over half of 16"
+    );
+    let second = index.try_reserve(3 * 4096).expect("8 of 8 blocks");
+    drop(first);
+    assert!(index.try_reserve(4 * 4096).is_some(), "room again");
+    drop(second);
 }

@@ -9,7 +9,7 @@ fn meta(key: &str, len: u64) -> EntryMeta {
         content_type: Some("image/png".into()),
         etag: Some("\"e\"".into()),
         last_modified: Some(1_700_000_000),
-        stored_at_ms: unix_now_ms(),
+        stored_at_ms: crate::unix_time::now_ms(),
         origin: None,
         cache_control: None,
         content_disposition: None,

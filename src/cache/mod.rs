@@ -419,3 +419,6 @@ pub fn clear(dir: &std::path::Path) -> std::io::Result<u64> {
     }
     Ok(n)
 }
+
+#[cfg(test)]
+mod tests;

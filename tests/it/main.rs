@@ -4,6 +4,7 @@ mod cache;
 mod cli;
 mod common;
 mod copy;
+mod fills;
 mod http2;
 mod lifecycle;
 mod local;

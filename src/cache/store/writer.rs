@@ -36,6 +36,7 @@ impl EntryWriter {
     }
 
     /// Appends the trailer and renames the file into place, replacing an older entry for the key.
+    #[cfg(test)]
     pub fn commit(self, store: &Store, meta: &EntryMeta) -> io::Result<u64> {
         self.seal(store, meta)?.publish()
     }

@@ -629,6 +629,8 @@ pub enum Behaviour {
     DieMidBody { len: usize, sent: usize },
     /// Accept and never answer.
     Silent,
+    /// Answer 200 with `body` after `delay` (a bucket slow to its first byte).
+    SlowHeaders { delay: Duration, body: Vec<u8> },
     /// A media server on a slow link: a GET gets `body` paced `chunk` bytes per `pace`, and dies after
     /// `die_after` bytes when set; `Range: bytes=N-` gets the rest at once (206). One request per connection.
     Paced {
@@ -682,6 +684,12 @@ impl RawUpstream {
                             // dropped: the connection closes with the body incomplete
                         }
                         Behaviour::Silent => tokio::time::sleep(Duration::from_secs(120)).await,
+                        Behaviour::SlowHeaders { delay, body } => {
+                            tokio::time::sleep(delay).await;
+                            let head = format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\nContent-Type: video/mp4\r\nConnection: close\r\n\r\n", body.len());
+                            let _ = s.write_all(head.as_bytes()).await;
+                            let _ = s.write_all(&body).await;
+                        }
                         Behaviour::Paced {
                             body,
                             chunk,

@@ -1,0 +1,164 @@
+//! Fills under pressure: clients that leave early, strangers that start many large transfers, and a
+//! burst of first hits after a restart.
+
+use std::time::Duration;
+
+use crate::common::*;
+
+const KEY: &str = "media_attachments/files/000/000/001/original/clip.mp4";
+
+#[tokio::test(flavor = "multi_thread")]
+async fn followers_do_not_stampede_when_the_leaders_client_leaves_before_headers() {
+    let body = pattern(300_000, 41);
+    let up = RawUpstream::start(Behaviour::SlowHeaders {
+        delay: Duration::from_millis(700),
+        body: body.clone(),
+    })
+    .await;
+    let proxy = Proxy::start(&up.http_upstream("slow"));
+    let url = proxy.url(&format!("/{KEY}"));
+    // The leader's client gives up long before the bucket's first byte.
+    let leader = {
+        let url = url.clone();
+        tokio::spawn(async move {
+            client()
+                .get(url)
+                .timeout(Duration::from_millis(200))
+                .send()
+                .await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(60)).await;
+    let followers: Vec<_> = (0..4)
+        .map(|_| {
+            let url = url.clone();
+            tokio::spawn(async move {
+                let r = client().get(url).send().await.unwrap();
+                (r.status().as_u16(), r.bytes().await.unwrap().to_vec())
+            })
+        })
+        .collect();
+    assert!(
+        leader.await.unwrap().is_err(),
+        "the leader's client timed out"
+    );
+    for f in followers {
+        let (status, got) = f.await.unwrap();
+        assert_eq!(status, 200);
+        assert!(got == body, "followers get the whole object");
+    }
+    assert_eq!(
+        up.hits.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "one GET for the leader and its four followers, though the leader's client left"
+    );
+    let (status, xc, got) = get(&proxy, KEY).await;
+    assert_eq!((status, xc.as_str()), (200, "HIT"), "the fill completed");
+    assert!(got == body);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn fills_in_flight_never_hold_more_than_half_of_max_size() {
+    // Six strangers start 3 MiB transfers of distinct keys at once against a 8 MiB cache: at most
+    // 4 MiB may be in tmp/ at any time; the fills beyond that stream through uncached, counted.
+    let body = pattern(3 << 20, 42);
+    let up = RawUpstream::start(Behaviour::Paced {
+        body: body.clone(),
+        chunk: 128 * 1024,
+        pace: Duration::from_millis(25),
+        die_after: None,
+        etag: None,
+        replaced_by: None,
+    })
+    .await;
+    let admin = closed_port();
+    let proxy = Proxy::start_with_server(
+        &format!(
+            "[cache]\ndir = \"{{dir}}/cache\"\nmax_size = \"8MiB\"\nmax_object_size = \"4MiB\"\n\n{}",
+            up.http_upstream("paced")
+        ),
+        &format!("admin_listen = \"127.0.0.1:{admin}\""),
+    );
+    let tmp = proxy.dir.path().join("cache").join("tmp");
+    let mut tasks = Vec::new();
+    for i in 0..6 {
+        let url = proxy.url(&format!(
+            "/media_attachments/files/000/000/00{i}/original/v.mp4"
+        ));
+        tasks.push(tokio::spawn(async move {
+            let r = client().get(url).send().await.unwrap();
+            r.bytes().await.unwrap().len()
+        }));
+    }
+    let mut peak = 0u64;
+    while !tasks.iter().all(|t| t.is_finished()) {
+        let in_tmp: u64 = std::fs::read_dir(&tmp)
+            .map(|d| {
+                d.flatten()
+                    .filter_map(|e| e.metadata().ok())
+                    .map(|m| m.len())
+                    .sum()
+            })
+            .unwrap_or(0);
+        peak = peak.max(in_tmp);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for t in tasks {
+        assert_eq!(
+            t.await.unwrap(),
+            body.len(),
+            "every client gets the whole body"
+        );
+    }
+    assert!(peak > 0, "fills did use tmp/");
+    assert!(
+        peak <= 4 << 20,
+        "tmp/ peaked at {peak} bytes, over half of max_size"
+    );
+    let m = metrics(admin).await;
+    assert!(
+        metric_value(&m, "mediaproxy_cache_fills_cancelled_total") >= 4,
+        "the fills beyond the bound are counted:\n{m}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn concurrent_first_hits_after_a_restart_share_one_checksum_pass() {
+    let s3 = S3Server::start(&["media"], true).await;
+    let data = pattern(8 << 20, 43);
+    s3.put("media", KEY, data.clone(), "video/mp4").await;
+    let cache_dir = tempfile::tempdir().unwrap();
+    let cfg = format!(
+        "[cache]\ndir = \"{}\"\n\n{}",
+        cache_dir.path().display(),
+        s3.s3_upstream("b", "media")
+    );
+    let proxy = Proxy::start(&cfg);
+    let (status, xc, _) = get(&proxy, KEY).await;
+    assert_eq!((status, xc.as_str()), (200, "MISS"));
+    drop(proxy);
+
+    let admin = closed_port();
+    let proxy = Proxy::start_with_server(&cfg, &format!("admin_listen = \"127.0.0.1:{admin}\""));
+    let hits: Vec<_> = (0..6)
+        .map(|_| {
+            let url = proxy.url(&format!("/{KEY}"));
+            tokio::spawn(async move {
+                let r = client().get(url).send().await.unwrap();
+                let xc = r.headers()["x-cache"].to_str().unwrap().to_string();
+                (xc, r.bytes().await.unwrap())
+            })
+        })
+        .collect();
+    for h in hits {
+        let (xc, got) = h.await.unwrap();
+        assert_eq!(xc, "HIT");
+        assert!(got[..] == data[..]);
+    }
+    let m = metrics(admin).await;
+    assert_eq!(
+        metric_value(&m, "mediaproxy_cache_verifications_total"),
+        1,
+        "six first hits, one end-to-end checksum:\n{m}"
+    );
+}

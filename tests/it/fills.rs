@@ -162,3 +162,126 @@ async fn concurrent_first_hits_after_a_restart_share_one_checksum_pass() {
         "six first hits, one end-to-end checksum:\n{m}"
     );
 }
+
+/// An ext4 image loop-mounted for one test, so it can be frozen (`fsfreeze`): writes to it then block
+/// in the kernel, as on a disk that stopped answering. Needs root; `None` (the test says so) without.
+struct FreezableDisk {
+    mnt: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl FreezableDisk {
+    fn mount() -> Option<FreezableDisk> {
+        use std::process::Command;
+        let dir = tempfile::tempdir().ok()?;
+        let img = dir.path().join("disk.img");
+        let mnt = dir.path().join("mnt");
+        std::fs::create_dir(&mnt).ok()?;
+        std::fs::File::create(&img).ok()?.set_len(64 << 20).ok()?;
+        let ok = |c: &mut Command| c.output().map(|o| o.status.success()).unwrap_or(false);
+        if !ok(Command::new("mkfs.ext4").arg("-q").arg(&img))
+            || !ok(Command::new("mount")
+                .arg("-o")
+                .arg("loop")
+                .arg(&img)
+                .arg(&mnt))
+        {
+            return None;
+        }
+        Some(FreezableDisk { mnt, _dir: dir })
+    }
+
+    /// Frozen until the guard drops: declared after the proxy, so that a failing test thaws the disk
+    /// before it kills the proxy (a process blocked on a frozen disk cannot die until it thaws).
+    fn frozen(&self) -> Thaw<'_> {
+        self.freeze(true);
+        Thaw(self)
+    }
+
+    fn freeze(&self, frozen: bool) {
+        let flag = if frozen { "-f" } else { "-u" };
+        let _ = std::process::Command::new("fsfreeze")
+            .arg(flag)
+            .arg(&self.mnt)
+            .status();
+    }
+}
+
+struct Thaw<'a>(&'a FreezableDisk);
+
+impl Drop for Thaw<'_> {
+    fn drop(&mut self) {
+        self.0.freeze(false);
+    }
+}
+
+impl Drop for FreezableDisk {
+    fn drop(&mut self) {
+        self.freeze(false);
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.mnt)
+            .status();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stalled_cache_disk_does_not_stall_local_files() {
+    let Some(disk) = FreezableDisk::mount() else {
+        eprintln!("SKIPPED: needs root, mkfs.ext4, a loop device and fsfreeze");
+        return;
+    };
+    let body = pattern(2 << 20, 44);
+    let up = RawUpstream::start(Behaviour::Paced {
+        body: body.clone(),
+        chunk: 64 * 1024,
+        pace: Duration::from_millis(20),
+        die_after: None,
+        etag: None,
+        replaced_by: None,
+    })
+    .await;
+    let root = mastodon_root();
+    let local = "accounts/avatars/000/000/001/original/me.png";
+    write_file(root.path(), local, b"local avatar");
+    let proxy = Proxy::start(&format!(
+        "[local]\nroots = [\"{}\"]\n\n[cache]\ndir = \"{}/cache\"\n\n{}",
+        root.path().display(),
+        disk.mnt.display(),
+        up.http_upstream("paced")
+    ));
+    // Fills in progress, more of them than the proxy has async workers (two cores here).
+    let fills: Vec<_> = (0..4)
+        .map(|i| {
+            let url = proxy.url(&format!(
+                "/media_attachments/files/000/000/00{i}/original/v.mp4"
+            ));
+            tokio::spawn(async move {
+                let r = client().get(url).send().await.unwrap();
+                r.bytes().await.map(|b| b.len())
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let thaw = disk.frozen();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // The cache's disk no longer completes writes; a local file is another disk's business.
+    for _ in 0..10 {
+        let r = tokio::time::timeout(Duration::from_secs(2), get(&proxy, local)).await;
+        let (status, xc, got) = r.expect("a local file waited more than 2 s on the cache's disk");
+        assert_eq!(
+            (status, xc.as_str(), &got[..]),
+            (200, "LOCAL", &b"local avatar"[..])
+        );
+    }
+    drop(thaw);
+    for f in fills {
+        let got = tokio::time::timeout(Duration::from_secs(20), f).await;
+        assert_eq!(
+            got.unwrap().unwrap().unwrap(),
+            body.len(),
+            "the fills finish once the disk is back"
+        );
+    }
+    drop(proxy);
+}

@@ -18,6 +18,7 @@ use std::io;
 use std::os::fd::OwnedFd;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -100,17 +101,37 @@ pub fn mtime_stamp(md: &fs::Metadata) -> i64 {
 
 /// An entry's last read is kept in its file's atime, so `inactive` and the LRU order hold across a
 /// restart. Written explicitly (mounts are often `noatime` or `relatime`), at most once an hour per entry:
-/// one `futimens` that leaves the mtime, and so the checksum memo, alone.
+/// one `futimens` that leaves the mtime, and so the checksum memo, alone. It is a metadata write, so it
+/// runs on the blocking pool (a stalled disk must not stall a hit), at most [`NOTES_IN_FLIGHT`] at once:
+/// on a disk that stopped answering, the rest are skipped rather than piling up threads.
 pub fn note_read(file: &File, accessed: i64) {
     const EVERY: i64 = 3600;
     let now = SystemTime::now();
     if (crate::unix_time::secs(now) as i64).saturating_sub(accessed) < EVERY {
         return;
     }
-    if let Err(e) = file.set_times(fs::FileTimes::new().set_accessed(now)) {
-        tracing::debug!(error = %e, "could not record a cache entry's last read");
+    if NOTES.fetch_add(1, Ordering::Relaxed) >= NOTES_IN_FLIGHT {
+        NOTES.fetch_sub(1, Ordering::Relaxed);
+        return;
+    }
+    let Ok(file) = file.try_clone() else {
+        NOTES.fetch_sub(1, Ordering::Relaxed);
+        return;
+    };
+    let note = move || {
+        if let Err(e) = file.set_times(fs::FileTimes::new().set_accessed(now)) {
+            tracing::debug!(error = %e, "could not record a cache entry's last read");
+        }
+        NOTES.fetch_sub(1, Ordering::Relaxed);
+    };
+    match tokio::runtime::Handle::try_current() {
+        Ok(rt) => drop(rt.spawn_blocking(note)),
+        Err(_) => note(), // outside the server (tools, tests): nothing to stall
     }
 }
+
+static NOTES: AtomicUsize = AtomicUsize::new(0);
+const NOTES_IN_FLIGHT: usize = 16;
 
 /// A verified entry. Small bodies come back in memory (with the file, to keep open); large ones as the
 /// open file, already checked.

@@ -10,7 +10,7 @@ use crate::common::*;
 
 const KEY: &str = "media_attachments/files/109/383/759/229/326/700/original/cached.mp4";
 
-fn cache_files(dir: &Path) -> Vec<std::path::PathBuf> {
+pub(crate) fn cache_files(dir: &Path) -> Vec<std::path::PathBuf> {
     let mut out = Vec::new();
     let mut stack = vec![dir.join("v1")];
     while let Some(d) = stack.pop() {

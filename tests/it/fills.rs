@@ -226,7 +226,7 @@ impl Drop for FreezableDisk {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn a_stalled_cache_disk_does_not_stall_local_files() {
+async fn a_stalled_cache_disk_stalls_neither_local_files_nor_hits() {
     let Some(disk) = FreezableDisk::mount() else {
         eprintln!("SKIPPED: needs root, mkfs.ext4, a loop device and fsfreeze");
         return;
@@ -250,6 +250,22 @@ async fn a_stalled_cache_disk_does_not_stall_local_files() {
         disk.mnt.display(),
         up.http_upstream("paced")
     ));
+    // An entry stored and last read two hours ago: its next hit records the read (a metadata write).
+    let warm = "media_attachments/files/000/000/009/original/warm.mp4";
+    assert_eq!(get(&proxy, warm).await.1, "MISS");
+    let two_hours_ago = std::time::SystemTime::now() - Duration::from_secs(2 * 3600);
+    for f in super::cache::cache_files(&disk.mnt.join("cache")) {
+        std::fs::File::options()
+            .write(true)
+            .open(&f)
+            .unwrap()
+            .set_times(
+                std::fs::FileTimes::new()
+                    .set_accessed(two_hours_ago)
+                    .set_modified(two_hours_ago),
+            )
+            .unwrap();
+    }
     // Fills in progress, more of them than the proxy has async workers (two cores here).
     let fills: Vec<_> = (0..4)
         .map(|i| {
@@ -274,6 +290,10 @@ async fn a_stalled_cache_disk_does_not_stall_local_files() {
             (200, "LOCAL", &b"local avatar"[..])
         );
     }
+    let r = tokio::time::timeout(Duration::from_secs(2), get(&proxy, warm)).await;
+    let (status, xc, got) = r.expect("a cache hit waited more than 2 s to record its read");
+    assert_eq!((status, xc.as_str()), (200, "HIT"));
+    assert!(got == body);
     drop(thaw);
     for f in fills {
         let got = tokio::time::timeout(Duration::from_secs(20), f).await;

@@ -13,128 +13,25 @@
 //! bytes already paid for are kept. If the disk write fails, the fill stops being one (followers are
 //! released) and the client gets the rest of the body straight from the upstream, at its own pace.
 
-use std::collections::HashMap;
 use std::fs::File;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures_util::{FutureExt, StreamExt};
-use tokio::sync::{mpsc, watch, OwnedSemaphorePermit};
+use tokio::sync::{mpsc, OwnedSemaphorePermit};
 
-pub use super::follow::Follower;
+use super::flights::{Growing, Shared, Status};
 use super::growing;
 use super::index::Reserved;
-use super::store::{hash_key, EntryMeta, EntryWriter, KeyHash};
-use super::{Cache, Cached};
+use super::store::{EntryMeta, EntryWriter, KeyHash};
+use super::Cache;
 use crate::object::{Body, ByteStream, Meta, Object, Source, CHUNK};
 
 /// How long a fill may go on after its client left (or, for a fill without a client, at all).
 pub const BACKGROUND_FILL_LIMIT: Duration = Duration::from_secs(300);
 /// Batches queued for the leader's client before it counts as behind and reads from the file.
 const CLIENT_QUEUE: usize = 16;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Status {
-    Running,
-    Done,
-    Failed,
-}
-
-/// What followers watch: the fill's status and how many bytes of the body are on disk.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) struct Progress {
-    pub status: Status,
-    pub written: u64,
-    /// The body is being written and [`Shared::body`] is set: followers can stream it.
-    pub streaming: bool,
-}
-
-/// One fill in flight, shared by its leader and followers.
-pub(super) struct Shared {
-    pub progress: watch::Sender<Progress>,
-    pub body: OnceLock<Growing>,
-    /// Mastodon busted the key while this fill ran: what it fetched must not become an entry.
-    /// Read and written under the `Flights` lock.
-    voided: AtomicBool,
-}
-
-/// The entry being written, as a follower reads it.
-pub(super) struct Growing {
-    pub meta: Meta,
-    pub file: File,
-}
-
-#[derive(Default)]
-pub struct Flights {
-    running: Mutex<HashMap<KeyHash, Arc<Shared>>>,
-}
-
-pub enum Flight {
-    Leader(FillGuard),
-    Follower(Follower),
-    /// A fill committed between the caller's lookup and its taking the lead: serve this instead.
-    Cached(Cached),
-}
-
-impl Flights {
-    pub(super) fn join(&self, cache: Arc<Cache>, key: &str) -> Flight {
-        let hash = hash_key(key);
-        let mut running = self.running.lock().expect("flights lock");
-        if let Some(shared) = running.get(&hash) {
-            if shared.progress.borrow().status == Status::Running {
-                return Flight::Follower(Follower::new(shared.clone()));
-            }
-        }
-        let shared = Arc::new(Shared {
-            progress: watch::Sender::new(Progress {
-                status: Status::Running,
-                written: 0,
-                streaming: false,
-            }),
-            body: OnceLock::new(),
-            voided: AtomicBool::new(false),
-        });
-        running.insert(hash, shared.clone());
-        Flight::Leader(FillGuard {
-            cache,
-            key: key.to_string(),
-            hash,
-            shared,
-            status: Status::Failed,
-        })
-    }
-
-    /// The fill running for `hash` (if any) will not be stored, and later requests do not join it: they
-    /// start a new one under the rules in force after the bust.
-    pub fn void(&self, hash: KeyHash) {
-        let mut running = self.running.lock().expect("flights lock");
-        if let Some(shared) = running.remove(&hash) {
-            shared.voided.store(true, Ordering::Relaxed);
-        }
-    }
-
-    /// Waits (up to `timeout`) for the fill of `hash` to end, if one is running.
-    pub async fn wait(&self, hash: KeyHash, timeout: Duration) {
-        let rx = {
-            let running = self.running.lock().expect("flights lock");
-            match running.get(&hash) {
-                Some(shared) => shared.progress.subscribe(),
-                None => return,
-            }
-        };
-        let mut rx = rx;
-        let _ = tokio::time::timeout(timeout, rx.wait_for(|p| p.status != Status::Running)).await;
-    }
-
-    /// Runs `store` (the commit of a fill's result) unless the fill was voided. Under the lock `void`
-    /// takes, so a bust either comes before (nothing is stored) or after (it purges what was stored).
-    fn unless_voided<T>(&self, shared: &Shared, store: impl FnOnce() -> T) -> Option<T> {
-        let _running = self.running.lock().expect("flights lock");
-        (!shared.voided.load(Ordering::Relaxed)).then(store)
-    }
-}
 
 /// The leader's claim on a key. Dropping it without a result releases followers as "failed".
 pub struct FillGuard {
@@ -155,6 +52,21 @@ struct Prepared {
 }
 
 impl FillGuard {
+    pub(super) fn new(
+        cache: Arc<Cache>,
+        key: &str,
+        hash: KeyHash,
+        shared: Arc<Shared>,
+    ) -> FillGuard {
+        FillGuard {
+            cache,
+            key: key.to_string(),
+            hash,
+            shared,
+            status: Status::Failed,
+        }
+    }
+
     pub fn key(&self) -> &str {
         &self.key
     }
@@ -291,14 +203,7 @@ impl FillGuard {
 
 impl Drop for FillGuard {
     fn drop(&mut self) {
-        let mut running = self.cache.flights.running.lock().expect("flights lock");
-        if running
-            .get(&self.hash)
-            .is_some_and(|s| Arc::ptr_eq(s, &self.shared))
-        {
-            running.remove(&self.hash);
-        }
-        drop(running);
+        self.cache.flights.release(self.hash, &self.shared);
         let status = self.status;
         self.shared.progress.send_modify(|p| p.status = status);
     }

@@ -10,7 +10,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::fill::{Progress, Shared, Status};
+use super::flights::{Progress, Shared, Status};
 use super::growing;
 use crate::object::{Body, Object};
 

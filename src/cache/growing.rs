@@ -14,7 +14,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use tokio::sync::{mpsc, watch};
 
-use super::fill::{Progress, Shared, Status};
+use super::flights::{Progress, Shared, Status};
 use crate::object::{read_at, ByteStream, CHUNK};
 
 /// The fill stopped before the end; the reader has the body up to `at`.

@@ -3,21 +3,25 @@
 //!
 //! - `store`: one file per entry, atomic rename, checksummed (crash and corruption safety).
 //! - `index`: in-memory LRU/size/inactivity accounting over the files; eviction deletes files.
-//! - `fill`: one fill per key (cache lock), run at the upstream's pace, streamed to its first client.
+//! - `flights`: one fill per key (cache lock); a bust voids the fill in flight.
+//! - `fill`: the fill itself, run at the upstream's pace, streamed to its first client.
 //! - `follow`: requests that arrive during a fill stream the body from the file being written.
 //! - `growing`: the one reader of an entry being written, for the fill's client and its followers.
 //! - `lead`: the fill policy (fills that outlive their client, background fills, resume), over an
 //!   [`Origin`] the caller supplies, since the cache knows nothing of upstreams.
+//! - `offline`: `mediaproxy cache stats|purge|clear`, on the directory, proxy running or not.
 //! - tombstones (a [`KeySet`]): keys Mastodon busted (deleted or made private), beside the entries.
 //!
 //! A lookup reads the file directly (its path derives from the key), so the cache serves at once after
 //! a restart while the index is still loading in the background.
 
 mod fill;
+mod flights;
 mod follow;
 mod growing;
 mod index;
 mod lead;
+mod offline;
 mod open;
 pub mod store;
 
@@ -29,11 +33,13 @@ use crate::metrics::CacheCounters;
 use crate::object::{Body, Meta, Object, Source};
 
 use crate::keyset::{self, KeySet};
-pub use fill::{FillGuard, Flight, BACKGROUND_FILL_LIMIT};
+pub use fill::{FillGuard, BACKGROUND_FILL_LIMIT};
+pub use flights::Flight;
 pub use follow::Joined;
 pub use growing::fill_failed_at;
 use index::Index;
 pub use lead::{Answer, Origin};
+pub use offline::{clear, purge, stats, Stats};
 use store::{hash_key, KeyHash, Store, StoreError};
 pub use store::{EntryMeta, Loaded};
 
@@ -68,7 +74,7 @@ pub struct CacheError {
 pub struct Cache {
     store: Store,
     index: Index,
-    flights: fill::Flights,
+    flights: flights::Flights,
     counters: CacheCounters,
     tombstones: KeySet,
     /// Objects larger than this are never stored (`cache.max_object_size`).
@@ -102,7 +108,7 @@ impl Cache {
         Ok(Arc::new(Cache {
             store,
             index,
-            flights: fill::Flights::default(),
+            flights: flights::Flights::default(),
             counters,
             tombstones,
             max_object: cfg.max_object_size,
@@ -365,59 +371,6 @@ fn classify(meta: EntryMeta, body: Body, policy: Policy) -> Lookup {
     } else {
         Lookup::Stale(cached)
     }
-}
-
-/// What `mediaproxy cache stats` prints.
-pub struct Stats {
-    pub entries: u64,
-    pub bytes: u64,
-    pub oldest: Option<std::time::SystemTime>,
-}
-
-/// Reads the directory, not a running proxy's memory, so it works whether or not one is running.
-pub fn stats(dir: &std::path::Path) -> std::io::Result<Stats> {
-    let store = Store::attach(dir);
-    let mut s = Stats {
-        entries: 0,
-        bytes: 0,
-        oldest: None,
-    };
-    if !store.entries_dir().exists() {
-        return Ok(s);
-    }
-    store::walk(&store, |_, size, mtime, _| {
-        s.entries += 1;
-        s.bytes += size;
-        s.oldest = Some(s.oldest.map_or(mtime, |o| o.min(mtime)));
-    })?;
-    Ok(s)
-}
-
-/// Deletes the entries for `keys`; a running proxy sees the file gone at its next lookup and refetches.
-/// Returns, per key, whether there was an entry.
-pub fn purge(dir: &std::path::Path, keys: &[crate::key::Key]) -> Vec<bool> {
-    let store = Store::attach(dir);
-    keys.iter()
-        .map(|k| store.remove(hash_key(k.as_str())))
-        .collect()
-}
-
-/// Deletes every entry (a running proxy keeps serving and refills as media is read).
-pub fn clear(dir: &std::path::Path) -> std::io::Result<u64> {
-    let store = Store::attach(dir);
-    let v1 = store.entries_dir();
-    if !v1.exists() {
-        return Ok(0);
-    }
-    let mut n = 0;
-    let mut hashes = Vec::new();
-    store::walk(&store, |hash, _, _, _| hashes.push(hash))?;
-    for hash in hashes {
-        if store.remove(hash) {
-            n += 1;
-        }
-    }
-    Ok(n)
 }
 
 #[cfg(test)]

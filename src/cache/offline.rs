@@ -1,0 +1,57 @@
+//! `mediaproxy cache stats|purge|clear`: they work on the directory, not on a running proxy's memory,
+//! so they work whether or not one is running.
+
+use super::store::{self, hash_key, Store};
+
+/// What `mediaproxy cache stats` prints.
+pub struct Stats {
+    pub entries: u64,
+    pub bytes: u64,
+    pub oldest: Option<std::time::SystemTime>,
+}
+
+/// Reads the directory, not a running proxy's memory, so it works whether or not one is running.
+pub fn stats(dir: &std::path::Path) -> std::io::Result<Stats> {
+    let store = Store::attach(dir);
+    let mut s = Stats {
+        entries: 0,
+        bytes: 0,
+        oldest: None,
+    };
+    if !store.entries_dir().exists() {
+        return Ok(s);
+    }
+    store::walk(&store, |_, size, mtime, _| {
+        s.entries += 1;
+        s.bytes += size;
+        s.oldest = Some(s.oldest.map_or(mtime, |o| o.min(mtime)));
+    })?;
+    Ok(s)
+}
+
+/// Deletes the entries for `keys`; a running proxy sees the file gone at its next lookup and refetches.
+/// Returns, per key, whether there was an entry.
+pub fn purge(dir: &std::path::Path, keys: &[crate::key::Key]) -> Vec<bool> {
+    let store = Store::attach(dir);
+    keys.iter()
+        .map(|k| store.remove(hash_key(k.as_str())))
+        .collect()
+}
+
+/// Deletes every entry (a running proxy keeps serving and refills as media is read).
+pub fn clear(dir: &std::path::Path) -> std::io::Result<u64> {
+    let store = Store::attach(dir);
+    let v1 = store.entries_dir();
+    if !v1.exists() {
+        return Ok(0);
+    }
+    let mut n = 0;
+    let mut hashes = Vec::new();
+    store::walk(&store, |hash, _, _, _| hashes.push(hash))?;
+    for hash in hashes {
+        if store.remove(hash) {
+            n += 1;
+        }
+    }
+    Ok(n)
+}

@@ -66,6 +66,8 @@ pub struct Metrics {
     requests: Family<RequestLabels, Counter>,
     upstream: Family<UpstreamLabels, Counter>,
     busts: Family<ResultLabel, Counter>,
+    /// For the one-line status systemd shows: requests, and cache hits and misses among them.
+    totals: [std::sync::atomic::AtomicU64; 3],
 }
 
 impl Default for Metrics {
@@ -159,7 +161,15 @@ impl Metrics {
             requests,
             upstream,
             busts,
+            totals: Default::default(),
         }
+    }
+
+    /// Requests answered, cache hits (`HIT`) and misses (`MISS`, `STALE`) since the start.
+    pub fn totals(&self) -> (u64, u64, u64) {
+        let [r, h, m] = &self.totals;
+        let get = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
+        (get(r), get(h), get(m))
     }
 
     pub fn request(&self, status: StatusCode, x_cache: Option<&HeaderValue>) {
@@ -171,6 +181,13 @@ impl Metrics {
             Some(b"STALE") => "STALE",
             _ => "",
         };
+        let bump = |i: usize| self.totals[i].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        bump(0);
+        match x_cache {
+            "HIT" => drop(bump(1)),
+            "MISS" | "STALE" => drop(bump(2)),
+            _ => {}
+        }
         self.requests
             .get_or_create(&RequestLabels {
                 status: status.as_u16(),

@@ -22,6 +22,8 @@ use crate::metrics::Metrics;
 use crate::runtime::{Runtime, RuntimeError};
 
 mod connection;
+mod listeners;
+mod notify;
 mod reload;
 mod stall;
 mod streams;
@@ -44,10 +46,17 @@ pub enum ServerError {
     Copy(#[from] CopierError),
     #[error("signal handler: {0}")]
     Signal(std::io::Error),
+    #[error("socket activation: {0}")]
+    Activation(String),
 }
 
 /// Runs until SIGTERM/SIGINT. `config_path` is re-read on SIGHUP (the embedded default has none).
 pub async fn run(config: Config, config_path: Option<PathBuf>) -> Result<(), ServerError> {
+    // First of all: a SIGTERM during start-up (a restart right after a start) must stop the process
+    // cleanly, not kill it with connections accepted.
+    let mut hup = signal(SignalKind::hangup()).map_err(ServerError::Signal)?;
+    let mut term = signal(SignalKind::terminate()).map_err(ServerError::Signal)?;
+    let mut int = signal(SignalKind::interrupt()).map_err(ServerError::Signal)?;
     let metrics = Arc::new(Metrics::new());
     let server_cfg = config.server.clone();
     let cache = Cache::open(
@@ -70,13 +79,8 @@ pub async fn run(config: Config, config_path: Option<PathBuf>) -> Result<(), Ser
 
     let (tx, mut accepted) = mpsc::channel::<TcpStream>(1024);
     let mut accept_tasks = Vec::new();
-    for addr in &server_cfg.listen {
-        let listener = TcpListener::bind(addr)
-            .await
-            .map_err(|source| ServerError::Bind {
-                addr: *addr,
-                source,
-            })?;
+    let mut admin_task = None;
+    for (listener, addr) in listeners::media(&server_cfg.listen).await? {
         tracing::info!(%addr, tls = server_cfg.tls.is_some(), "listening");
         accept_tasks.push(tokio::spawn(accept_loop(listener, tx.clone())));
     }
@@ -86,7 +90,7 @@ pub async fn run(config: Config, config_path: Option<PathBuf>) -> Result<(), Ser
             .await
             .map_err(|source| ServerError::Bind { addr, source })?;
         tracing::info!(%addr, "admin listening");
-        accept_tasks.push(tokio::spawn(admin::serve(
+        admin_task = Some(tokio::spawn(admin::serve(
             listener,
             metrics.clone(),
             cache.clone(),
@@ -96,12 +100,10 @@ pub async fn run(config: Config, config_path: Option<PathBuf>) -> Result<(), Ser
 
     let conns = ArcSwap::from_pointee(Conn::new(&server_cfg)?);
 
-    let mut hup = signal(SignalKind::hangup()).map_err(ServerError::Signal)?;
-    let mut term = signal(SignalKind::terminate()).map_err(ServerError::Signal)?;
-    let mut int = signal(SignalKind::interrupt()).map_err(ServerError::Signal)?;
     // Each connection holds a receiver: the drain at shutdown flips it and waits for them all to drop.
     let (stop, stop_rx) = tokio::sync::watch::channel(false);
-    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
+    notify::ready();
+    let pinger = notify::spawn_pinger(metrics.clone(), copier.clone());
 
     loop {
         tokio::select! {
@@ -120,11 +122,19 @@ pub async fn run(config: Config, config_path: Option<PathBuf>) -> Result<(), Ser
         connections = stop.receiver_count() - 1,
         "stopping: no new connections, finishing responses"
     );
-    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
+    notify::stopping();
     for task in accept_tasks {
         task.abort();
+        let _ = task.await;
     }
-    drop(accepted);
+    // Connections accepted but not yet served: their clients sent (or are sending) a request to this
+    // process, which answers it before it goes. Under socket activation everything not accepted yet
+    // waits in the socket's backlog for the next process.
+    accepted.close();
+    while let Ok(stream) = accepted.try_recv() {
+        let conn = conns.load_full();
+        tokio::spawn(conn.serve(stream, shared.clone(), stop_rx.clone()));
+    }
     // As reloaded: the admin may have raised it for a long upload window.
     let shutdown_timeout = shared.load().config.server.shutdown_timeout;
     let _ = stop.send(true);
@@ -139,6 +149,10 @@ pub async fn run(config: Config, config_path: Option<PathBuf>) -> Result<(), Ser
     // again after the restart, like the keys still waiting.
     let _ = tokio::task::spawn_blocking(move || copy_thread.stop()).await;
     copier.flush().await;
+    if let Some(task) = admin_task {
+        task.abort();
+    }
+    pinger.abort();
     tracing::info!("stopped");
     Ok(())
 }

@@ -102,19 +102,20 @@ impl Conn {
         let (send_timeout, idle) = (self.send_timeout, self.header_read_timeout);
         let mut tick = tokio::time::interval(watch_interval(send_timeout, idle));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Asked to close (the process is stopping), and closing: a connection accepted just before the
+        // stop is closed only once its first request is in (hyper then answers it with
+        // `Connection: close`), since its client sent that request to this process.
+        let mut asked = *stop.borrow();
         let mut closing = false;
-        if *stop.borrow() {
-            conn.as_mut().graceful_shutdown();
-            closing = true;
-        }
         loop {
             tokio::select! {
                 result = conn.as_mut() => return result,
-                changed = stop.changed(), if !closing => {
-                    if changed.is_err() || *stop.borrow() {
-                        conn.as_mut().graceful_shutdown();
-                        closing = true;
-                    }
+                changed = stop.changed(), if !asked => {
+                    asked = changed.is_err() || *stop.borrow();
+                }
+                _ = streams.first_request(), if asked && !closing => {
+                    conn.as_mut().graceful_shutdown();
+                    closing = true;
                 }
                 _ = tick.tick() => match streams.verdict(send_timeout, idle) {
                     Verdict::Stalled => {

@@ -11,4 +11,5 @@ mod local;
 mod mastodon;
 mod migrate;
 mod privacy;
+mod restart;
 mod upstreams;

@@ -558,7 +558,7 @@ impl Proxy {
     }
 }
 
-fn render(dir: &Path, addr: SocketAddr, server_extra: &str, body: &str) -> String {
+pub fn render(dir: &Path, addr: SocketAddr, server_extra: &str, body: &str) -> String {
     let body = body.replace("{dir}", &dir.display().to_string());
     let cache = if body.contains("[cache]") {
         String::new()

@@ -2,29 +2,49 @@
 //! config loaded, `RELOADING=1`/`READY=1` around a reload, `STOPPING=1`, a one-line `STATUS=`, and
 //! `WATCHDOG=1` from a task of the async runtime itself, so a wedged runtime stops pinging and systemd
 //! restarts it (`WatchdogSec=`). Without `NOTIFY_SOCKET` every call is a no-op.
+//!
+//! Sent without blocking: a datagram socket whose reader stopped reading (its queue holds 10
+//! messages by default) would otherwise stall the task that notifies, which is the main loop. A
+//! message that does not fit is dropped; the next status or ping follows shortly.
 
+use std::os::unix::net::{SocketAddr, UnixDatagram};
 use std::sync::Arc;
 use std::time::Duration;
-
-use sd_notify::NotifyState;
 
 use crate::copy::Copier;
 use crate::metrics::Metrics;
 
 pub fn ready() {
-    send(&[NotifyState::Ready]);
+    send("READY=1");
 }
 
 pub fn reloading() {
-    send(&[NotifyState::Reloading]);
+    // MONOTONIC_USEC lets systemd (Type=notify-reload) match the reload it asked for.
+    let usec = rustix::time::clock_gettime(rustix::time::ClockId::Monotonic);
+    let usec = usec.tv_sec as u128 * 1_000_000 + usec.tv_nsec as u128 / 1_000;
+    send(&format!("RELOADING=1\nMONOTONIC_USEC={usec}"));
 }
 
 pub fn stopping() {
-    send(&[NotifyState::Stopping]);
+    send("STOPPING=1");
 }
 
-fn send(states: &[NotifyState]) {
-    if let Err(e) = sd_notify::notify(false, states) {
+fn send(message: &str) {
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let sent = (|| {
+        use std::os::linux::net::SocketAddrExt;
+        let bytes = path.as_encoded_bytes();
+        let addr = match bytes.strip_prefix(b"@") {
+            Some(name) => SocketAddr::from_abstract_name(name)?,
+            None => SocketAddr::from_pathname(&path)?,
+        };
+        let socket = UnixDatagram::unbound()?;
+        socket.set_nonblocking(true)?;
+        socket.send_to_addr(message.as_bytes(), &addr)
+    })();
+    if let Err(e) = sent {
         tracing::debug!(error = %e, "systemd notification not sent");
     }
 }
@@ -54,8 +74,8 @@ pub fn spawn_pinger(metrics: Arc<Metrics>, copier: Arc<Copier>) -> tokio::task::
             tick.tick().await;
             let status = summary(&metrics, &copier);
             match watchdog {
-                Some(_) => send(&[NotifyState::Watchdog, NotifyState::Status(&status)]),
-                None => send(&[NotifyState::Status(&status)]),
+                Some(_) => send(&format!("WATCHDOG=1\nSTATUS={status}")),
+                None => send(&format!("STATUS={status}")),
             }
         }
     })

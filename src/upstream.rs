@@ -6,7 +6,7 @@
 //! before DNS works still serves local files (the nginx `proxy_pass` boot failure admins hit).
 
 use std::io;
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 use futures_util::TryStreamExt;
@@ -26,6 +26,21 @@ mod write;
 use coalesce::Coalesce;
 pub use list::{Listed, Page};
 pub use write::{Head, Put, PutRequest, WriteError};
+
+/// The builder every HTTP client of ours starts from. reqwest comes without a crypto provider of its
+/// own (no aws-lc-rs): install *ring* as the process default first (a no-op once done), as the server's
+/// TLS uses it. Trusted roots are the bundled Mozilla set, never the host's store, so a bucket's
+/// certificate is judged the same on every machine.
+pub fn http_client() -> reqwest::ClientBuilder {
+    static ROOTS: LazyLock<Vec<reqwest::Certificate>> = LazyLock::new(|| {
+        webpki_root_certs::TLS_SERVER_ROOT_CERTS
+            .iter()
+            .filter_map(|der| reqwest::Certificate::from_der(der).ok())
+            .collect()
+    });
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::Client::builder().tls_certs_only(ROOTS.iter().cloned())
+}
 
 /// How long a presigned URL stays valid: only long enough to be used at once.
 const SIGN_TTL: Duration = Duration::from_secs(300);
@@ -95,7 +110,7 @@ enum Kind {
 
 impl Upstream {
     pub fn new(cfg: &UpstreamConfig) -> Result<Upstream, UpstreamError> {
-        let client = reqwest::Client::builder()
+        let client = http_client()
             .connect_timeout(cfg.connect_timeout)
             .read_timeout(cfg.read_timeout)
             .redirect(reqwest::redirect::Policy::none())

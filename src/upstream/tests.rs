@@ -73,3 +73,10 @@ fn debug_hides_credentials() {
     assert!(!format!("{up:?}").contains("very-secret"));
     assert_eq!(format!("{:?}", Secret::from_test("x")), "Secret(***)");
 }
+
+#[test]
+fn clients_build_with_ring_and_the_bundled_roots() {
+    // reqwest has no provider of its own: a builder not from `http_client` would panic on build.
+    http_client().build().unwrap();
+    assert!(rustls::crypto::CryptoProvider::get_default().is_some());
+}

@@ -101,7 +101,7 @@ pub async fn run(config: Config, config_path: Option<PathBuf>) -> Result<(), Ser
     let mut int = signal(SignalKind::interrupt()).map_err(ServerError::Signal)?;
     // Each connection holds a receiver: the drain at shutdown flips it and waits for them all to drop.
     let (stop, stop_rx) = tokio::sync::watch::channel(false);
-    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
 
     loop {
         tokio::select! {
@@ -120,7 +120,7 @@ pub async fn run(config: Config, config_path: Option<PathBuf>) -> Result<(), Ser
         connections = stop.receiver_count() - 1,
         "stopping: no new connections, finishing responses"
     );
-    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
     for task in accept_tasks {
         task.abort();
     }

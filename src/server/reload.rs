@@ -27,7 +27,7 @@ pub(super) fn reload(
         );
         return;
     };
-    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Reloading]);
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Reloading]);
     let result = Config::load(path)
         .map_err(|e| e.to_string())
         .and_then(|cfg| {
@@ -50,7 +50,7 @@ pub(super) fn reload(
             tracing::error!(config = %path.display(), error = %e, "config reload failed; the previous config keeps serving")
         }
     }
-    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
 }
 
 /// The keys whose new value differs from the one the process started with and that a running process

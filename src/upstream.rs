@@ -12,7 +12,7 @@ use std::time::Duration;
 use futures_util::TryStreamExt;
 use http::{HeaderMap, HeaderValue, StatusCode};
 use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
-use rusty_s3::{Bucket, Credentials, S3Action, UrlStyle};
+use rusty_s3::{Bucket, BucketError, Credentials, S3Action, UrlStyle};
 use url::Url;
 
 use crate::config::{Reads, UpstreamConfig, UpstreamKind};
@@ -40,6 +40,25 @@ pub fn http_client() -> reqwest::ClientBuilder {
     });
     let _ = rustls::crypto::ring::default_provider().install_default();
     reqwest::Client::builder().tls_certs_only(ROOTS.iter().cloned())
+}
+
+/// The bucket at the URLs rusty-s3 0.8 gave it, which configs were written against. The endpoint's
+/// path is a base the bucket resolves against, so a last segment without a trailing `/` is dropped
+/// (0.11 keeps it whole); a virtual-host bucket's name is lowercased, as any host is (0.11 refuses
+/// one with capitals).
+fn s3_bucket(
+    endpoint: &Url,
+    name: &str,
+    region: &str,
+    path_style: bool,
+) -> Result<Bucket, BucketError> {
+    let endpoint = endpoint.join("./").unwrap_or_else(|_| endpoint.clone());
+    let (style, name) = if path_style {
+        (UrlStyle::Path, name.to_string())
+    } else {
+        (UrlStyle::VirtualHost, name.to_ascii_lowercase())
+    };
+    Bucket::new(endpoint, style, name, region.to_string())
 }
 
 /// How long a presigned URL stays valid: only long enough to be used at once.
@@ -137,12 +156,7 @@ impl Upstream {
                 credentials,
                 reads,
             } => {
-                let style = if *path_style {
-                    UrlStyle::Path
-                } else {
-                    UrlStyle::VirtualHost
-                };
-                let bucket = Bucket::new(endpoint.clone(), style, bucket.clone(), region.clone())
+                let bucket = s3_bucket(endpoint, bucket, region, *path_style)
                     .map_err(|e| UpstreamError::Protocol(format!("bucket: {e}")))?;
                 let credentials = credentials
                     .as_ref()

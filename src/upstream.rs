@@ -6,13 +6,13 @@
 //! before DNS works still serves local files (the nginx `proxy_pass` boot failure admins hit).
 
 use std::io;
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 use futures_util::TryStreamExt;
 use http::{HeaderMap, HeaderValue, StatusCode};
 use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
-use rusty_s3::{Bucket, Credentials, S3Action, UrlStyle};
+use rusty_s3::{Bucket, BucketError, Credentials, S3Action, UrlStyle};
 use url::Url;
 
 use crate::config::{Reads, UpstreamConfig, UpstreamKind};
@@ -26,6 +26,40 @@ mod write;
 use coalesce::Coalesce;
 pub use list::{Listed, Page};
 pub use write::{Head, Put, PutRequest, WriteError};
+
+/// The builder every HTTP client of ours starts from. reqwest comes without a crypto provider of its
+/// own (no aws-lc-rs): install *ring* as the process default first (a no-op once done), as the server's
+/// TLS uses it. Trusted roots are the bundled Mozilla set, never the host's store, so a bucket's
+/// certificate is judged the same on every machine.
+pub fn http_client() -> reqwest::ClientBuilder {
+    static ROOTS: LazyLock<Vec<reqwest::Certificate>> = LazyLock::new(|| {
+        webpki_root_certs::TLS_SERVER_ROOT_CERTS
+            .iter()
+            .filter_map(|der| reqwest::Certificate::from_der(der).ok())
+            .collect()
+    });
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::Client::builder().tls_certs_only(ROOTS.iter().cloned())
+}
+
+/// The bucket at the URLs rusty-s3 0.8 gave it, which configs were written against. The endpoint's
+/// path is a base the bucket resolves against, so a last segment without a trailing `/` is dropped
+/// (0.11 keeps it whole); a virtual-host bucket's name is lowercased, as any host is (0.11 refuses
+/// one with capitals).
+fn s3_bucket(
+    endpoint: &Url,
+    name: &str,
+    region: &str,
+    path_style: bool,
+) -> Result<Bucket, BucketError> {
+    let endpoint = endpoint.join("./").unwrap_or_else(|_| endpoint.clone());
+    let (style, name) = if path_style {
+        (UrlStyle::Path, name.to_string())
+    } else {
+        (UrlStyle::VirtualHost, name.to_ascii_lowercase())
+    };
+    Bucket::new(endpoint, style, name, region.to_string())
+}
 
 /// How long a presigned URL stays valid: only long enough to be used at once.
 const SIGN_TTL: Duration = Duration::from_secs(300);
@@ -95,7 +129,7 @@ enum Kind {
 
 impl Upstream {
     pub fn new(cfg: &UpstreamConfig) -> Result<Upstream, UpstreamError> {
-        let client = reqwest::Client::builder()
+        let client = http_client()
             .connect_timeout(cfg.connect_timeout)
             .read_timeout(cfg.read_timeout)
             .redirect(reqwest::redirect::Policy::none())
@@ -122,12 +156,7 @@ impl Upstream {
                 credentials,
                 reads,
             } => {
-                let style = if *path_style {
-                    UrlStyle::Path
-                } else {
-                    UrlStyle::VirtualHost
-                };
-                let bucket = Bucket::new(endpoint.clone(), style, bucket.clone(), region.clone())
+                let bucket = s3_bucket(endpoint, bucket, region, *path_style)
                     .map_err(|e| UpstreamError::Protocol(format!("bucket: {e}")))?;
                 let credentials = credentials
                     .as_ref()

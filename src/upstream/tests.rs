@@ -30,6 +30,45 @@ fn s3_urls_path_and_virtual_host_style_with_prefix() {
 }
 
 #[test]
+fn s3_urls_as_rusty_s3_0_8_built_them() {
+    let base = "[[upstream]]\nname = \"s\"\ntype = \"s3\"\nregion = \"fr-par\"\naccess_key_id = \"AK\"\nsecret_access_key = \"SK\"\n";
+    let at = |endpoint: &str, bucket: &str, path_style: bool| {
+        let up = upstream(&format!(
+            "{base}endpoint = \"{endpoint}\"\nbucket = \"{bucket}\"\npath_style = {path_style}\n"
+        ));
+        let url = up.url(Method::Get, &key("x/y.png"));
+        format!("{}{}", url.host_str().unwrap(), url.path())
+    };
+    // An endpoint's path is a base: its last segment goes unless it ends in '/'.
+    let path = |e| at(e, "media", true);
+    assert_eq!(
+        path("https://s3.example.org/s3/"),
+        "s3.example.org/s3/media/x/y.png"
+    );
+    assert_eq!(
+        path("https://s3.example.org/s3"),
+        "s3.example.org/media/x/y.png"
+    );
+    assert_eq!(
+        path("https://s3.example.org/a/b"),
+        "s3.example.org/a/media/x/y.png"
+    );
+    assert_eq!(
+        at("https://s3.example.org/s3", "media", false),
+        "media.s3.example.org/x/y.png"
+    );
+    // A host is lowercase; a path keeps the name's case.
+    assert_eq!(
+        at("https://s3.example.org", "Media", false),
+        "media.s3.example.org/x/y.png"
+    );
+    assert_eq!(
+        at("https://s3.example.org", "Media", true),
+        "s3.example.org/Media/x/y.png"
+    );
+}
+
+#[test]
 fn http_urls_escape_the_key_once() {
     let up = upstream(
         "[[upstream]]\nname = \"h\"\ntype = \"http\"\nurl = \"https://cdn.example.org/bucket\"\n",
@@ -72,4 +111,11 @@ fn debug_hides_credentials() {
     let up = upstream("[[upstream]]\nname = \"s\"\ntype = \"s3\"\nendpoint = \"https://s3.example.org\"\nbucket = \"media\"\naccess_key_id = \"AK\"\nsecret_access_key = \"very-secret\"\n");
     assert!(!format!("{up:?}").contains("very-secret"));
     assert_eq!(format!("{:?}", Secret::from_test("x")), "Secret(***)");
+}
+
+#[test]
+fn clients_build_with_ring_and_the_bundled_roots() {
+    // reqwest has no provider of its own: a builder not from `http_client` would panic on build.
+    http_client().build().unwrap();
+    assert!(rustls::crypto::CryptoProvider::get_default().is_some());
 }

@@ -161,11 +161,7 @@ async fn tls_and_http2() {
         &server,
     );
     let ca = reqwest::Certificate::from_pem(cert.cert.pem().as_bytes()).unwrap();
-    let c = reqwest::Client::builder()
-        .no_proxy()
-        .add_root_certificate(ca)
-        .build()
-        .unwrap();
+    let c = client_builder().tls_certs_only([ca]).build().unwrap();
     let url = format!("https://localhost:{}/{KEY}", proxy.addr.port());
     let r = c.get(&url).send().await.unwrap();
     assert_eq!(r.status(), 200);
@@ -177,11 +173,7 @@ async fn tls_and_http2() {
         "[local]\nroots = [\"{}\"]\n",
         root.path().display()
     ));
-    let c = reqwest::Client::builder()
-        .no_proxy()
-        .http2_prior_knowledge()
-        .build()
-        .unwrap();
+    let c = client_builder().http2_prior_knowledge().build().unwrap();
     let r = c.get(plain.url(&format!("/{KEY}"))).send().await.unwrap();
     assert_eq!(r.version(), reqwest::Version::HTTP_2);
     assert_eq!(r.text().await.unwrap(), "over tls");
@@ -241,10 +233,8 @@ async fn a_reload_takes_a_renewed_certificate_and_names_what_needs_a_restart() {
         reqwest::Certificate::from_pem(c.cert.pem().as_bytes()).unwrap()
     };
     let trusting = |ca: &reqwest::Certificate| {
-        reqwest::Client::builder()
-            .no_proxy()
-            .add_root_certificate(ca.clone())
-            .tls_built_in_root_certs(false)
+        client_builder()
+            .tls_certs_only([ca.clone()])
             .build()
             .unwrap()
     };

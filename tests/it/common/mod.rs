@@ -342,9 +342,18 @@ impl Drop for S3Server {
     }
 }
 
-pub fn client() -> reqwest::Client {
+/// A client builder for the tests, environment proxies off. reqwest brings no crypto provider of its
+/// own: install *ring*, as the proxy does, before any client is built. No roots unless a test adds its
+/// own: reqwest would otherwise load the host's store on every build (slow, and fails without one).
+pub fn client_builder() -> reqwest::ClientBuilder {
+    let _ = rustls::crypto::ring::default_provider().install_default();
     reqwest::Client::builder()
         .no_proxy()
+        .tls_certs_only(std::iter::empty())
+}
+
+pub fn client() -> reqwest::Client {
+    client_builder()
         .redirect(reqwest::redirect::Policy::none())
         .timeout(Duration::from_secs(60))
         .build()

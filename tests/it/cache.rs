@@ -623,6 +623,7 @@ async fn last_read_survives_a_restart_for_inactive() {
         "media_attachments/r/idle.png",
     ] {
         assert_eq!(get(&proxy, k).await.1, "MISS");
+        wait_hit(&proxy, k).await;
     }
     // Both were stored, and last read, three hours ago...
     let three_hours_ago = std::time::SystemTime::now() - Duration::from_secs(3 * 3600);
@@ -638,8 +639,16 @@ async fn last_read_survives_a_restart_for_inactive() {
             )
             .unwrap();
     }
-    // ...and one is read now.
+    // ...and one is read now (the read is recorded in the background, before the restart).
     assert_eq!(get(&proxy, "media_attachments/r/read.png").await.1, "HIT");
+    let recorded = eventually(Duration::from_secs(5), || async {
+        cache_files(cache_dir.path()).iter().any(|f| {
+            let read = std::fs::metadata(f).unwrap().accessed().unwrap();
+            read.elapsed().unwrap_or_default() < Duration::from_secs(600)
+        })
+    })
+    .await;
+    assert!(recorded, "the read was recorded in the entry's atime");
     drop(proxy);
 
     // After a restart, `inactive` (2h) drops the idle one only: the read is remembered on disk.
@@ -791,6 +800,7 @@ async fn stale_answers_without_upstreams_and_no_stale_404s() {
     );
     let proxy = Proxy::start(&cfg);
     assert_eq!(get(&proxy, KEY).await.1, "MISS");
+    wait_hit(&proxy, KEY).await;
     let missing = "media_attachments/files/2/original/gone.png";
     assert_eq!(get(&proxy, missing).await.0, 404);
     drop(proxy);

@@ -136,6 +136,7 @@ async fn concurrent_first_hits_after_a_restart_share_one_checksum_pass() {
     let proxy = Proxy::start(&cfg);
     let (status, xc, _) = get(&proxy, KEY).await;
     assert_eq!((status, xc.as_str()), (200, "MISS"));
+    wait_hit(&proxy, KEY).await;
     drop(proxy);
 
     let admin = closed_port();

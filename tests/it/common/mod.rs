@@ -368,6 +368,16 @@ pub async fn two_buckets() -> (S3Server, S3Server) {
     )
 }
 
+/// Waits (up to 5 s) until `key` is a cache HIT: a fill publishes its entry just after the last byte
+/// went to the client, so a test that stops the proxy right after a MISS must wait for it.
+pub async fn wait_hit(proxy: &Proxy, key: &str) {
+    let hit = eventually(Duration::from_secs(5), || async {
+        get(proxy, key).await.1 == "HIT"
+    })
+    .await;
+    assert!(hit, "{key} never became a cache hit");
+}
+
 /// GET `/key` through the proxy: status, `X-Cache`, body.
 pub async fn get(proxy: &Proxy, key: &str) -> (u16, String, Vec<u8>) {
     let r = client()

@@ -76,13 +76,9 @@ impl FillGuard {
         let cache = self.cache.clone();
         let (key, hash, shared) = (self.key.clone(), self.hash, self.shared.clone());
         let stored = tokio::task::spawn_blocking(move || {
-            // Written outside the flights lock; only the rename happens under it.
-            let stored = cache.sealed_not_found(&key).and_then(|sealed| {
-                cache
-                    .flights
-                    .unless_voided(&shared, || cache.index.publish(hash, sealed, true))
-                    .unwrap_or(Ok(0))
-            });
+            let stored = cache
+                .sealed_not_found(&key)
+                .and_then(|sealed| cache.index.publish(hash, sealed, true, || shared.voided()));
             if let Err(e) = stored {
                 cache.write_failed(&key, &e);
             }
@@ -346,13 +342,9 @@ async fn run(
             let (cache, hash, shared) = (cache.clone(), g.hash, g.shared.clone());
             let entry = entry.clone();
             let stored = tokio::task::spawn_blocking(move || {
-                // Sealed outside the flights lock; only the rename happens under it.
+                // Voided: waiting followers find no entry and ask the upstreams anew.
                 let stored = w.seal(cache.store(), &entry).and_then(|sealed| {
-                    cache
-                        .flights
-                        .unless_voided(&shared, || cache.index.publish(hash, sealed, false))
-                        // Voided: waiting followers find no entry and ask the upstreams anew.
-                        .unwrap_or(Ok(0))
+                    cache.index.publish(hash, sealed, false, || shared.voided())
                 });
                 if let Err(e) = &stored {
                     cache.write_failed(&entry.key, e);

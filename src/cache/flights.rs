@@ -94,7 +94,7 @@ impl Flights {
     pub fn void(&self, hash: KeyHash) {
         let mut running = self.running.lock().expect("flights lock");
         if let Some(shared) = running.remove(&hash) {
-            shared.voided.store(true, Ordering::Relaxed);
+            shared.voided.store(true, Ordering::SeqCst);
         }
     }
 
@@ -110,11 +110,13 @@ impl Flights {
         let mut rx = rx;
         let _ = tokio::time::timeout(timeout, rx.wait_for(|p| p.status != Status::Running)).await;
     }
+}
 
-    /// Runs `store` (the commit of a fill's result) unless the fill was voided. Under the lock `void`
-    /// takes, so a bust either comes before (nothing is stored) or after (it purges what was stored).
-    pub(super) fn unless_voided<T>(&self, shared: &Shared, store: impl FnOnce() -> T) -> Option<T> {
-        let _running = self.running.lock().expect("flights lock");
-        (!shared.voided.load(Ordering::Relaxed)).then(store)
+impl Shared {
+    /// Whether a bust voided this fill. Read by the publish under the index's path lock, which the
+    /// bust's purge takes after setting it: a bust either comes before the check (nothing is stored)
+    /// or its purge comes after the rename (it deletes what was stored).
+    pub(super) fn voided(&self) -> bool {
+        self.voided.load(Ordering::SeqCst)
     }
 }

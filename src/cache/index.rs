@@ -65,6 +65,10 @@ impl Inner {
 #[derive(Clone)]
 pub struct Index {
     inner: Arc<Mutex<Inner>>,
+    /// Held while an entry's path is renamed into place or unlinked, so that a publish and an eviction
+    /// of the same key never interleave. Separate from `inner`, which hits take: a disk that stops
+    /// answering stalls the holder of this lock (on the blocking pool), never a hit.
+    paths: Arc<Mutex<()>>,
     store: Store,
     /// Descriptors of recently read small entries; dropped here whenever their file goes.
     open: Arc<OpenFiles>,
@@ -94,6 +98,7 @@ const IN_FLIGHT_SHARE: u64 = 2;
 impl Index {
     pub fn new(store: Store, max_size: u64, inactive: Duration, open_files: usize) -> Index {
         Index {
+            paths: Arc::default(),
             inner: Arc::new(Mutex::new(Inner {
                 lru: LruCache::unbounded(),
                 bytes: 0,
@@ -137,6 +142,10 @@ impl Index {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn lock_paths(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.paths.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn admit_cold(&self, hash: KeyHash, size: u64, last_read: u64) {
@@ -218,20 +227,27 @@ impl Index {
         self.delete(victims);
     }
 
-    /// Makes a sealed entry visible and counts it, as one step under the index lock: an eviction or a
-    /// `forget` of the same key cannot fall between the rename and the count, so it never deletes or
-    /// un-counts the fresh file in place of the old one.
+    /// Makes a sealed entry visible and counts it, unless `voided()` says a bust came first: one step
+    /// under the path lock, so an eviction of the same key cannot fall between the rename and the count
+    /// (it never deletes the fresh file in place of the old one), and a bust's purge either precedes
+    /// the check or follows the rename. Runs on the blocking pool; hits never wait for it.
     /// `negative`: a 404 entry (see [`NEGATIVE_SHARE`]).
     pub fn publish(
         &self,
         hash: KeyHash,
         sealed: store::Sealed,
         negative: bool,
+        voided: impl FnOnce() -> bool,
     ) -> std::io::Result<u64> {
-        let mut inner = self.lock();
+        let paths = self.lock_paths();
+        if voided() {
+            return Ok(0); // dropping `sealed` deletes its file
+        }
         let size = sealed.publish()?;
+        let mut inner = self.lock();
         let victims = self.insert_locked(&mut inner, hash, size, negative);
         drop(inner);
+        drop(paths);
         self.delete(victims);
         Ok(size)
     }
@@ -266,18 +282,16 @@ impl Index {
 
     /// Drops a corrupt entry: the file whose inode is `ino`, unless a refill has replaced it already.
     pub fn remove(&self, hash: KeyHash, ino: u64) {
-        let mut inner = self.lock();
+        let paths = self.lock_paths();
         let path = self.store.path(hash);
         if std::fs::metadata(&path).is_ok_and(|md| md.ino() == ino) {
-            inner.take(hash);
+            self.lock().take(hash);
             self.store.remove(hash);
         }
-        drop(inner);
+        drop(paths);
         self.open.drop_entry(hash);
     }
 
-    /// Counts a fill's length against `max_size` while it runs (evicting to make room), so fills in
-    /// flight cannot take the disk past it; released when dropped (before the entry is published).
     /// Counts a fill's length against `max_size` while it runs (evicting to make room), or `None` when
     /// the fills in flight already hold their share of it.
     pub fn try_reserve(&self, size: u64) -> Option<Reserved> {
@@ -299,10 +313,10 @@ impl Index {
 
     /// Deletes the entry for `hash` (a bust), whatever it holds; true if there was one.
     pub fn purge(&self, hash: KeyHash) -> bool {
-        let mut inner = self.lock();
-        inner.take(hash);
+        let paths = self.lock_paths();
+        self.lock().take(hash);
         let removed = self.store.remove(hash);
-        drop(inner);
+        drop(paths);
         self.open.drop_entry(hash);
         removed
     }
@@ -352,14 +366,30 @@ impl Index {
 
     /// Each unlink happens under the lock, after checking the key was not published again since it was
     /// chosen (see [`Index::publish`]); the lock is taken per file, so hits interleave with a long eviction.
+    /// Deletes evicted entries' files: on the blocking pool when called from async code (an eviction
+    /// can follow any hit or fill, and an unlink waits for the disk), at once otherwise.
     fn delete(&self, victims: Vec<KeyHash>) {
+        if victims.is_empty() {
+            return;
+        }
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => {
+                let index = self.clone();
+                drop(rt.spawn_blocking(move || index.delete_now(victims)));
+            }
+            Err(_) => self.delete_now(victims),
+        }
+    }
+
+    fn delete_now(&self, victims: Vec<KeyHash>) {
         for hash in victims {
-            let inner = self.lock();
-            if inner.lru.contains(&hash) {
+            let paths = self.lock_paths();
+            // Published again since it was chosen: that file is the new entry.
+            if self.lock().lru.contains(&hash) {
                 continue;
             }
             self.store.remove(hash);
-            drop(inner);
+            drop(paths);
             // Closed too, or the unlinked file would keep its blocks until the descriptor is pushed out.
             self.open.drop_entry(hash);
         }

@@ -134,7 +134,8 @@ impl Cache {
         // In this order: a request arriving now sees the tombstone, so it cannot start a fill from an
         // older upstream after the void; what a voided fill would have stored is never stored.
         self.flights.void(hash);
-        self.index.purge(hash);
+        let index = self.index.clone();
+        let _ = tokio::task::spawn_blocking(move || index.purge(hash)).await;
         recorded
     }
 

@@ -306,3 +306,53 @@ async fn a_stalled_cache_disk_stalls_neither_local_files_nor_hits() {
     }
     drop(proxy);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_eviction_on_a_stalled_cache_disk_stalls_neither_local_files_nor_hits() {
+    let Some(disk) = FreezableDisk::mount() else {
+        eprintln!("SKIPPED: needs root, mkfs.ext4, a loop device and fsfreeze");
+        return;
+    };
+    let body = pattern(1_500_000, 45);
+    let up = RawUpstream::start(Behaviour::Respond {
+        status: 200,
+        headers: vec![("Content-Type".into(), "video/mp4".into())],
+        body: body.clone(),
+    })
+    .await;
+    let root = mastodon_root();
+    let local = "accounts/avatars/000/000/001/original/me.png";
+    write_file(root.path(), local, b"local avatar");
+    let proxy = Proxy::start(&format!(
+        "[local]\nroots = [\"{}\"]\n\n[cache]\ndir = \"{}/cache\"\nmax_size = \"4MiB\"\nmax_object_size = \"2MiB\"\n\n{}",
+        root.path().display(),
+        disk.mnt.display(),
+        up.http_upstream("raw")
+    ));
+    let key = |i: u32| format!("media_attachments/files/000/000/00{i}/original/v.mp4");
+    // The cache is full: the next miss evicts.
+    for i in 0..2 {
+        assert_eq!(get(&proxy, &key(i)).await.1, "MISS");
+        wait_hit(&proxy, &key(i)).await;
+    }
+    let thaw = disk.frozen();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let miss = {
+        let url = proxy.url(&format!("/{}", key(2)));
+        tokio::spawn(async move { client().get(url).send().await.unwrap().bytes().await })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for _ in 0..5 {
+        let r = tokio::time::timeout(Duration::from_secs(2), get(&proxy, local)).await;
+        let (status, xc, _) = r.expect("a local file waited on an eviction on the frozen disk");
+        assert_eq!((status, xc.as_str()), (200, "LOCAL"));
+        let r = tokio::time::timeout(Duration::from_secs(2), get(&proxy, &key(1))).await;
+        let (status, _, got) = r.expect("a hit waited on an eviction on the frozen disk");
+        assert_eq!(status, 200);
+        assert!(got == body);
+    }
+    drop(thaw);
+    let got = tokio::time::timeout(Duration::from_secs(20), miss).await;
+    assert_eq!(got.unwrap().unwrap().unwrap().len(), body.len());
+    drop(proxy);
+}

@@ -64,7 +64,7 @@ fn an_entry_published_again_after_being_chosen_for_eviction_is_kept() {
         content_disposition: None,
     };
     index
-        .publish(a, w.seal(&store, &meta).unwrap(), false)
+        .publish(a, w.seal(&store, &meta).unwrap(), false, || false)
         .unwrap();
     index.delete(victims);
     assert!(store.path(a).exists(), "the fresh entry survives");

@@ -71,6 +71,11 @@ impl FillGuard {
         &self.key
     }
 
+    /// The entry turned out to be in the cache already: followers look it up instead of fetching.
+    pub(super) fn found_cached(mut self) {
+        self.status = Status::Done;
+    }
+
     /// No upstream has the key: a negative entry, unless a bust voided the fill.
     pub async fn not_found(mut self) {
         let cache = self.cache.clone();
@@ -313,20 +318,28 @@ async fn run(
             if writer.is_none() {
                 break false;
             }
-            // Nobody reads this fill any more: it goes on only within `cache.background_fills`.
-            if permit.is_none() {
-                match cache.background_permit() {
-                    Some(p) => permit = Some(p),
-                    None => {
-                        cache.counters.fills_cancelled.inc();
-                        tracing::debug!(key = %entry.key, "fill cancelled: its client left and cache.background_fills are in use");
-                        break false;
+            // Followers still streaming it from the file: it has clients, whoever left.
+            if guard
+                .as_ref()
+                .is_some_and(|g| g.shared.progress.receiver_count() > 0)
+            {
+                left_at = Some(Instant::now());
+            } else {
+                // Nobody reads this fill any more: it goes on only within `cache.background_fills`.
+                if permit.is_none() {
+                    match cache.background_permit() {
+                        Some(p) => permit = Some(p),
+                        None => {
+                            cache.counters.fills_cancelled.inc();
+                            tracing::debug!(key = %entry.key, "fill cancelled: its client left and cache.background_fills are in use");
+                            break false;
+                        }
                     }
                 }
-            }
-            if left.elapsed() > BACKGROUND_FILL_LIMIT {
-                tracing::warn!(key = %entry.key, "fill abandoned {BACKGROUND_FILL_LIMIT:?} after its client left");
-                break false;
+                if left.elapsed() > BACKGROUND_FILL_LIMIT {
+                    tracing::warn!(key = %entry.key, "fill abandoned {BACKGROUND_FILL_LIMIT:?} after its client left");
+                    break false;
+                }
             }
         }
         match next {

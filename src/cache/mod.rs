@@ -267,7 +267,19 @@ impl Cache {
             .entry(hash)
             .or_default()
             .clone();
-        let turn = gate.lock().await;
+        // Removes the gate once nobody waits on it, however this call ends (a client that leaves
+        // cancels it at the await).
+        struct Release<'a>(&'a Cache, KeyHash, Arc<tokio::sync::Mutex<()>>);
+        impl Drop for Release<'_> {
+            fn drop(&mut self) {
+                let mut verifying = self.0.verifying.lock().expect("verifying lock");
+                if Arc::strong_count(&self.2) <= 2 {
+                    verifying.remove(&self.1);
+                }
+            }
+        }
+        let release = Release(self, hash, gate);
+        let turn = release.2.lock().await;
         let verify = !self.index.trusted(hash, stamp);
         let k = key.to_string();
         let loaded =
@@ -282,11 +294,7 @@ impl Cache {
             }
         }
         drop(turn);
-        let mut verifying = self.verifying.lock().expect("verifying lock");
-        if Arc::strong_count(&gate) <= 2 {
-            verifying.remove(&hash);
-        }
-        drop(verifying);
+        drop(release);
         loaded.ok().map(|r| (r, verify))
     }
 
@@ -295,7 +303,10 @@ impl Cache {
     pub async fn lead(self: &Arc<Cache>, key: &str, policy: Policy) -> Flight {
         match self.flights.join(self.clone(), key) {
             Flight::Leader(guard) => match self.lookup(key, policy).await {
-                Lookup::Fresh(cached) => Flight::Cached(cached),
+                Lookup::Fresh(cached) => {
+                    guard.found_cached();
+                    Flight::Cached(cached)
+                }
                 _ => Flight::Leader(guard),
             },
             other => other,

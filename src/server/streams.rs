@@ -5,9 +5,10 @@
 //! yet each of its up to 256 streams holds a response body (and its open file) for as long as it likes.
 //! So every response body here carries a [`Clock`] saying whether hyper is waiting on us (the body is
 //! being produced: the upstream's pace is the upstream timeouts' business) or we are waiting on hyper
-//! (a chunk was handed over, or the body was never polled because the client's window is shut). A body
-//! that waits on the client for `send_timeout` closes the connection, as nginx does. A connection with
-//! no open stream for the idle limit is asked to close gracefully (GOAWAY for HTTP/2).
+//! (a chunk was handed over, or the body was never polled because the client's window is shut). When a
+//! body waits on the client and no body of the connection has moved for `send_timeout`, the connection
+//! is closed, as nginx does. A connection with no open stream for the idle limit is asked to close
+//! gracefully (GOAWAY for HTTP/2).
 
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -30,6 +31,8 @@ pub struct Streams {
     open: Mutex<Vec<Weak<Clock>>>,
     /// When the last stream closed (or the connection opened), in ms since `start`.
     last_closed_ms: AtomicU64,
+    /// When a response body on this connection last moved (hyper took a chunk), in ms since `start`.
+    last_progress_ms: AtomicU64,
 }
 
 /// One stream: created with its request, carried by its response body, dropped with it.
@@ -58,6 +61,7 @@ impl Streams {
             first: tokio::sync::Notify::new(),
             open: Mutex::new(Vec::new()),
             last_closed_ms: AtomicU64::new(0),
+            last_progress_ms: AtomicU64::new(0),
         })
     }
 
@@ -99,10 +103,15 @@ impl Streams {
         let mut open = self.open.lock().expect("streams lock");
         open.retain(|w| w.strong_count() > 0);
         let send_ms = send_timeout.as_millis() as u64;
-        let stalled = open.iter().filter_map(Weak::upgrade).any(|c| {
-            let handed = c.handed_ms.load(Ordering::Relaxed);
-            handed != PRODUCING && now.saturating_sub(handed) >= send_ms
-        });
+        // Streams share the connection: while any of them moves, the client is reading, and one it
+        // starves (a paused video beside the page's images) is its choice, as with nginx, whose
+        // send_timeout is the connection's.
+        let moving = now.saturating_sub(self.last_progress_ms.load(Ordering::Relaxed)) < send_ms;
+        let stalled = !moving
+            && open.iter().filter_map(Weak::upgrade).any(|c| {
+                let handed = c.handed_ms.load(Ordering::Relaxed);
+                handed != PRODUCING && now.saturating_sub(handed) >= send_ms
+            });
         if stalled {
             return Verdict::Stalled;
         }
@@ -117,9 +126,19 @@ impl Streams {
 }
 
 impl Clock {
+    /// A response is handed to hyper: from now on it waits on the client until polled.
     fn handed(&self) {
         self.handed_ms
             .store(self.streams.now_ms(), Ordering::Relaxed);
+    }
+
+    /// hyper took a chunk (or the end): the client is reading this connection.
+    fn moved(&self) {
+        let now = self.streams.now_ms();
+        self.handed_ms.store(now, Ordering::Relaxed);
+        self.streams
+            .last_progress_ms
+            .fetch_max(now, Ordering::Relaxed);
     }
 
     fn producing(&self) {
@@ -188,7 +207,7 @@ where
             return Pin::new(&mut this.inner).poll_frame(cx);
         }
         if !this.rest.is_empty() {
-            this.clock.handed();
+            this.clock.moved();
             return Poll::Ready(Some(Ok(Frame::data(this.step()))));
         }
         let poll = Pin::new(&mut this.inner).poll_frame(cx);
@@ -199,7 +218,7 @@ where
             }
             // Handed over (or ended): until hyper polls again, it is the client's turn.
             Poll::Ready(Some(Ok(frame))) => {
-                this.clock.handed();
+                this.clock.moved();
                 match frame.into_data() {
                     Ok(data) => {
                         this.rest = data;
@@ -209,7 +228,7 @@ where
                 }
             }
             other => {
-                this.clock.handed();
+                this.clock.moved();
                 other
             }
         }

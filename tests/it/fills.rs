@@ -356,3 +356,54 @@ async fn an_eviction_on_a_stalled_cache_disk_stalls_neither_local_files_nor_hits
     assert_eq!(got.unwrap().unwrap().unwrap().len(), body.len());
     drop(proxy);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn followers_keep_a_fill_going_when_its_first_client_leaves() {
+    // The one background-fill place is taken (a seek's fill of another key): a fill whose first
+    // client leaves still has followers streaming it, so it goes on, and they cost the bucket nothing.
+    let body = pattern(2 << 20, 46);
+    let up = RawUpstream::start(Behaviour::Paced {
+        body: body.clone(),
+        chunk: 64 * 1024,
+        pace: Duration::from_millis(40),
+        die_after: None,
+        etag: Some("\"v1\"".into()),
+        replaced_by: None,
+    })
+    .await;
+    let proxy = Proxy::start(&format!(
+        "[cache]\ndir = \"{{dir}}/cache\"\nbackground_fills = 1\n\n{}",
+        up.http_upstream("paced")
+    ));
+    let other = proxy.url("/media_attachments/files/000/000/009/original/other.mp4");
+    let seek = client()
+        .get(&other)
+        .header("range", "bytes=1000-")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(seek.status(), 206);
+    drop(seek);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let before = up.hits.load(std::sync::atomic::Ordering::SeqCst);
+
+    let url = proxy.url(&format!("/{KEY}"));
+    let first = client().get(&url).send().await.unwrap();
+    let followers: Vec<_> = (0..3)
+        .map(|_| {
+            let url = url.clone();
+            tokio::spawn(async move { client().get(url).send().await.unwrap().bytes().await })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    drop(first); // the first client leaves mid-body
+    for f in followers {
+        let got = f.await.unwrap().expect("followers get their whole body");
+        assert!(got[..] == body[..]);
+    }
+    assert_eq!(
+        up.hits.load(std::sync::atomic::Ordering::SeqCst) - before,
+        1,
+        "one GET for the fill, none for its followers"
+    );
+}

@@ -138,3 +138,57 @@ async fn a_slow_but_reading_http2_client_gets_the_whole_body() {
     assert_eq!(got.len(), body.len());
     assert!(got == body);
 }
+
+#[tokio::test]
+async fn many_streams_sharing_a_slow_connection_are_not_cut() {
+    // Ten 512 KiB bodies on one connection read steadily but slowly: each stream alone moves less than
+    // 64 KiB a second, the connection as a whole keeps moving; send_timeout = 1s must not cut them.
+    let root = mastodon_root();
+    for i in 0..10 {
+        write_file(
+            root.path(),
+            &format!("media_attachments/files/000/000/00{i}/original/v.mp4"),
+            &pattern(512 * 1024, i),
+        );
+    }
+    let proxy = Proxy::start_with_server(
+        &format!("[local]\nroots = [\"{}\"]\n", root.path().display()),
+        "send_timeout = \"1s\"",
+    );
+    let (send, _driver) = connect(&proxy, 65_535).await;
+    let mut send = send.ready().await.unwrap();
+    let mut bodies = Vec::new();
+    for i in 0..10 {
+        let req = http::Request::get(format!(
+            "http://127.0.0.1/media_attachments/files/000/000/00{i}/original/v.mp4"
+        ))
+        .body(())
+        .unwrap();
+        let (resp, _) = send.send_request(req, true).unwrap();
+        bodies.push(resp);
+        send = send.ready().await.unwrap();
+    }
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for resp in bodies {
+        tasks.push(tokio::spawn(async move {
+            let mut body = resp.await.unwrap().into_body();
+            let mut got = 0;
+            while let Some(chunk) = body.data().await {
+                let chunk = chunk.map_err(|e| format!("cut at {got}: {e}"))?;
+                got += chunk.len();
+                // About 40 KiB/s per stream.
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                let _ = body.flow_control().release_capacity(chunk.len());
+            }
+            Ok::<_, String>(got)
+        }));
+    }
+    for t in tasks {
+        assert_eq!(t.await.unwrap(), Ok(512 * 1024));
+    }
+    assert!(
+        started.elapsed() > Duration::from_secs(2),
+        "slower than send_timeout per stream"
+    );
+}

@@ -278,3 +278,31 @@ async fn a_reload_takes_a_renewed_certificate_and_names_what_needs_a_restart() {
         "{log}"
     );
 }
+
+#[test]
+fn the_systemd_units_pass_systemd_analyze_verify() {
+    // A copy of the units whose ExecStart is the binary just built (verify fails on a missing one).
+    let units = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("systemd");
+    let dir = tempfile::tempdir().unwrap();
+    for name in ["mediaproxy.service", "mediaproxy.socket"] {
+        let text = std::fs::read_to_string(units.join(name)).unwrap();
+        let text = text.replace(
+            "/usr/local/bin/mediaproxy",
+            env!("CARGO_BIN_EXE_mediaproxy"),
+        );
+        std::fs::write(dir.path().join(name), text).unwrap();
+    }
+    let out = std::process::Command::new("systemd-analyze")
+        .arg("verify")
+        .args(["mediaproxy.socket", "mediaproxy.service"])
+        .current_dir(dir.path())
+        .output()
+        .expect("systemd-analyze (Debian's systemd package; .ci/run installs it)");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    // Bad values are only warnings to systemd: any line about our units fails the test.
+    let ours: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.contains("mediaproxy"))
+        .collect();
+    assert!(out.status.success() && ours.is_empty(), "{stderr}");
+}

@@ -68,6 +68,14 @@ pub struct Metrics {
     busts: Family<ResultLabel, Counter>,
     /// For the one-line status systemd shows: requests, and cache hits and misses among them.
     totals: [std::sync::atomic::AtomicU64; 3],
+    lost: Family<UpstreamOnly, Counter>,
+    /// What `/readyz` says, fed by the same events as the counters.
+    pub health: crate::health::Health,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct UpstreamOnly {
+    upstream: String,
 }
 
 impl Default for Metrics {
@@ -96,6 +104,12 @@ impl Metrics {
             "cache_busts",
             "Mastodon cache-buster requests: ok (purged and tombstoned), refused (wrong secret: served as a read), error (tombstone not saved)",
             busts.clone(),
+        );
+        let lost = Family::<UpstreamOnly, Counter>::default();
+        registry.register(
+            "upstream_lost_objects",
+            "404s from an upstream for keys it had served before (its cache entry says so): a bucket losing objects",
+            lost.clone(),
         );
         let cache = CacheCounters::default();
         registry.register(
@@ -162,6 +176,24 @@ impl Metrics {
             upstream,
             busts,
             totals: Default::default(),
+            lost,
+            health: Default::default(),
+        }
+    }
+
+    /// `upstream` answered 404 for `key`, which it had served before.
+    pub fn lost_object(&self, upstream: &str, key: &str) {
+        self.lost
+            .get_or_create(&UpstreamOnly {
+                upstream: upstream.to_string(),
+            })
+            .inc();
+        if self.health.lost(upstream, key) {
+            tracing::warn!(
+                upstream,
+                key,
+                "the upstream lost an object it served before (404 now)"
+            );
         }
     }
 

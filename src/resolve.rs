@@ -86,11 +86,16 @@ async fn find(
             _ => Outcome::NotFound(None),
         };
     }
+    let filled_by = match &stale {
+        Some(Cached::Found(obj)) => obj.meta.origin.clone(),
+        _ => None,
+    };
     if method == Method::Get {
         let origin = || -> Arc<dyn Origin> {
             Arc::new(Chain {
                 rt: rt.clone(),
                 key: key.clone(),
+                filled_by: filled_by.clone(),
             })
         };
         match rt.cache.lead(key.as_str(), rt.policy()).await {
@@ -130,7 +135,7 @@ async fn find(
     }
     // HEAD, a follower's seek, or a follower whose fill failed or timed out: ask upstreams directly,
     // without filling.
-    match ask(rt, key, method, range).await {
+    match ask(rt, key, method, range, filled_by.as_deref()).await {
         Answer::Found(obj) => Outcome::Found(obj),
         Answer::NotFound => Outcome::NotFound(None),
         Answer::Failed => serve_stale(rt, key, stale),
@@ -151,11 +156,19 @@ fn starts_past_zero(range: Option<&HeaderValue>) -> bool {
 struct Chain {
     rt: Arc<Runtime>,
     key: Key,
+    /// The upstream that filled the expired entry, if any (see [`ask`]).
+    filled_by: Option<Arc<str>>,
 }
 
 impl Origin for Chain {
     fn fetch(&self) -> BoxFuture<'_, Answer> {
-        Box::pin(ask(&self.rt, &self.key, Method::Get, None))
+        Box::pin(ask(
+            &self.rt,
+            &self.key,
+            Method::Get,
+            None,
+            self.filled_by.as_deref(),
+        ))
     }
 
     fn resume<'a>(
@@ -231,16 +244,29 @@ fn from_cache(cached: Cached, source: Source) -> Outcome {
     }
 }
 
-async fn ask(rt: &Runtime, key: &Key, method: Method, range: Option<&HeaderValue>) -> Answer {
+/// Asks the upstreams in order. `filled_by`: the origin of the expired cache entry for the key, if
+/// any: that upstream served the key before, so a 404 from it now is an object it lost.
+async fn ask(
+    rt: &Runtime,
+    key: &Key,
+    method: Method,
+    range: Option<&HeaderValue>,
+    filled_by: Option<&str>,
+) -> Answer {
     let mut failed = false;
     for up in rt.chain(key) {
         match up.fetch(method, key, range).await {
             Ok(Fetched::Found(obj)) => {
                 rt.metrics.upstream_result(&up.name, "found");
+                rt.metrics.health.answered(&up.name);
                 return Answer::Found(obj);
             }
             Ok(Fetched::NotFound) => {
                 rt.metrics.upstream_result(&up.name, "not_found");
+                rt.metrics.health.answered(&up.name);
+                if filled_by == Some(&*up.origin) {
+                    rt.metrics.lost_object(&up.name, key.as_str());
+                }
                 if rt.copy_target().is_some_and(|t| std::ptr::eq(t, up)) {
                     // Its copy can skip asking the target again.
                     rt.copier.target_lacks(&up.origin, key);
@@ -248,6 +274,7 @@ async fn ask(rt: &Runtime, key: &Key, method: Method, range: Option<&HeaderValue
             }
             Err(e) => {
                 rt.metrics.upstream_result(&up.name, "error");
+                rt.metrics.health.failed(&up.name, &e);
                 tracing::warn!(upstream = %up.name, %key, error = %e, "upstream failed, trying the next");
                 failed = true;
             }

@@ -24,6 +24,7 @@ use crate::runtime::{Runtime, RuntimeError};
 mod connection;
 mod listeners;
 mod notify;
+mod probe;
 mod reload;
 mod stall;
 mod streams;
@@ -59,6 +60,20 @@ pub async fn run(config: Config, config_path: Option<PathBuf>) -> Result<(), Ser
     let mut int = signal(SignalKind::interrupt()).map_err(ServerError::Signal)?;
     let metrics = Arc::new(Metrics::new());
     let server_cfg = config.server.clone();
+    // The admin listener first: `/readyz` says 503 while the rest starts.
+    let admin_parts = Arc::new(std::sync::OnceLock::new());
+    let mut admin_task = None;
+    if let Some(addr) = server_cfg.admin_listen {
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|source| ServerError::Bind { addr, source })?;
+        tracing::info!(%addr, "admin listening");
+        admin_task = Some(tokio::spawn(admin::serve(
+            listener,
+            metrics.clone(),
+            admin_parts.clone(),
+        )));
+    }
     let cache = Cache::open(
         &config.cache,
         open_files_within_limit(config.cache.open_files),
@@ -79,30 +94,24 @@ pub async fn run(config: Config, config_path: Option<PathBuf>) -> Result<(), Ser
 
     let (tx, mut accepted) = mpsc::channel::<TcpStream>(1024);
     let mut accept_tasks = Vec::new();
-    let mut admin_task = None;
     for (listener, addr) in listeners::media(&server_cfg.listen).await? {
         tracing::info!(%addr, tls = server_cfg.tls.is_some(), "listening");
         accept_tasks.push(tokio::spawn(accept_loop(listener, tx.clone())));
     }
     drop(tx);
-    if let Some(addr) = server_cfg.admin_listen {
-        let listener = TcpListener::bind(addr)
-            .await
-            .map_err(|source| ServerError::Bind { addr, source })?;
-        tracing::info!(%addr, "admin listening");
-        admin_task = Some(tokio::spawn(admin::serve(
-            listener,
-            metrics.clone(),
-            cache.clone(),
-            copier.clone(),
-        )));
-    }
+    let _ = admin_parts.set(admin::Parts {
+        cache: cache.clone(),
+        copier: copier.clone(),
+        runtime: shared.clone(),
+    });
 
     let conns = ArcSwap::from_pointee(Conn::new(&server_cfg)?);
 
     // Each connection holds a receiver: the drain at shutdown flips it and waits for them all to drop.
     let (stop, stop_rx) = tokio::sync::watch::channel(false);
+    metrics.health.set_phase(crate::health::Phase::Ready);
     notify::ready();
+    let prober = probe::spawn(shared.clone());
     let pinger = notify::spawn_pinger(metrics.clone(), copier.clone());
 
     loop {
@@ -122,7 +131,9 @@ pub async fn run(config: Config, config_path: Option<PathBuf>) -> Result<(), Ser
         connections = stop.receiver_count() - 1,
         "stopping: no new connections, finishing responses"
     );
+    metrics.health.set_phase(crate::health::Phase::Stopping);
     notify::stopping();
+    prober.abort();
     for task in accept_tasks {
         task.abort();
         let _ = task.await;

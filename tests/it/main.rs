@@ -11,5 +11,6 @@ mod local;
 mod mastodon;
 mod migrate;
 mod privacy;
+mod readiness;
 mod restart;
 mod upstreams;

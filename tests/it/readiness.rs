@@ -1,0 +1,134 @@
+//! `/readyz`: ready or not, and how each upstream is doing, including objects a bucket lost.
+
+use std::time::Duration;
+
+use crate::common::*;
+
+const KEY: &str = "media_attachments/files/000/000/001/original/a.jpg";
+
+async fn readyz(port: u16) -> (u16, String) {
+    let r = client()
+        .get(format!("http://127.0.0.1:{port}/readyz"))
+        .send()
+        .await
+        .unwrap();
+    (r.status().as_u16(), r.text().await.unwrap())
+}
+
+fn line<'a>(body: &'a str, name: &str) -> &'a str {
+    body.lines()
+        .find(|l| l.split(' ').next() == Some(name))
+        .unwrap_or_else(|| panic!("no line for {name}: {body}"))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn readyz_names_each_upstream_ok_failing_or_unresolved() {
+    let s3 = S3Server::start(&["media"], true).await;
+    s3.put("media", KEY, b"jpeg".to_vec(), "image/jpeg").await;
+    let root = mastodon_root();
+    write_file(root.path(), "accounts/avatars/1/me.png", b"local");
+    let admin = closed_port();
+    let body = format!(
+        "[local]\nroots = [\"{}\"]\n\n[[upstream]]\nname = \"nowhere\"\ntype = \"http\"\nurl = \"http://mediaproxy-test-no-such-host.invalid\"\n\n[[upstream]]\nname = \"closed\"\ntype = \"http\"\nurl = \"http://127.0.0.1:{}\"\n\n{}",
+        root.path().display(),
+        closed_port(),
+        s3.s3_upstream("good", "media")
+    );
+    let proxy = Proxy::start_with_server(&body, &format!("admin_listen = \"127.0.0.1:{admin}\""));
+    // Without a resolver for one bucket the proxy starts, serves local files and the other buckets.
+    assert_eq!(get(&proxy, "accounts/avatars/1/me.png").await.1, "LOCAL");
+    assert_eq!(get(&proxy, KEY).await.0, 200);
+    let ok = eventually(Duration::from_secs(10), || async {
+        let (status, body) = readyz(admin).await;
+        status == 200
+            && line(&body, "nowhere").starts_with("nowhere unresolved")
+            && line(&body, "closed").starts_with("closed failing")
+            && line(&body, "good") == "good ok"
+    })
+    .await;
+    let (status, body) = readyz(admin).await;
+    assert!(ok, "{status}\n{body}");
+    assert!(body.starts_with("ready\n"), "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn readyz_is_503_while_stopping() {
+    let up = RawUpstream::start(Behaviour::Paced {
+        body: pattern(400_000, 3),
+        chunk: 10_000,
+        pace: Duration::from_millis(50),
+        die_after: None,
+        etag: None,
+        replaced_by: None,
+    })
+    .await;
+    let admin = closed_port();
+    let proxy = Proxy::start_with_server(
+        &up.http_upstream("slow"),
+        &format!("admin_listen = \"127.0.0.1:{admin}\""),
+    );
+    assert_eq!(readyz(admin).await.0, 200);
+    // A response in flight keeps the process draining for a while after SIGTERM.
+    let slow = client()
+        .get(proxy.url(&format!("/{KEY}")))
+        .send()
+        .await
+        .unwrap();
+    proxy.signal("TERM");
+    let stopping = eventually(Duration::from_secs(3), || async {
+        let (status, body) = readyz(admin).await;
+        status == 503 && body.starts_with("stopping\n")
+    })
+    .await;
+    assert!(stopping, "{:?}", readyz(admin).await);
+    assert_eq!(
+        slow.bytes().await.unwrap().len(),
+        400_000,
+        "the drain finished it"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_bucket_that_loses_an_object_is_noticed_and_healed_from_an_older_one() {
+    let (new, old) = two_buckets().await;
+    new.put("new", KEY, b"jpeg".to_vec(), "image/jpeg").await;
+    old.put("old", KEY, b"jpeg".to_vec(), "image/jpeg").await;
+    let admin = closed_port();
+    let proxy = Proxy::start_with_server(
+        &format!(
+            "[cache]\ndir = \"{{dir}}/cache\"\nttl_ok = \"1s\"\n\n{}{}",
+            new.s3_target("new", "new", ""),
+            old.s3_upstream("old", "old")
+        ),
+        &format!("admin_listen = \"127.0.0.1:{admin}\""),
+    );
+    assert_eq!(get(&proxy, KEY).await.1, "MISS");
+    wait_hit(&proxy, KEY).await;
+    // The new bucket "desynchronizes": the object it served is gone.
+    new.delete("new", KEY).await;
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    let (status, _, got) = get(&proxy, KEY).await;
+    assert_eq!(
+        (status, &got[..]),
+        (200, &b"jpeg"[..]),
+        "the old bucket still serves it"
+    );
+    let m = metrics(admin).await;
+    assert_eq!(
+        metric_value(
+            &m,
+            "mediaproxy_upstream_lost_objects_total{upstream=\"new\"}"
+        ),
+        1,
+        "{m}"
+    );
+    let (_, body) = readyz(admin).await;
+    assert!(line(&body, "new").contains("lost_objects=1"), "{body}");
+    assert!(proxy.log().contains("lost an object"), "logged");
+    // Lazy copy puts it back into the bucket that lost it.
+    let healed = eventually(Duration::from_secs(10), || async {
+        new.object("new", KEY).await.is_some()
+    })
+    .await;
+    assert!(healed, "copied back from the old bucket");
+}

@@ -76,6 +76,7 @@ run() { # MODE REP → one line of results
   cat > "$W/mp.toml" <<EOF
 [server]
 listen = ["127.0.0.1:$mpport"]
+access_log = false
 admin_listen = "127.0.0.1:$admin"
 [local]
 roots = []

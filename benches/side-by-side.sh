@@ -149,6 +149,7 @@ MPPORT=$(port)
 cat > "$W/mp.toml" <<EOF
 [server]
 listen = ["127.0.0.1:$MPPORT"]
+access_log = false
 [local]
 roots = ["$W/local"]
 [cache]

@@ -112,6 +112,8 @@ pub struct Server {
     /// from every source, so private objects in the same bucket (user archives) never leak.
     pub allow_prefixes: Vec<String>,
     pub cache_buster: Option<CacheBuster>,
+    /// One line per request on stderr (journald), like nginx's access log; a reload turns it on or off.
+    pub access_log: bool,
 }
 
 /// Mastodon's `CACHE_BUSTER_SECRET_HEADER` and `CACHE_BUSTER_SECRET`: a request carrying both purges

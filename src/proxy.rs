@@ -51,13 +51,20 @@ async fn answer<B>(rt: &Arc<Runtime>, req: &Request<B>) -> Response<ResponseBody
         upstream::Method::Head => None,
     };
     match resolve::lookup(rt, &key, method, range).await {
-        Outcome::Found(obj) => respond::build(
-            obj,
-            &RequestInfo {
-                method: req.method(),
-                headers: req.headers(),
-            },
-        ),
+        Outcome::Found(obj) => {
+            let served_by = served_by(rt, &obj.meta);
+            let mut resp = respond::build(
+                obj,
+                &RequestInfo {
+                    method: req.method(),
+                    headers: req.headers(),
+                },
+            );
+            if let Some(name) = served_by {
+                resp.extensions_mut().insert(ServedBy(name));
+            }
+            resp
+        }
         Outcome::NotFound(source) => {
             let mut resp = respond::error(StatusCode::NOT_FOUND);
             if let Some(source) = source {
@@ -70,6 +77,21 @@ async fn answer<B>(rt: &Arc<Runtime>, req: &Request<B>) -> Response<ResponseBody
         }
         Outcome::Failed => respond::error(StatusCode::BAD_GATEWAY),
     }
+}
+
+/// The upstream that answered a miss, for the access log (its name in the config in force).
+#[derive(Clone)]
+pub struct ServedBy(pub String);
+
+fn served_by(rt: &Runtime, meta: &crate::object::Meta) -> Option<String> {
+    if meta.source != crate::object::Source::Miss {
+        return None;
+    }
+    let origin = meta.origin.as_deref()?;
+    rt.upstreams
+        .iter()
+        .find(|u| &*u.origin == origin)
+        .map(|u| u.name.clone())
 }
 
 /// Mastodon's cache buster (`CACHE_BUSTER_ENABLED`): a GET or PURGE carrying the configured header with

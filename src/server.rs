@@ -21,6 +21,7 @@ use crate::copy::{Copier, CopierError};
 use crate::metrics::Metrics;
 use crate::runtime::{Runtime, RuntimeError};
 
+mod access;
 mod connection;
 mod listeners;
 mod notify;

@@ -60,6 +60,7 @@ pub(super) struct FileServer {
     pub(super) allow_prefixes: Vec<String>,
     pub(super) cache_buster_header: Option<String>,
     pub(super) cache_buster_secret_file: Option<PathBuf>,
+    pub(super) access_log: bool,
 }
 
 /// What Mastodon publishes under `S3_ALIAS_HOST`; `backups/` (user archives) and `imports/` are private.
@@ -85,6 +86,7 @@ impl Default for FileServer {
             allow_prefixes: MASTODON_PREFIXES.iter().map(|p| p.to_string()).collect(),
             cache_buster_header: None,
             cache_buster_secret_file: None,
+            access_log: true,
         }
     }
 }

@@ -123,6 +123,7 @@ pub(super) fn validate_server(s: FileServer, base: &Path) -> Result<Server, Conf
         header_read_timeout: s.header_read_timeout.0,
         send_timeout: s.send_timeout.0,
         shutdown_timeout: s.shutdown_timeout.0,
+        access_log: s.access_log,
     })
 }
 

@@ -13,6 +13,7 @@ use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
 
+use super::access::Entry;
 use super::stall::StallGuard;
 use super::streams::{Streams, Verdict, Watched};
 use super::ServerError;
@@ -59,13 +60,14 @@ impl Conn {
         shared: Arc<arc_swap::ArcSwap<Runtime>>,
         stop: watch::Receiver<bool>,
     ) {
+        let client = stream.peer_addr().ok();
         let result = match self.tls.clone() {
-            None => self.drive(stream, shared, stop).await,
+            None => self.drive(stream, client, shared, stop).await,
             Some(acceptor) => {
                 let accepted =
                     tokio::time::timeout(self.header_read_timeout, acceptor.accept(stream)).await;
                 match accepted {
-                    Ok(Ok(tls)) => self.drive(tls, shared, stop).await,
+                    Ok(Ok(tls)) => self.drive(tls, client, shared, stop).await,
                     Ok(Err(e)) => return tracing::debug!(error = %e, "TLS handshake failed"),
                     Err(_) => return tracing::debug!("TLS handshake timed out"),
                 }
@@ -79,6 +81,7 @@ impl Conn {
     async fn drive<I>(
         &self,
         io: I,
+        client: Option<std::net::SocketAddr>,
         shared: Arc<arc_swap::ArcSwap<Runtime>>,
         mut stop: watch::Receiver<bool>,
     ) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
@@ -91,9 +94,18 @@ impl Conn {
             let rt = shared.load_full();
             let clock = on_conn.opened();
             let timed = req.version() == http::Version::HTTP_2;
+            let log = rt
+                .config
+                .server
+                .access_log
+                .then(|| Box::new(Entry::new(client, req.method(), req.uri().path())));
             async move {
                 let resp = proxy::handle(rt, req).await;
-                Ok::<_, Infallible>(resp.map(|body| Watched::new(body, clock, timed)))
+                let log = log.map(|mut log| {
+                    log.answered(&resp);
+                    log
+                });
+                Ok::<_, Infallible>(resp.map(|body| Watched::new(body, clock, timed, log)))
             }
         });
         let io = TokioIo::new(StallGuard::new(io, self.send_timeout));

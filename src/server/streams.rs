@@ -167,13 +167,20 @@ pub struct Watched<B> {
     inner: B,
     clock: Arc<Clock>,
     timed: bool,
+    /// The request's access-log line, written when the body is dropped (with the bytes that left).
+    log: Option<Box<super::access::Entry>>,
     /// What is left of the last chunk polled from `inner`, handed over [`STEP`] at a time.
     rest: Bytes,
 }
 
 impl<B> Watched<B> {
     /// The response is handed to hyper: from now on it waits on the client until polled.
-    pub fn new(inner: B, clock: Arc<Clock>, timed: bool) -> Watched<B> {
+    pub fn new(
+        inner: B,
+        clock: Arc<Clock>,
+        timed: bool,
+        log: Option<Box<super::access::Entry>>,
+    ) -> Watched<B> {
         if timed {
             clock.handed();
         }
@@ -181,6 +188,7 @@ impl<B> Watched<B> {
             inner,
             clock,
             timed,
+            log,
             rest: Bytes::new(),
         }
     }
@@ -204,11 +212,19 @@ where
     ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
         let this = &mut *self;
         if !this.timed {
-            return Pin::new(&mut this.inner).poll_frame(cx);
+            let poll = Pin::new(&mut this.inner).poll_frame(cx);
+            if let (Some(log), Poll::Ready(Some(Ok(frame)))) = (this.log.as_mut(), &poll) {
+                log.bytes += frame.data_ref().map_or(0, |d| d.len() as u64);
+            }
+            return poll;
         }
         if !this.rest.is_empty() {
             this.clock.moved();
-            return Poll::Ready(Some(Ok(Frame::data(this.step()))));
+            let step = this.step();
+            if let Some(log) = this.log.as_mut() {
+                log.bytes += step.len() as u64;
+            }
+            return Poll::Ready(Some(Ok(Frame::data(step))));
         }
         let poll = Pin::new(&mut this.inner).poll_frame(cx);
         match poll {
@@ -222,7 +238,11 @@ where
                 match frame.into_data() {
                     Ok(data) => {
                         this.rest = data;
-                        Poll::Ready(Some(Ok(Frame::data(this.step()))))
+                        let step = this.step();
+                        if let Some(log) = this.log.as_mut() {
+                            log.bytes += step.len() as u64;
+                        }
+                        Poll::Ready(Some(Ok(Frame::data(step))))
                     }
                     Err(frame) => Poll::Ready(Some(Ok(frame))),
                 }
@@ -262,7 +282,7 @@ mod tests {
             Verdict::Fine,
             "a request being answered is not waiting on the client"
         );
-        let _body = Watched::new(http_body_util::Empty::<Bytes>::new(), clock, true);
+        let _body = Watched::new(http_body_util::Empty::<Bytes>::new(), clock, true, None);
         assert_eq!(
             streams.verdict(Duration::ZERO, Duration::from_secs(60)),
             Verdict::Stalled

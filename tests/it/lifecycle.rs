@@ -306,3 +306,42 @@ fn the_systemd_units_pass_systemd_analyze_verify() {
         .collect();
     assert!(out.status.success() && ours.is_empty(), "{stderr}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_access_log_line_per_request_unless_turned_off() {
+    let s3 = S3Server::start(&["media"], true).await;
+    let key = "media_attachments/files/000/000/001/original/a.jpg";
+    s3.put("media", key, pattern(12_345, 1), "image/jpeg").await;
+    let proxy = Proxy::start(&s3.s3_upstream("bucket", "media"));
+    assert_eq!(get(&proxy, key).await.1, "MISS");
+    wait_hit(&proxy, key).await;
+    let log = proxy.log();
+    let lines: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("mediaproxy::access"))
+        .collect();
+    let miss = lines
+        .iter()
+        .find(|l| l.contains(" MISS "))
+        .unwrap_or_else(|| panic!("no access line for the miss:\n{log}"));
+    for part in [
+        "127.0.0.1:",
+        &format!("\"GET /{key}\""),
+        " 200 MISS 12345 ",
+        "upstream=bucket",
+    ] {
+        assert!(miss.contains(part), "{part:?} in {miss}");
+    }
+    assert!(lines
+        .iter()
+        .any(|l| l.contains(" 200 HIT 12345 ") && l.contains("upstream=-")));
+
+    let quiet = Proxy::start_with_server(&s3.s3_upstream("bucket", "media"), "access_log = false");
+    assert_eq!(get(&quiet, key).await.0, 200);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        !quiet.log().contains("mediaproxy::access"),
+        "{}",
+        quiet.log()
+    );
+}

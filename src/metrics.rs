@@ -5,6 +5,7 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -14,7 +15,7 @@ struct RequestLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct ResultLabel {
+pub struct ResultLabel {
     result: &'static str,
 }
 
@@ -31,6 +32,9 @@ pub struct CacheCounters {
     pub corrupt: Counter,
     pub fills_cancelled: Counter,
     pub verifications: Counter,
+    pub evictions: Counter,
+    /// Fills by how they ended: `stored` (a new entry), `failed` (upstream or disk), `voided` (busted).
+    pub fills: Family<ResultLabel, Counter>,
     bytes: Gauge,
     entries: Gauge,
     open_files: Gauge,
@@ -38,6 +42,10 @@ pub struct CacheCounters {
 }
 
 impl CacheCounters {
+    pub fn fill(&self, result: &'static str) {
+        self.fills.get_or_create(&ResultLabel { result }).inc();
+    }
+
     pub fn set_usage(&self, bytes: u64, entries: u64, open_files: usize, tombstones: usize) {
         let clamp = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
         self.bytes.set(clamp(bytes));
@@ -69,6 +77,8 @@ pub struct Metrics {
     /// For the one-line status systemd shows: requests, and cache hits and misses among them.
     totals: [std::sync::atomic::AtomicU64; 3],
     lost: Family<UpstreamOnly, Counter>,
+    upstream_seconds: Family<UpstreamOnly, Histogram>,
+    sent_bytes: Counter,
     /// What `/readyz` says, fed by the same events as the counters.
     pub health: crate::health::Health,
 }
@@ -111,7 +121,32 @@ impl Metrics {
             "404s from an upstream for keys it had served before (its cache entry says so): a bucket losing objects",
             lost.clone(),
         );
+        let upstream_seconds = Family::<UpstreamOnly, Histogram>::new_with_constructor(|| {
+            // 5 ms to about 10 s.
+            Histogram::new(exponential_buckets(0.005, 2.0, 12))
+        });
+        registry.register(
+            "upstream_request_duration_seconds",
+            "Time from asking an upstream to its response headers (or error), by upstream",
+            upstream_seconds.clone(),
+        );
+        let sent_bytes = Counter::default();
+        registry.register(
+            "sent_bytes",
+            "Response body bytes sent to clients (all sources)",
+            sent_bytes.clone(),
+        );
         let cache = CacheCounters::default();
+        registry.register(
+            "cache_evictions",
+            "Entries deleted to keep cache.max_size or because cache.inactive passed",
+            cache.evictions.clone(),
+        );
+        registry.register(
+            "cache_fills",
+            "Cache fills by how they ended: stored, failed (upstream or disk), voided (busted meanwhile)",
+            cache.fills.clone(),
+        );
         registry.register(
             "cache_write_errors",
             "Cache fills that could not be written (disk full, I/O error); clients were still served",
@@ -177,8 +212,22 @@ impl Metrics {
             busts,
             totals: Default::default(),
             lost,
+            upstream_seconds,
+            sent_bytes,
             health: Default::default(),
         }
+    }
+
+    pub fn upstream_duration(&self, upstream: &str, seconds: f64) {
+        self.upstream_seconds
+            .get_or_create(&UpstreamOnly {
+                upstream: upstream.to_string(),
+            })
+            .observe(seconds);
+    }
+
+    pub fn sent(&self, bytes: u64) {
+        self.sent_bytes.inc_by(bytes);
     }
 
     /// `upstream` answered 404 for `key`, which it had served before.

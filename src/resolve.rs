@@ -255,7 +255,11 @@ async fn ask(
 ) -> Answer {
     let mut failed = false;
     for up in rt.chain(key) {
-        match up.fetch(method, key, range).await {
+        let asked = std::time::Instant::now();
+        let answer = up.fetch(method, key, range).await;
+        rt.metrics
+            .upstream_duration(&up.name, asked.elapsed().as_secs_f64());
+        match answer {
             Ok(Fetched::Found(obj)) => {
                 rt.metrics.upstream_result(&up.name, "found");
                 rt.metrics.health.answered(&up.name);

@@ -350,11 +350,15 @@ async fn run(
     };
     // Released before the entry is published, which counts its real size.
     drop(reserved);
+    if !complete || writer.is_none() {
+        cache.counters.fill("failed");
+    }
     if complete {
         if let (Some(w), Some(g)) = (writer.take(), guard.as_mut()) {
-            let (cache, hash, shared) = (cache.clone(), g.hash, g.shared.clone());
+            let (c, hash, shared) = (cache.clone(), g.hash, g.shared.clone());
             let entry = entry.clone();
             let stored = tokio::task::spawn_blocking(move || {
+                let cache = c;
                 // Voided: waiting followers find no entry and ask the upstreams anew.
                 let stored = w.seal(cache.store(), &entry).and_then(|sealed| {
                     cache.index.publish(hash, sealed, false, || shared.voided())
@@ -365,8 +369,14 @@ async fn run(
                 stored.is_ok()
             })
             .await;
-            if stored.unwrap_or(false) {
+            let stored = stored.unwrap_or(false);
+            if stored && g.shared.voided() {
+                cache.counters.fill("voided");
+            } else if stored {
+                cache.counters.fill("stored");
                 g.status = Status::Done;
+            } else {
+                cache.counters.fill("failed");
             }
         }
     }

@@ -69,6 +69,8 @@ pub struct Index {
     /// of the same key never interleave. Separate from `inner`, which hits take: a disk that stops
     /// answering stalls the holder of this lock (on the blocking pool), never a hit.
     paths: Arc<Mutex<()>>,
+    /// Counts the entries evicted (`mediaproxy_cache_evictions_total`).
+    evictions: prometheus_client::metrics::counter::Counter,
     store: Store,
     /// Descriptors of recently read small entries; dropped here whenever their file goes.
     open: Arc<OpenFiles>,
@@ -99,6 +101,7 @@ impl Index {
     pub fn new(store: Store, max_size: u64, inactive: Duration, open_files: usize) -> Index {
         Index {
             paths: Arc::default(),
+            evictions: Default::default(),
             inner: Arc::new(Mutex::new(Inner {
                 lru: LruCache::unbounded(),
                 bytes: 0,
@@ -388,11 +391,18 @@ impl Index {
             if self.lock().lru.contains(&hash) {
                 continue;
             }
-            self.store.remove(hash);
+            if self.store.remove(hash) {
+                self.evictions.inc();
+            }
             drop(paths);
             // Closed too, or the unlinked file would keep its blocks until the descriptor is pushed out.
             self.open.drop_entry(hash);
         }
+    }
+
+    /// Counts evictions into `counter` (the one registered for `/metrics`).
+    pub fn count_evictions_in(&mut self, counter: prometheus_client::metrics::counter::Counter) {
+        self.evictions = counter;
     }
 
     pub fn open_count(&self) -> usize {

@@ -103,7 +103,8 @@ impl Cache {
         let store = Store::open(dir).map_err(error)?;
         let tombstones =
             KeySet::open(dir, "tombstones", cfg.tombstone_ttl, usize::MAX).map_err(error)?;
-        let index = Index::new(store.clone(), cfg.max_size, cfg.inactive, open_files);
+        let mut index = Index::new(store.clone(), cfg.max_size, cfg.inactive, open_files);
+        index.count_evictions_in(counters.evictions.clone());
         index.load_in_background();
         Ok(Arc::new(Cache {
             store,

@@ -100,12 +100,13 @@ impl Conn {
                 .access_log
                 .then(|| Box::new(Entry::new(client, req.method(), req.uri().path())));
             async move {
+                let metrics = rt.metrics.clone();
                 let resp = proxy::handle(rt, req).await;
                 let log = log.map(|mut log| {
                     log.answered(&resp);
                     log
                 });
-                Ok::<_, Infallible>(resp.map(|body| Watched::new(body, clock, timed, log)))
+                Ok::<_, Infallible>(resp.map(|body| Watched::new(body, clock, timed, log, metrics)))
             }
         });
         let io = TokioIo::new(StallGuard::new(io, self.send_timeout));

@@ -169,6 +169,9 @@ pub struct Watched<B> {
     timed: bool,
     /// The request's access-log line, written when the body is dropped (with the bytes that left).
     log: Option<Box<super::access::Entry>>,
+    /// Body bytes handed to hyper, for `mediaproxy_sent_bytes_total` and the access log.
+    sent: u64,
+    metrics: Arc<crate::metrics::Metrics>,
     /// What is left of the last chunk polled from `inner`, handed over [`STEP`] at a time.
     rest: Bytes,
 }
@@ -180,6 +183,7 @@ impl<B> Watched<B> {
         clock: Arc<Clock>,
         timed: bool,
         log: Option<Box<super::access::Entry>>,
+        metrics: Arc<crate::metrics::Metrics>,
     ) -> Watched<B> {
         if timed {
             clock.handed();
@@ -189,6 +193,8 @@ impl<B> Watched<B> {
             clock,
             timed,
             log,
+            sent: 0,
+            metrics,
             rest: Bytes::new(),
         }
     }
@@ -196,6 +202,15 @@ impl<B> Watched<B> {
     fn step(&mut self) -> Bytes {
         let n = self.rest.len().min(STEP);
         self.rest.split_to(n)
+    }
+}
+
+impl<B> Drop for Watched<B> {
+    fn drop(&mut self) {
+        self.metrics.sent(self.sent);
+        if let Some(log) = self.log.as_mut() {
+            log.bytes = self.sent; // written as the entry drops, right after this
+        }
     }
 }
 
@@ -213,17 +228,15 @@ where
         let this = &mut *self;
         if !this.timed {
             let poll = Pin::new(&mut this.inner).poll_frame(cx);
-            if let (Some(log), Poll::Ready(Some(Ok(frame)))) = (this.log.as_mut(), &poll) {
-                log.bytes += frame.data_ref().map_or(0, |d| d.len() as u64);
+            if let Poll::Ready(Some(Ok(frame))) = &poll {
+                this.sent += frame.data_ref().map_or(0, |d| d.len() as u64);
             }
             return poll;
         }
         if !this.rest.is_empty() {
             this.clock.moved();
             let step = this.step();
-            if let Some(log) = this.log.as_mut() {
-                log.bytes += step.len() as u64;
-            }
+            this.sent += step.len() as u64;
             return Poll::Ready(Some(Ok(Frame::data(step))));
         }
         let poll = Pin::new(&mut this.inner).poll_frame(cx);
@@ -239,9 +252,7 @@ where
                     Ok(data) => {
                         this.rest = data;
                         let step = this.step();
-                        if let Some(log) = this.log.as_mut() {
-                            log.bytes += step.len() as u64;
-                        }
+                        this.sent += step.len() as u64;
                         Poll::Ready(Some(Ok(Frame::data(step))))
                     }
                     Err(frame) => Poll::Ready(Some(Ok(frame))),
@@ -282,7 +293,14 @@ mod tests {
             Verdict::Fine,
             "a request being answered is not waiting on the client"
         );
-        let _body = Watched::new(http_body_util::Empty::<Bytes>::new(), clock, true, None);
+        let metrics = Arc::new(crate::metrics::Metrics::new());
+        let _body = Watched::new(
+            http_body_util::Empty::<Bytes>::new(),
+            clock,
+            true,
+            None,
+            metrics,
+        );
         assert_eq!(
             streams.verdict(Duration::ZERO, Duration::from_secs(60)),
             Verdict::Stalled

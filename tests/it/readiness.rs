@@ -132,3 +132,77 @@ async fn a_bucket_that_loses_an_object_is_noticed_and_healed_from_an_older_one()
     .await;
     assert!(healed, "copied back from the old bucket");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn metrics_parse_as_prometheus_text_and_count_what_happened() {
+    let s3 = S3Server::start(&["media"], true).await;
+    s3.put("media", KEY, pattern(10_000, 2), "image/jpeg").await;
+    let admin = closed_port();
+    let proxy = Proxy::start_with_server(
+        &s3.s3_upstream("bucket", "media"),
+        &format!("admin_listen = \"127.0.0.1:{admin}\""),
+    );
+    assert_eq!(get(&proxy, KEY).await.1, "MISS");
+    wait_hit(&proxy, KEY).await; // one or more HITs
+    let missing = "media_attachments/files/000/000/002/original/none.jpg";
+    assert_eq!(get(&proxy, missing).await.0, 404);
+    let text = metrics(admin).await;
+    let lines = text.lines().map(|l| Ok(l.to_string()));
+    let scrape = prometheus_parse::Scrape::parse(lines).expect("Prometheus text format");
+    let value = |name: &str, labels: &[(&str, &str)]| -> f64 {
+        scrape
+            .samples
+            .iter()
+            .filter(|s| s.metric == name)
+            .filter(|s| labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
+            .map(|s| match &s.value {
+                prometheus_parse::Value::Counter(v)
+                | prometheus_parse::Value::Gauge(v)
+                | prometheus_parse::Value::Untyped(v) => *v,
+                prometheus_parse::Value::Histogram(h) => {
+                    h.iter().map(|c| c.count).fold(0.0, f64::max)
+                }
+                _ => 0.0,
+            })
+            .sum()
+    };
+    let hits = value("mediaproxy_requests_total", &[("x_cache", "HIT")]);
+    assert_eq!(
+        value("mediaproxy_requests_total", &[("x_cache", "MISS")]),
+        1.0
+    );
+    assert!(hits >= 1.0);
+    assert_eq!(
+        value("mediaproxy_requests_total", &[("status", "404")]),
+        1.0
+    );
+    assert_eq!(
+        value(
+            "mediaproxy_upstream_requests_total",
+            &[("upstream", "bucket"), ("result", "found")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        value(
+            "mediaproxy_upstream_requests_total",
+            &[("upstream", "bucket"), ("result", "not_found")]
+        ),
+        1.0
+    );
+    // Two questions asked of the bucket, both timed.
+    assert_eq!(
+        value(
+            "mediaproxy_upstream_request_duration_seconds",
+            &[("upstream", "bucket")]
+        ),
+        2.0,
+        "{text}"
+    );
+    assert_eq!(
+        value("mediaproxy_cache_fills_total", &[("result", "stored")]),
+        1.0
+    );
+    assert!(value("mediaproxy_sent_bytes_total", &[]) >= 10_000.0 * (1.0 + hits));
+    assert!(value("mediaproxy_cache_entries", &[]) >= 1.0, "{text}");
+}

@@ -9,6 +9,7 @@ pub mod check;
 pub mod cmd;
 pub mod config;
 pub mod copy;
+pub mod envfile;
 pub mod health;
 pub mod key;
 pub mod keys;

@@ -29,6 +29,21 @@ enum Command {
         #[command(subcommand)]
         action: CacheAction,
     },
+    /// Write a commented config from Mastodon's .env.production (secrets into 0600 files beside it).
+    Init {
+        /// Mastodon's .env.production.
+        #[arg(long, value_name = "FILE")]
+        mastodon_env: PathBuf,
+        #[arg(
+            long,
+            value_name = "FILE",
+            default_value = "/etc/mediaproxy/proxy.toml"
+        )]
+        output: PathBuf,
+        /// Replace an existing config and its secret files.
+        #[arg(long)]
+        force: bool,
+    },
     /// Validate the config and probe every upstream (DNS, connect, a signed request); exit 1 on any failure.
     Check {
         #[arg(long)]
@@ -215,6 +230,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             };
             exit(rt.block_on(mediaproxy::cmd::verify::run(cfg, args)))
         }
+        Command::Init {
+            mastodon_env,
+            output,
+            force,
+        } => exit(init(mastodon_env, output, force)),
         Command::Check { config } => {
             let cfg = Config::load(&config)?;
             println!("config {}: ok", config.display());
@@ -300,6 +320,21 @@ fn load_or_exit_2(path: &std::path::Path) -> anyhow::Result<Config> {
         eprintln!("mediaproxy: {e}");
         std::process::exit(2)
     })
+}
+
+fn init(env: PathBuf, output: PathBuf, force: bool) -> Result<u8, mediaproxy::cmd::Usage> {
+    use mediaproxy::cmd::init::{run, InitArgs};
+    let written = run(&InitArgs { env, output, force })?;
+    let config = written.config.display();
+    println!("wrote {config}");
+    for s in &written.secrets {
+        println!("wrote {} (0600, owned by you: `chown root:mastodon` and `chmod 0640` it, or chown it to the service user)", s.display());
+    }
+    println!("next:");
+    println!("  mediaproxy check --config {config}");
+    println!("  cp systemd/mediaproxy.service systemd/mediaproxy.socket /etc/systemd/system/ && systemctl daemon-reload");
+    println!("  systemctl enable --now mediaproxy.socket mediaproxy");
+    Ok(0)
 }
 
 fn exit(result: Result<u8, mediaproxy::cmd::Usage>) -> anyhow::Result<ExitCode> {

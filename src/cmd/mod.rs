@@ -2,6 +2,7 @@
 //! `copy`; this file holds what they share: naming upstreams, choosing the key source, and the driver
 //! that runs a bounded number of keys at once, at a bounded rate, saving where it got to.
 
+pub mod init;
 pub mod migrate;
 mod report;
 pub mod verify;
@@ -101,19 +102,8 @@ impl DbArgs {
 /// Mastodon's `DB_HOST`, `DB_PORT`, `DB_NAME`, `DB_USER`, `DB_PASS` (a standard install: a Unix socket
 /// in `/var/run/postgresql`, peer authentication, no password: run as the `mastodon` user).
 fn from_env_file(path: &Path) -> Result<tokio_postgres::Config, Usage> {
-    let text = std::fs::read_to_string(path)
+    let vars = crate::envfile::read(path)
         .map_err(|e| Usage(format!("--mastodon-env {}: {e}", path.display())))?;
-    let mut vars = std::collections::HashMap::new();
-    for line in text.lines() {
-        let line = line.trim();
-        if line.starts_with('#') {
-            continue;
-        }
-        if let Some((k, v)) = line.split_once('=') {
-            let v = v.trim().trim_matches('"').trim_matches('\'');
-            vars.insert(k.trim().to_string(), v.to_string());
-        }
-    }
     let get = |k: &str, default: &str| {
         vars.get(k)
             .filter(|v| !v.is_empty())

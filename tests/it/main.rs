@@ -6,6 +6,7 @@ mod common;
 mod copy;
 mod fills;
 mod http2;
+mod init;
 mod lifecycle;
 mod local;
 mod mastodon;

@@ -90,10 +90,12 @@ impl Conn {
     {
         let streams = Streams::new();
         let on_conn = streams.clone();
+        let stopping = stop.clone();
         let service = service_fn(move |req| {
             let rt = shared.load_full();
             let clock = on_conn.opened();
             let timed = req.version() == http::Version::HTTP_2;
+            let stopping = stopping.clone();
             let log = rt
                 .config
                 .server
@@ -101,7 +103,15 @@ impl Conn {
                 .then(|| Box::new(Entry::new(client, req.method(), req.uri().path())));
             async move {
                 let metrics = rt.metrics.clone();
-                let resp = proxy::handle(rt, req).await;
+                let mut resp = proxy::handle(rt, req).await;
+                if !timed && *stopping.borrow() {
+                    // The process is stopping: say so, so the client opens its next connection (to
+                    // the next process) instead of reusing this one as it closes.
+                    resp.headers_mut().insert(
+                        http::header::CONNECTION,
+                        http::HeaderValue::from_static("close"),
+                    );
+                }
                 let log = log.map(|mut log| {
                     log.answered(&resp);
                     log
@@ -115,18 +125,27 @@ impl Conn {
         let (send_timeout, idle) = (self.send_timeout, self.header_read_timeout);
         let mut tick = tokio::time::interval(watch_interval(send_timeout, idle));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        // Asked to close (the process is stopping), and closing: a connection accepted just before the
-        // stop is closed only once its first request is in (hyper then answers it with
-        // `Connection: close`), since its client sent that request to this process.
-        let mut asked = *stop.borrow();
+        // Asked to close (the process is stopping), then closing. A connection is closed while a
+        // request is in progress on it (hyper answers it with `Connection: close`), or after
+        // CLOSE_GRACE with none: a client whose request is on its way to this process (a connection
+        // accepted just before the stop, or a keep-alive client sending its next request) gets an
+        // answer instead of a closed connection.
+        let mut asked_at = stop.borrow().then(tokio::time::Instant::now);
         let mut closing = false;
         loop {
+            let grace = asked_at.map(|at| at + CLOSE_GRACE);
             tokio::select! {
                 result = conn.as_mut() => return result,
-                changed = stop.changed(), if !asked => {
-                    asked = changed.is_err() || *stop.borrow();
+                changed = stop.changed(), if asked_at.is_none() => {
+                    if changed.is_err() || *stop.borrow() {
+                        asked_at = Some(tokio::time::Instant::now());
+                    }
                 }
-                _ = streams.first_request(), if asked && !closing => {
+                _ = streams.busy(), if asked_at.is_some() && !closing => {
+                    conn.as_mut().graceful_shutdown();
+                    closing = true;
+                }
+                _ = tokio::time::sleep_until(grace.unwrap_or_else(tokio::time::Instant::now)), if grace.is_some() && !closing => {
                     conn.as_mut().graceful_shutdown();
                     closing = true;
                 }
@@ -145,6 +164,10 @@ impl Conn {
         }
     }
 }
+
+/// How long a connection with no request in progress stays open once the process is stopping, for a
+/// request already on its way.
+const CLOSE_GRACE: Duration = Duration::from_millis(500);
 
 /// How often a connection's watchdog looks: a fraction of the shorter limit, so each is enforced within
 /// about a quarter of its length, and never a busy loop.

@@ -25,9 +25,8 @@ const PRODUCING: u64 = u64::MAX;
 /// The streams (requests with their response bodies) open on one connection.
 pub struct Streams {
     start: Instant,
-    /// Whether a request arrived yet, and a wake-up for whoever waits for the first.
-    seen: std::sync::atomic::AtomicBool,
-    first: tokio::sync::Notify,
+    /// A wake-up at every request, for a connection asked to close.
+    arrived: tokio::sync::Notify,
     open: Mutex<Vec<Weak<Clock>>>,
     /// When the last stream closed (or the connection opened), in ms since `start`.
     last_closed_ms: AtomicU64,
@@ -57,8 +56,7 @@ impl Streams {
     pub fn new() -> Arc<Streams> {
         Arc::new(Streams {
             start: Instant::now(),
-            seen: std::sync::atomic::AtomicBool::new(false),
-            first: tokio::sync::Notify::new(),
+            arrived: tokio::sync::Notify::new(),
             open: Mutex::new(Vec::new()),
             last_closed_ms: AtomicU64::new(0),
             last_progress_ms: AtomicU64::new(0),
@@ -69,22 +67,25 @@ impl Streams {
         self.start.elapsed().as_millis() as u64
     }
 
-    /// Returns once a request has arrived on the connection (at once if one already did).
-    pub async fn first_request(&self) {
+    /// Returns once a request is in progress on the connection (at once if one is).
+    pub async fn busy(&self) {
         loop {
-            let notified = self.first.notified();
-            if self.seen.load(Ordering::Acquire) {
+            let notified = self.arrived.notified();
+            if self.in_progress() {
                 return;
             }
             notified.await;
         }
     }
 
+    fn in_progress(&self) -> bool {
+        let open = self.open.lock().expect("streams lock");
+        open.iter().any(|w| w.strong_count() > 0)
+    }
+
     /// A request arrived: its clock runs until its response body is dropped.
     pub fn opened(self: &Arc<Streams>) -> Arc<Clock> {
-        if !self.seen.swap(true, Ordering::AcqRel) {
-            self.first.notify_waiters();
-        }
+        self.arrived.notify_waiters();
         let clock = Arc::new(Clock {
             streams: self.clone(),
             handed_ms: AtomicU64::new(PRODUCING),

@@ -17,7 +17,9 @@ const PROBE_KEY: &str = "/mediaproxy-check/probe.txt";
 pub fn spawn(shared: Arc<ArcSwap<Runtime>>) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let key = key::parse(PROBE_KEY, "").expect("probe key is valid");
-        let mut tick = tokio::time::interval(EVERY);
+        // The first after EVERY, not at start: the first requests tell the same sooner, and a proxy
+        // restarted in a loop must not add a request per upstream per start.
+        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + EVERY, EVERY);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;

@@ -232,17 +232,14 @@ async fn client_loop(
     errors: Arc<std::sync::Mutex<Vec<String>>>,
 ) {
     // A hung response is a failure too, reported with its key.
-    let mut builder = reqwest::Client::builder()
-        .no_proxy()
-        .timeout(Duration::from_secs(30));
+    let mut builder = client_builder().timeout(Duration::from_secs(30));
     if !keep_alive {
         builder = builder.pool_max_idle_per_host(0);
     }
     let c = builder.build().unwrap();
     // The retry goes out on a new connection, as browsers retry a request whose reused connection
     // the server had closed as idle.
-    let fresh = reqwest::Client::builder()
-        .no_proxy()
+    let fresh = client_builder()
         .timeout(Duration::from_secs(30))
         .pool_max_idle_per_host(0)
         .build()

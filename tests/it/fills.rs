@@ -166,13 +166,13 @@ async fn concurrent_first_hits_after_a_restart_share_one_checksum_pass() {
 
 /// An ext4 image loop-mounted for one test, so it can be frozen (`fsfreeze`): writes to it then block
 /// in the kernel, as on a disk that stopped answering. Needs root; `None` (the test says so) without.
-struct FreezableDisk {
-    mnt: std::path::PathBuf,
+pub(crate) struct FreezableDisk {
+    pub(crate) mnt: std::path::PathBuf,
     _dir: tempfile::TempDir,
 }
 
 impl FreezableDisk {
-    fn mount() -> Option<FreezableDisk> {
+    pub(crate) fn mount() -> Option<FreezableDisk> {
         use std::process::Command;
         let dir = tempfile::tempdir().ok()?;
         let img = dir.path().join("disk.img");
@@ -194,7 +194,7 @@ impl FreezableDisk {
 
     /// Frozen until the guard drops: declared after the proxy, so that a failing test thaws the disk
     /// before it kills the proxy (a process blocked on a frozen disk cannot die until it thaws).
-    fn frozen(&self) -> Thaw<'_> {
+    pub(crate) fn frozen(&self) -> Thaw<'_> {
         self.freeze(true);
         Thaw(self)
     }
@@ -208,7 +208,7 @@ impl FreezableDisk {
     }
 }
 
-struct Thaw<'a>(&'a FreezableDisk);
+pub(crate) struct Thaw<'a>(&'a FreezableDisk);
 
 impl Drop for Thaw<'_> {
     fn drop(&mut self) {

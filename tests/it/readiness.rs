@@ -206,3 +206,44 @@ async fn metrics_parse_as_prometheus_text_and_count_what_happened() {
     assert!(value("mediaproxy_sent_bytes_total", &[]) >= 10_000.0 * (1.0 + hits));
     assert!(value("mediaproxy_cache_entries", &[]) >= 1.0, "{text}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn readyz_is_503_until_the_proxy_has_started() {
+    // The cache directory sits on a frozen disk, so start-up stops at opening it; the admin listener,
+    // bound first, already answers.
+    let Some(disk) = super::fills::FreezableDisk::mount() else {
+        eprintln!("SKIPPED: needs root, mkfs.ext4, a loop device and fsfreeze");
+        return;
+    };
+    let root = mastodon_root();
+    write_file(root.path(), "accounts/avatars/1/me.png", b"local");
+    let admin = closed_port();
+    let body = format!(
+        "[local]\nroots = [\"{}\"]\n\n[cache]\ndir = \"{}/cache\"\n",
+        root.path().display(),
+        disk.mnt.display()
+    );
+    let thaw = disk.frozen();
+    let starting = tokio::task::spawn_blocking(move || {
+        Proxy::start_with_server(&body, &format!("admin_listen = \"127.0.0.1:{admin}\""))
+    });
+    let seen = eventually(Duration::from_secs(10), || async {
+        match client()
+            .get(format!("http://127.0.0.1:{admin}/readyz"))
+            .send()
+            .await
+        {
+            Ok(r) => r.status() == 503 && r.text().await.unwrap() == "starting\n",
+            Err(_) => false,
+        }
+    })
+    .await;
+    drop(thaw);
+    let proxy = starting.await.unwrap();
+    assert!(
+        seen,
+        "/readyz answered 503 starting while the proxy started"
+    );
+    assert_eq!(readyz(admin).await.0, 200);
+    assert_eq!(get(&proxy, "accounts/avatars/1/me.png").await.1, "LOCAL");
+}

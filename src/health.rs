@@ -29,7 +29,14 @@ struct Upstream {
     state: State,
     detail: String,
     lost: u64,
+    /// When a failure of this upstream was last logged, and how many since went unlogged.
+    logged_at: Option<std::time::Instant>,
+    unlogged: u64,
 }
+
+/// A failing upstream (a wrong secret, a bucket down) is logged once per this interval, with a count,
+/// not once per request.
+pub const FAILURE_LOG_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// Keys whose loss was logged, per process: each is logged once (bounded, then counted only).
 const LOGGED_LOSSES: usize = 10_000;
@@ -60,6 +67,8 @@ impl Health {
             state: State::Unknown,
             detail: String::new(),
             lost: 0,
+            logged_at: None,
+            unlogged: 0,
         });
         f(up);
     }
@@ -82,6 +91,21 @@ impl Health {
             };
             u.detail = e.to_string();
         });
+    }
+
+    /// Whether to log this failure of `name` now: `Some(n)` with the failures not logged since the last
+    /// line, `None` to count it silently.
+    pub fn log_failure(&self, name: &str) -> Option<u64> {
+        let mut out = None;
+        self.with(name, |u| match u.logged_at {
+            Some(at) if at.elapsed() < FAILURE_LOG_EVERY => u.unlogged += 1,
+            _ => {
+                out = Some(u.unlogged);
+                u.unlogged = 0;
+                u.logged_at = Some(std::time::Instant::now());
+            }
+        });
+        out
     }
 
     /// `name` answered 404 for a key it had served before (the cache entry says it filled it): the

@@ -279,7 +279,17 @@ async fn ask(
             Err(e) => {
                 rt.metrics.upstream_result(&up.name, "error");
                 rt.metrics.health.failed(&up.name, &e);
-                tracing::warn!(upstream = %up.name, %key, error = %e, "upstream failed, trying the next");
+                match rt.metrics.health.log_failure(&up.name) {
+                    Some(0) => {
+                        tracing::warn!(upstream = %up.name, %key, error = %e, "upstream failed, trying the next")
+                    }
+                    Some(more) => {
+                        tracing::warn!(upstream = %up.name, %key, error = %e, more, "upstream failed, trying the next (and `more` failures since the last line)")
+                    }
+                    None => {
+                        tracing::debug!(upstream = %up.name, %key, error = %e, "upstream failed, trying the next")
+                    }
+                }
                 failed = true;
             }
         }

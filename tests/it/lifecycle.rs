@@ -345,3 +345,59 @@ async fn an_access_log_line_per_request_unless_turned_off() {
         quiet.log()
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn logs_fit_journald_no_colours_and_debug_means_ours() {
+    let s3 = S3Server::start(&["media"], true).await;
+    let key = "media_attachments/files/000/000/001/original/a.jpg";
+    s3.put("media", key, b"jpeg".to_vec(), "image/jpeg").await;
+    let dir = tempfile::tempdir().unwrap();
+    let port = closed_port();
+    let config = dir.path().join("proxy.toml");
+    std::fs::write(
+        &config,
+        render(
+            dir.path(),
+            format!("127.0.0.1:{port}").parse().unwrap(),
+            "",
+            &s3.s3_upstream("bucket", "media"),
+        ),
+    )
+    .unwrap();
+    let log = dir.path().join("stderr.log");
+    // stderr is a file here, as under journald: no escape codes.
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_mediaproxy"))
+        .args(["serve", "--config"])
+        .arg(&config)
+        .env("MEDIAPROXY_LOG", "debug")
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let url = format!("http://127.0.0.1:{port}/{key}");
+    let up = eventually(Duration::from_secs(10), || async {
+        client()
+            .get(&url)
+            .send()
+            .await
+            .is_ok_and(|r| r.status() == 200)
+    })
+    .await;
+    let _ = child.kill();
+    let _ = child.wait();
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(up, "{text}");
+    assert!(
+        !text.contains('\u{1b}'),
+        "no ANSI escape codes in a file:\n{text}"
+    );
+    assert!(
+        text.contains("DEBUG mediaproxy"),
+        "MEDIAPROXY_LOG=debug shows mediaproxy's debug"
+    );
+    for dep in ["hyper", "reqwest", "rustls", "h2::"] {
+        assert!(
+            !text.lines().any(|l| l.contains("DEBUG") && l.contains(dep)),
+            "no {dep} debug lines:\n{text}"
+        );
+    }
+}

@@ -503,3 +503,24 @@ async fn a_head_answered_416_without_a_length_does_not_loop() {
         "asked once"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failing_upstream_is_logged_once_per_interval_not_per_request() {
+    let proxy = Proxy::start(&format!(
+        "[[upstream]]\nname = \"down\"\ntype = \"http\"\nurl = \"http://127.0.0.1:{}\"\n\n",
+        closed_port()
+    ));
+    for i in 0..20 {
+        let (status, _, _) = get(&proxy, &format!("media_attachments/files/{i}/a.png")).await;
+        assert_eq!(status, 502);
+    }
+    let log = proxy.log();
+    let warnings = log
+        .lines()
+        .filter(|l| l.contains("WARN") && l.contains("upstream failed"))
+        .count();
+    assert_eq!(
+        warnings, 1,
+        "one line for 20 failures of the same upstream:\n{log}"
+    );
+}

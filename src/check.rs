@@ -1,6 +1,7 @@
 //! `mediaproxy check`: is every upstream reachable and do its credentials work — asked before a
 //! reload rather than learned from 502s after it.
 
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use tokio::net::{lookup_host, TcpStream};
@@ -19,6 +20,70 @@ pub struct ProbeLine {
     pub kind: &'static str,
     pub ok: bool,
     pub detail: String,
+}
+
+/// What can be known without the network (`check --offline`, and before the probes): the local roots
+/// exist and can be read by this user, the cache directory exists or can be created and is writable,
+/// and the listeners do not collide.
+pub fn local_checks(config: &Config) -> Vec<ProbeLine> {
+    let mut lines = Vec::new();
+    let mut line = |name: String, ok: bool, detail: String| {
+        lines.push(ProbeLine {
+            name,
+            kind: "local",
+            ok,
+            detail,
+        })
+    };
+    for root in &config.local.roots {
+        let name = format!("root {}", root.display());
+        match std::fs::read_dir(root) {
+            Ok(_) => line(name, true, "readable".into()),
+            Err(e) => line(name, false, format!("local.roots: cannot read it: {e}")),
+        }
+    }
+    // The directory, or the nearest existing parent the proxy would create it in: checked with a
+    // file written and deleted, never created here.
+    let dir = &config.cache.dir;
+    let name = format!("cache {}", dir.display());
+    let existing = dir
+        .ancestors()
+        .find(|d| d.is_dir())
+        .unwrap_or(Path::new("."));
+    let probe = existing.join(format!(".mediaproxy-check-{}", std::process::id()));
+    let writable = std::fs::write(&probe, b"check").and_then(|()| std::fs::remove_file(&probe));
+    match (writable, existing == dir.as_path()) {
+        (Ok(()), true) => line(name, true, "writable".into()),
+        (Ok(()), false) => line(
+            name,
+            true,
+            format!("will be created in {}", existing.display()),
+        ),
+        (Err(e), _) => line(
+            name,
+            false,
+            format!("cache.dir: cannot write in {}: {e}", existing.display()),
+        ),
+    }
+    if let Some(admin) = config.server.admin_listen {
+        let clash = config.server.listen.iter().find(|l| {
+            l.port() == admin.port()
+                && (l.ip() == admin.ip() || l.ip().is_unspecified() || admin.ip().is_unspecified())
+        });
+        match clash {
+            Some(l) => line(
+                "listeners".into(),
+                false,
+                format!("server.admin_listen {admin} collides with server.listen {l}"),
+            ),
+            None => line(
+                "listeners".into(),
+                true,
+                "listen and admin_listen differ".into(),
+            ),
+        }
+    }
+    lines
 }
 
 pub async fn probe_all(config: &Config) -> Vec<ProbeLine> {

@@ -48,6 +48,10 @@ enum Command {
     Check {
         #[arg(long)]
         config: PathBuf,
+        /// Validate the file and the local side only (roots, cache dir, listeners), like `nginx -t`:
+        /// no network. The unit runs it before a reload.
+        #[arg(long)]
+        offline: bool,
     },
     /// Copy every object --from has and --to lacks, never overwriting; resumable; exit 1 if a key failed.
     Migrate {
@@ -255,12 +259,16 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             output,
             force,
         } => exit(init(mastodon_env, output, force)),
-        Command::Check { config } => {
+        Command::Check { config, offline } => {
             let cfg = Config::load(&config)?;
             println!("config {}: ok", config.display());
-            let lines = rt.block_on(mediaproxy::check::probe_all(&cfg));
-            if lines.is_empty() {
-                println!("no upstreams configured");
+            let mut lines = mediaproxy::check::local_checks(&cfg);
+            if !offline {
+                let probes = rt.block_on(mediaproxy::check::probe_all(&cfg));
+                if probes.is_empty() {
+                    println!("no upstreams configured");
+                }
+                lines.extend(probes);
             }
             let width = lines.iter().map(|l| l.name.len()).max().unwrap_or(0);
             for l in &lines {

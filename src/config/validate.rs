@@ -178,6 +178,16 @@ fn read_secret(
     let text = std::fs::read_to_string(&path).map_err(|e| {
         ConfigError::invalid(key, line, format!("cannot read {}: {e}", path.display()))
     })?;
+    {
+        use std::os::unix::fs::PermissionsExt;
+        if std::fs::metadata(&path).is_ok_and(|m| m.permissions().mode() & 0o007 != 0) {
+            tracing::warn!(
+                key,
+                path = %path.display(),
+                "the secret file is readable by every user: chmod 0600 (or 0640, group of the service user)"
+            );
+        }
+    }
     let secret = text.trim().to_string();
     if secret.is_empty() {
         return Err(ConfigError::invalid(

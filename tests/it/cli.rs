@@ -7,6 +7,24 @@ use crate::common::*;
 fn check(config: &str) -> (i32, String) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("proxy.toml");
+    // The local side too (at the end, so line numbers in errors stay the test's).
+    let mut config = config.to_string();
+    if !config.contains("[local]") {
+        config.push_str(
+            "
+[local]
+roots = []
+",
+        );
+    }
+    if !config.contains("[cache]") {
+        config.push_str(&format!(
+            "
+[cache]
+dir = \"{}/cache\"\n",
+            dir.path().display()
+        ));
+    }
     std::fs::write(&path, config).unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_mediaproxy"))
         .args(["check", "--config"])
@@ -170,5 +188,70 @@ async fn check_fails_a_bucket_that_does_not_exist() {
     assert!(
         text.contains("FAIL typo") && text.contains("NoSuchBucket"),
         "{text}"
+    );
+}
+
+#[test]
+fn check_offline_validates_the_local_side_without_the_network() {
+    let root = mastodon_root();
+    let etc = tempfile::tempdir().unwrap();
+    let secret = etc.path().join("s3.secret");
+    std::fs::write(&secret, "shh\n").unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let upstream = format!(
+        "[[upstream]]\nname = \"far\"\ntype = \"s3\"\nendpoint = \"http://127.0.0.1:{}\"\nbucket = \"b\"\nregion = \"us-east-1\"\naccess_key_id = \"AKIA\"\nsecret_access_key_file = \"{}\"\n",
+        closed_port(),
+        secret.display()
+    );
+    let good = format!(
+        "[server]\nlisten = [\"127.0.0.1:8080\"]\nadmin_listen = \"127.0.0.1:9901\"\n\n[local]\nroots = [\"{}\"]\n\n{upstream}",
+        root.path().display()
+    );
+    let run = |config: &str, offline: bool| {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("proxy.toml");
+        let config = format!(
+            "{config}\n[cache]\ndir = \"{}/cache\"\n",
+            dir.path().display()
+        );
+        std::fs::write(&path, config).unwrap();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_mediaproxy"));
+        cmd.args(["check", "--config"]).arg(&path);
+        if offline {
+            cmd.arg("--offline");
+        }
+        let out = cmd.output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned()
+            + &String::from_utf8_lossy(&out.stderr);
+        (out.status.code().unwrap_or(-1), text)
+    };
+    // The bucket is unreachable, but --offline does not ask it.
+    let (code, text) = run(&good, true);
+    assert_eq!(code, 0, "{text}");
+    assert!(text.contains("OK   root"), "{text}");
+    assert!(!text.contains("far"), "no upstream probed offline:\n{text}");
+    assert!(
+        text.contains("readable by every user"),
+        "a world-readable secret is a warning:\n{text}"
+    );
+    // Without --offline the same file fails on the bucket.
+    assert_eq!(run(&good, false).0, 1);
+    // A root that does not exist, colliding listeners, a broken file.
+    let missing = good.replace(
+        &root.path().display().to_string(),
+        "/nonexistent/public/system",
+    );
+    let (code, text) = run(&missing, true);
+    assert_eq!(code, 1, "{text}");
+    assert!(text.contains("local.roots"), "{text}");
+    let clash = good.replace("127.0.0.1:9901", "127.0.0.1:8080");
+    let (code, text) = run(&clash, true);
+    assert_eq!(code, 1, "{text}");
+    assert!(text.contains("collides"), "{text}");
+    let (code, _) = run(&good.replace("[local]", "[local"), true);
+    assert_ne!(
+        code, 0,
+        "a broken file fails the check, so a reload after it does not happen"
     );
 }

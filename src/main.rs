@@ -140,7 +140,8 @@ enum CacheAction {
         #[arg(long)]
         config: PathBuf,
     },
-    /// Drop the entries for these keys (`media_attachments/…` or a URL path `/…`, with path_prefix).
+    /// Drop the entries for these keys: `media_attachments/…`, a URL path `/…` (with path_prefix), or a
+    /// full media URL as copied from a browser or a post.
     Purge {
         #[arg(long)]
         config: PathBuf,
@@ -290,6 +291,13 @@ fn cache_command(action: CacheAction) -> anyhow::Result<ExitCode> {
         CacheAction::Stats { config } => {
             let cfg = Config::load(&config)?;
             let dir = &cfg.cache.dir;
+            if !dir.is_dir() {
+                // Not "0 entries": a wrong path (or a proxy that never ran) is worth saying.
+                anyhow::bail!(
+                    "cache.dir {} does not exist (is this the config the proxy runs with?)",
+                    dir.display()
+                );
+            }
             let s = cache::stats(dir).with_context(|| format!("reading {}", dir.display()))?;
             println!("cache    {}", dir.display());
             println!("entries  {}", s.entries);
@@ -315,11 +323,8 @@ fn cache_command(action: CacheAction) -> anyhow::Result<ExitCode> {
             let cfg = Config::load(&config)?;
             let mut parsed = Vec::new();
             for k in &keys {
-                let key = if k.starts_with('/') {
-                    mediaproxy::key::parse(k, &cfg.server.path_prefix)
-                } else {
-                    mediaproxy::key::parse(&format!("/{k}"), "")
-                };
+                // The same reading as migrate's key files: URL, path or key.
+                let key = mediaproxy::keys::to_key(k.trim(), &cfg.server.path_prefix);
                 parsed.push(key.map_err(|e| anyhow::anyhow!("{k:?}: {e}"))?);
             }
             for (key, found) in parsed.iter().zip(cache::purge(&cfg.cache.dir, &parsed)) {

@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::key::Key;
 
-pub use file::file;
+pub use file::{file, to_key};
 pub use listing::listing;
 pub use local::local;
 pub use mastodon_db::{mastodon_db, Db};

@@ -514,6 +514,10 @@ async fn cache_command_stats_purge_clear_on_a_running_proxy() {
         "purge works on a running proxy"
     );
     assert_eq!(get(&proxy, "media_attachments/p/1.png").await.1, "HIT");
+    // A media URL as copied from a browser, query and all.
+    let url = proxy.url("/media_attachments/p/2.png?1700000000");
+    assert!(run(&["purge", &url]).contains("purged     media_attachments/p/2.png"));
+    assert_eq!(get(&proxy, "media_attachments/p/2.png").await.1, "MISS");
     let cleared = run(&["clear"]);
     assert!(cleared.contains("removed 3"), "{cleared}");
     assert_eq!(get(&proxy, "media_attachments/p/1.png").await.1, "MISS");

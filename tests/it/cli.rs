@@ -255,3 +255,25 @@ fn check_offline_validates_the_local_side_without_the_network() {
         "a broken file fails the check, so a reload after it does not happen"
     );
 }
+
+#[test]
+fn cache_stats_on_a_directory_that_does_not_exist_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("proxy.toml");
+    std::fs::write(
+        &path,
+        "[local]\nroots = []\n[cache]\ndir = \"/nonexistent/mediaproxy-cache\"\n",
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_mediaproxy"))
+        .args(["cache", "stats", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("/nonexistent/mediaproxy-cache") && err.contains("does not exist"),
+        "{err}"
+    );
+}

@@ -160,10 +160,24 @@ fn main() -> ExitCode {
     match run(Cli::parse()) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("mediaproxy: {e:#}");
+            eprintln!("mediaproxy: {}", once_each(&e));
             ExitCode::FAILURE
         }
     }
+}
+
+/// The error and its causes, each said once: our messages often quote their cause already
+/// ("cannot listen on …: Address already in use"), and the chain would repeat it.
+fn once_each(e: &anyhow::Error) -> String {
+    let mut msg = e.to_string();
+    for cause in e.chain().skip(1) {
+        let cause = cause.to_string();
+        if !msg.contains(&cause) {
+            msg.push_str(": ");
+            msg.push_str(&cause);
+        }
+    }
+    msg
 }
 
 /// Logs on stderr, for journald: colours only on a terminal and without `NO_COLOR`; no timestamps

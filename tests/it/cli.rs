@@ -277,3 +277,29 @@ fn cache_stats_on_a_directory_that_does_not_exist_says_so() {
         "{err}"
     );
 }
+
+#[test]
+fn a_port_in_use_is_said_once() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("proxy.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[server]\nlisten = [\"{addr}\"]\n[local]\nroots = []\n[cache]\ndir = \"{}/cache\"\n",
+            dir.path().display()
+        ),
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_mediaproxy"))
+        .args(["serve", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    let last = err.lines().last().unwrap_or_default();
+    assert!(last.contains(&addr.to_string()), "{err}");
+    assert_eq!(last.matches("in use").count(), 1, "said once: {last}");
+}

@@ -50,8 +50,10 @@ impl Default for FileCopy {
 // Missing keys take the values of `Default` below: one list of defaults, not two.
 #[serde(default, deny_unknown_fields)]
 pub(super) struct FileServer {
+    #[serde(deserialize_with = "addresses")]
     pub(super) listen: Vec<SocketAddr>,
     pub(super) path_prefix: String,
+    #[serde(deserialize_with = "optional_address")]
     pub(super) admin_listen: Option<SocketAddr>,
     pub(super) tls: Option<FileTls>,
     pub(super) header_read_timeout: DurationValue,
@@ -217,6 +219,27 @@ impl<'de> Deserialize<'de> for SizeValue {
                 }),
         }
     }
+}
+
+/// An address as `listen` takes it, or an error that shows the value and the form expected.
+fn address<E: serde::de::Error>(text: &str) -> Result<SocketAddr, E> {
+    text.parse().map_err(|_| {
+        E::custom(format!(
+            "{text:?} is not an address: write an IP and a port, as \"127.0.0.1:8080\" or \"[::]:8080\""
+        ))
+    })
+}
+
+fn addresses<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<SocketAddr>, D::Error> {
+    let texts = <Vec<String> as serde::Deserialize>::deserialize(d)?;
+    texts.iter().map(|t| address(t)).collect()
+}
+
+fn optional_address<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<SocketAddr>, D::Error> {
+    let text = <Option<String> as serde::Deserialize>::deserialize(d)?;
+    text.as_deref().map(address).transpose()
 }
 
 fn default_listen() -> Vec<SocketAddr> {

@@ -303,3 +303,18 @@ fn a_port_in_use_is_said_once() {
     assert!(last.contains(&addr.to_string()), "{err}");
     assert_eq!(last.matches("in use").count(), 1, "said once: {last}");
 }
+
+#[test]
+fn an_address_error_shows_the_value_and_the_form_expected() {
+    let (code, text) = check("[server]\nlisten = [\":8080\"]\n");
+    assert_ne!(code, 0);
+    assert!(
+        text.contains("line 2") && text.contains("\":8080\"") && text.contains("127.0.0.1:8080"),
+        "{text}"
+    );
+    let (_, text) = check("[server]\nadmin_listen = \"localhost:9901\"\n");
+    assert!(
+        text.contains("server.admin_listen") && text.contains("\"localhost:9901\""),
+        "{text}"
+    );
+}

@@ -219,6 +219,17 @@ impl Config {
         Config::parse(&text, path.parent().unwrap_or(Path::new(".")))
     }
 
+    /// `[cache]` and `server.path_prefix` alone, for `mediaproxy cache …`: the file must parse, but no
+    /// secret file is read, so an admin who may not read the bucket's secret can still purge.
+    pub fn load_cache_only(path: &Path) -> Result<(Cache, String), ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let file: FileConfig = toml::from_str(&text).map_err(|e| toml_error(&text, &e))?;
+        Ok((cache_section(file.cache)?, file.server.path_prefix))
+    }
+
     pub fn embedded_default() -> Config {
         Config::parse(DEFAULT_TOML, Path::new(".")).expect("the embedded default config is valid")
     }
@@ -236,33 +247,7 @@ impl Config {
                 "a root must not be empty",
             ));
         }
-        let cache = Cache {
-            dir: file.cache.dir,
-            max_size: file.cache.max_size.0,
-            max_object_size: file
-                .cache
-                .max_object_size
-                .map_or(file.cache.max_size.0 / 8, |s| s.0),
-            background_fills: file.cache.background_fills.max(1),
-            inactive: file.cache.inactive.0,
-            ttl_ok: file.cache.ttl_ok.0,
-            ttl_error: file.cache.ttl_error.0,
-            lock_timeout: file.cache.lock_timeout.0,
-            open_files: file.cache.open_files,
-            tombstone_ttl: file.cache.tombstone_ttl.0,
-        };
-        if cache.max_object_size > cache.max_size / 2 {
-            // Fills in flight may hold half of max_size; a larger object could never be cached.
-            return Err(ConfigError::invalid(
-                "cache.max_object_size",
-                None,
-                format!(
-                    "{} is more than half of cache.max_size ({}); larger objects stream through uncached",
-                    bytesize::ByteSize(cache.max_object_size),
-                    bytesize::ByteSize(cache.max_size)
-                ),
-            ));
-        }
+        let cache = cache_section(file.cache)?;
 
         let mut upstreams: Vec<UpstreamConfig> = Vec::new();
         for (i, spanned) in file.upstream.into_iter().enumerate() {
@@ -314,3 +299,31 @@ impl Config {
 
 #[cfg(test)]
 mod tests;
+
+fn cache_section(c: file::FileCache) -> Result<Cache, ConfigError> {
+    let cache = Cache {
+        dir: c.dir,
+        max_size: c.max_size.0,
+        max_object_size: c.max_object_size.map_or(c.max_size.0 / 8, |s| s.0),
+        background_fills: c.background_fills.max(1),
+        inactive: c.inactive.0,
+        ttl_ok: c.ttl_ok.0,
+        ttl_error: c.ttl_error.0,
+        lock_timeout: c.lock_timeout.0,
+        open_files: c.open_files,
+        tombstone_ttl: c.tombstone_ttl.0,
+    };
+    if cache.max_object_size > cache.max_size / 2 {
+        // Fills in flight may hold half of max_size; a larger object could never be cached.
+        return Err(ConfigError::invalid(
+            "cache.max_object_size",
+            None,
+            format!(
+                "{} is more than half of cache.max_size ({}); larger objects stream through uncached",
+                bytesize::ByteSize(cache.max_object_size),
+                bytesize::ByteSize(cache.max_size)
+            ),
+        ));
+    }
+    Ok(cache)
+}

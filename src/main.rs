@@ -303,8 +303,8 @@ fn cache_command(action: CacheAction) -> anyhow::Result<ExitCode> {
     use mediaproxy::cache;
     match action {
         CacheAction::Stats { config } => {
-            let cfg = Config::load(&config)?;
-            let dir = &cfg.cache.dir;
+            let (cache_cfg, _) = Config::load_cache_only(&config)?;
+            let dir = &cache_cfg.dir;
             if !dir.is_dir() {
                 // Not "0 entries": a wrong path (or a proxy that never ran) is worth saying.
                 anyhow::bail!(
@@ -319,7 +319,7 @@ fn cache_command(action: CacheAction) -> anyhow::Result<ExitCode> {
                 "bytes    {} ({} of max_size {})",
                 s.bytes,
                 bytesize::ByteSize(s.bytes).display().iec(),
-                bytesize::ByteSize(cfg.cache.max_size).display().iec()
+                bytesize::ByteSize(cache_cfg.max_size).display().iec()
             );
             match s.oldest {
                 Some(t) => println!(
@@ -334,23 +334,23 @@ fn cache_command(action: CacheAction) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         CacheAction::Purge { config, keys } => {
-            let cfg = Config::load(&config)?;
+            let (cache_cfg, path_prefix) = Config::load_cache_only(&config)?;
             let mut parsed = Vec::new();
             for k in &keys {
                 // The same reading as migrate's key files: URL, path or key.
-                let key = mediaproxy::keys::to_key(k.trim(), &cfg.server.path_prefix);
+                let key = mediaproxy::keys::to_key(k.trim(), &path_prefix);
                 parsed.push(key.map_err(|e| anyhow::anyhow!("{k:?}: {e}"))?);
             }
-            for (key, found) in parsed.iter().zip(cache::purge(&cfg.cache.dir, &parsed)) {
+            for (key, found) in parsed.iter().zip(cache::purge(&cache_cfg.dir, &parsed)) {
                 println!("{} {key}", if found { "purged    " } else { "not cached" });
             }
             Ok(ExitCode::SUCCESS)
         }
         CacheAction::Clear { config } => {
-            let cfg = Config::load(&config)?;
-            let n = cache::clear(&cfg.cache.dir)
-                .with_context(|| format!("clearing {}", cfg.cache.dir.display()))?;
-            println!("removed {n} entries from {}", cfg.cache.dir.display());
+            let (cache_cfg, _) = Config::load_cache_only(&config)?;
+            let n = cache::clear(&cache_cfg.dir)
+                .with_context(|| format!("clearing {}", cache_cfg.dir.display()))?;
+            println!("removed {n} entries from {}", cache_cfg.dir.display());
             Ok(ExitCode::SUCCESS)
         }
     }

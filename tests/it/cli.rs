@@ -318,3 +318,28 @@ fn an_address_error_shows_the_value_and_the_form_expected() {
         "{text}"
     );
 }
+
+#[test]
+fn cache_commands_need_no_upstream_secret() {
+    // The secret file is not readable here (it does not even exist): `cache stats` works anyway.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("cache")).unwrap();
+    let path = dir.path().join("proxy.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[local]\nroots = []\n[cache]\ndir = \"{}/cache\"\n\n[[upstream]]\nname = \"b\"\ntype = \"s3\"\nendpoint = \"http://127.0.0.1:1\"\nbucket = \"b\"\nregion = \"us-east-1\"\naccess_key_id = \"AKIA\"\nsecret_access_key_file = \"/root-only/s3.secret\"\n",
+            dir.path().display()
+        ),
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_mediaproxy"))
+        .args(["cache", "stats", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("entries  0"), "{text}");
+}

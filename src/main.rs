@@ -145,7 +145,10 @@ enum CacheAction {
     Purge {
         #[arg(long)]
         config: PathBuf,
-        #[arg(required = true)]
+        /// Every entry whose key starts with this (after a takedown: `accounts/avatars/000/000/042/`).
+        #[arg(long, value_name = "KEY_PREFIX")]
+        prefix: Option<String>,
+        #[arg(required_unless_present = "prefix")]
         keys: Vec<String>,
     },
     /// Drop every entry.
@@ -333,7 +336,11 @@ fn cache_command(action: CacheAction) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        CacheAction::Purge { config, keys } => {
+        CacheAction::Purge {
+            config,
+            prefix,
+            keys,
+        } => {
             let (cache_cfg, path_prefix) = Config::load_cache_only(&config)?;
             let mut parsed = Vec::new();
             for k in &keys {
@@ -343,6 +350,15 @@ fn cache_command(action: CacheAction) -> anyhow::Result<ExitCode> {
             }
             for (key, found) in parsed.iter().zip(cache::purge(&cache_cfg.dir, &parsed)) {
                 println!("{} {key}", if found { "purged    " } else { "not cached" });
+            }
+            if let Some(prefix) = prefix {
+                let prefix = prefix.trim_start_matches('/');
+                let purged = cache::purge_prefix(&cache_cfg.dir, prefix)
+                    .with_context(|| format!("reading {}", cache_cfg.dir.display()))?;
+                for key in &purged {
+                    println!("purged     {key}");
+                }
+                println!("{} entries under {prefix}", purged.len());
             }
             Ok(ExitCode::SUCCESS)
         }

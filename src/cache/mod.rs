@@ -39,7 +39,7 @@ pub use follow::Joined;
 pub use growing::fill_failed_at;
 use index::Index;
 pub use lead::{Answer, Origin};
-pub use offline::{clear, purge, stats, Stats};
+pub use offline::{clear, purge, purge_prefix, stats, Stats};
 use store::{hash_key, KeyHash, Store, StoreError};
 pub use store::{EntryMeta, Loaded};
 

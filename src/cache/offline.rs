@@ -55,3 +55,27 @@ pub fn clear(dir: &std::path::Path) -> std::io::Result<u64> {
     }
     Ok(n)
 }
+
+/// Deletes the entries whose key starts with `prefix` (a takedown: `accounts/avatars/000/000/042/`);
+/// returns their keys.
+pub fn purge_prefix(dir: &std::path::Path, prefix: &str) -> std::io::Result<Vec<String>> {
+    let store = Store::attach(dir);
+    if !store.entries_dir().exists() {
+        return Ok(Vec::new());
+    }
+    let mut hashes = Vec::new();
+    store::walk(&store, |hash, _, _, _| hashes.push(hash))?;
+    let mut purged = Vec::new();
+    for hash in hashes {
+        match store.entry_key(hash) {
+            Some(key) if key.starts_with(prefix) => {
+                if store.remove(hash) {
+                    purged.push(key);
+                }
+            }
+            _ => {}
+        }
+    }
+    purged.sort();
+    Ok(purged)
+}

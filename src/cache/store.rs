@@ -280,6 +280,20 @@ impl Store {
         Ok(Loaded::File(t.meta, file))
     }
 
+    /// The key an entry's file holds, read from its trailer without checking the body: for
+    /// `mediaproxy cache purge --prefix`.
+    pub fn entry_key(&self, hash: KeyHash) -> Option<String> {
+        let file = File::open(self.path(hash)).ok()?;
+        let size = file.metadata().ok()?.len();
+        if size < TRAILER {
+            return None;
+        }
+        let tail = read_at(&file, size - TRAILER, TRAILER as usize).ok()?;
+        parse_trailer(&tail[..], size, &file)
+            .ok()
+            .map(|t| t.meta.key)
+    }
+
     /// Removes the entry for `hash`; true if there was one.
     pub fn remove(&self, hash: KeyHash) -> bool {
         fs::remove_file(self.path(hash)).is_ok()

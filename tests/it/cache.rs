@@ -518,8 +518,36 @@ async fn cache_command_stats_purge_clear_on_a_running_proxy() {
     let url = proxy.url("/media_attachments/p/2.png?1700000000");
     assert!(run(&["purge", &url]).contains("purged     media_attachments/p/2.png"));
     assert_eq!(get(&proxy, "media_attachments/p/2.png").await.1, "MISS");
+    // A takedown: everything under a prefix.
+    for k in [
+        "accounts/avatars/000/000/042/original/a.png",
+        "accounts/avatars/000/000/042/small/a.png",
+        "accounts/avatars/000/000/043/original/b.png",
+    ] {
+        s3.put("media", k, b"png".to_vec(), "image/png").await;
+        assert_eq!(get(&proxy, k).await.1, "MISS");
+        wait_hit(&proxy, k).await;
+    }
+    let out = run(&["purge", "--prefix", "accounts/avatars/000/000/042/"]);
+    assert!(
+        out.contains("2 entries under accounts/avatars/000/000/042/"),
+        "{out}"
+    );
+    assert_eq!(
+        get(&proxy, "accounts/avatars/000/000/042/small/a.png")
+            .await
+            .1,
+        "MISS"
+    );
+    wait_hit(&proxy, "accounts/avatars/000/000/042/small/a.png").await;
+    assert_eq!(
+        get(&proxy, "accounts/avatars/000/000/043/original/b.png")
+            .await
+            .1,
+        "HIT"
+    );
     let cleared = run(&["clear"]);
-    assert!(cleared.contains("removed 3"), "{cleared}");
+    assert!(cleared.contains("removed 5"), "{cleared}");
     assert_eq!(get(&proxy, "media_attachments/p/1.png").await.1, "MISS");
     assert!(run(&["stats"]).contains("entries  1"));
 }

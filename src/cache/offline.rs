@@ -67,13 +67,10 @@ pub fn purge_prefix(dir: &std::path::Path, prefix: &str) -> std::io::Result<Vec<
     store::walk(&store, |hash, _, _, _| hashes.push(hash))?;
     let mut purged = Vec::new();
     for hash in hashes {
-        match store.entry_key(hash) {
-            Some(key) if key.starts_with(prefix) => {
-                if store.remove(hash) {
-                    purged.push(key);
-                }
+        if let Some(key) = store.entry_key(hash).filter(|k| k.starts_with(prefix)) {
+            if store.remove(hash) {
+                purged.push(key);
             }
-            _ => {}
         }
     }
     purged.sort();

@@ -15,6 +15,7 @@ pub mod key;
 pub mod keys;
 pub mod keyset;
 pub mod local;
+pub mod logwriter;
 pub mod metrics;
 pub mod object;
 pub mod proxy;

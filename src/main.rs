@@ -160,13 +160,16 @@ enum CacheAction {
 
 fn main() -> ExitCode {
     init_logging();
-    match run(Cli::parse()) {
+    let code = match run(Cli::parse()) {
         Ok(code) => code,
         Err(e) => {
+            mediaproxy::logwriter::drain(std::time::Duration::from_millis(500));
             eprintln!("mediaproxy: {}", once_each(&e));
             ExitCode::FAILURE
         }
-    }
+    };
+    mediaproxy::logwriter::drain(std::time::Duration::from_millis(500));
+    code
 }
 
 /// The error and its causes, each said once: our messages often quote their cause already
@@ -201,7 +204,7 @@ fn init_logging() {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(colour)
-        .with_writer(std::io::stderr);
+        .with_writer(mediaproxy::logwriter::NonBlocking::stderr());
     if std::env::var_os("JOURNAL_STREAM").is_some() {
         builder.without_time().init();
     } else {

@@ -401,3 +401,56 @@ async fn logs_fit_journald_no_colours_and_debug_means_ours() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stderr_nobody_reads_does_not_stall_the_proxy() {
+    // journald reading slowly, or a pipe nobody reads: the access log must not block the workers.
+    let root = mastodon_root();
+    write_file(root.path(), KEY, b"x");
+    let dir = tempfile::tempdir().unwrap();
+    let port = closed_port();
+    let admin = closed_port();
+    let config = dir.path().join("proxy.toml");
+    std::fs::write(
+        &config,
+        render(
+            dir.path(),
+            format!("127.0.0.1:{port}").parse().unwrap(),
+            &format!("admin_listen = \"127.0.0.1:{admin}\""),
+            &format!("[local]\nroots = [\"{}\"]\n", root.path().display()),
+        ),
+    )
+    .unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_mediaproxy"))
+        .args(["serve", "--config"])
+        .arg(&config)
+        .env("MEDIAPROXY_LOG", "info")
+        .stderr(std::process::Stdio::piped()) // never read: fills at 64 KiB
+        .spawn()
+        .unwrap();
+    let url = format!("http://127.0.0.1:{port}/{KEY}");
+    let up = eventually(Duration::from_secs(10), || async {
+        client().get(&url).send().await.is_ok()
+    })
+    .await;
+    assert!(up);
+    let c = client_builder()
+        .timeout(Duration::from_secs(2))
+        .build()
+        .unwrap();
+    let mut ok = 0;
+    for _ in 0..1500 {
+        if c.get(&url).send().await.is_ok_and(|r| r.status() == 200) {
+            ok += 1;
+        }
+    }
+    let healthz = c
+        .get(format!("http://127.0.0.1:{admin}/healthz"))
+        .send()
+        .await
+        .map(|r| r.status().as_u16());
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(ok, 1500, "every request answered with stderr full");
+    assert_eq!(healthz.ok(), Some(200));
+}

@@ -38,8 +38,10 @@ impl NonBlocking {
         let _ = std::thread::Builder::new()
             .name("log-writer".into())
             .spawn(move || {
-                let mut err = std::io::stderr().lock();
                 while let Ok(line) = rx.recv() {
+                    // Locked per line, not for the thread's life: `eprintln!` elsewhere must not
+                    // wait for the next log line.
+                    let mut err = std::io::stderr().lock();
                     let lost = seen.swap(0, Ordering::Relaxed);
                     if lost > 0 {
                         let _ = writeln!(

@@ -110,23 +110,15 @@ fn plan(
     }
     let bucket = get("S3_BUCKET").unwrap_or_default();
     let region = get("S3_REGION").unwrap_or("us-east-1");
-    // As paperclip.rb: S3_ENDPOINT means path style unless S3_OVERRIDE_PATH_STYLE=true; without it,
-    // S3_PROTOCOL://S3_HOSTNAME (default s3-REGION.amazonaws.com), virtual-host style.
+    // As paperclip.rb: S3_ENDPOINT means path style unless S3_OVERRIDE_PATH_STYLE=true. Without it
+    // Mastodon's reads and writes go through the AWS SDK to the region's endpoint, virtual-host style
+    // (S3_PROTOCOL and S3_HOSTNAME only shape the URLs it hands out).
     let (endpoint, path_style) = match get("S3_ENDPOINT") {
         Some(e) => (
             e.trim_end_matches('/').to_string(),
             get("S3_OVERRIDE_PATH_STYLE") != Some("true"),
         ),
-        None => (
-            format!(
-                "{}://{}",
-                get("S3_PROTOCOL").unwrap_or("https"),
-                get("S3_HOSTNAME")
-                    .map(str::to_string)
-                    .unwrap_or_else(|| format!("s3-{region}.amazonaws.com"))
-            ),
-            false,
-        ),
+        None => (format!("https://s3.{region}.amazonaws.com"), false),
     };
     // Mastodon's default is public-read; an empty S3_PERMISSION means no ACL header at all.
     let permission = match vars.get("S3_PERMISSION") {
@@ -165,14 +157,18 @@ fn plan(
         }
         _ => "# Mastodon's cache buster (CACHE_BUSTER_ENABLED=true): CACHE_BUSTER_SECRET_HEADER and\n# CACHE_BUSTER_SECRET were not both set.\n# cache_buster_header = \"X-Cache-Buster\"\n# cache_buster_secret_file = \"/etc/mediaproxy/cache-buster.secret\"\n".to_string(),
     };
-    let (acl, reads) = if permission.is_empty() {
-        (
-            "# acl: S3_PERMISSION is empty, so Mastodon sends no ACL and neither do copies.\n"
-                .to_string(),
-            "signed",
-        )
+    // Anonymous reads only when the objects are public: then a private one (suspended, deleted) is
+    // served by nobody. With a private ACL anonymous reads would find nothing at all.
+    let acl = if permission.is_empty() {
+        "# acl: S3_PERMISSION is empty, so Mastodon sends no ACL and neither do copies.\n"
+            .to_string()
     } else {
-        (format!("acl = {}\n", toml_str(permission)), "anonymous")
+        format!("acl = {}\n", toml_str(permission))
+    };
+    let reads = if permission.starts_with("public-read") {
+        "anonymous"
+    } else {
+        "signed"
     };
     let alias_note = match alias {
         Some(a) => format!("S3_ALIAS_HOST = {a}: point it (or its path) at this listener"),
@@ -189,7 +185,7 @@ path_prefix = {path_prefix}
 {buster}
 [local]
 # Files Mastodon wrote before S3 (and anything still on disk) are served first.
-roots = [{root}]
+{roots}
 
 [cache]
 dir = "/var/cache/mediaproxy"      # the unit's CacheDirectory=
@@ -205,13 +201,21 @@ path_style = {path_style}
 prefix = {prefix}
 access_key_id = {key_id}
 secret_access_key_file = {secret}
-# With ACLs (S3_PERMISSION), Mastodon makes suspended and deleted media private: anonymous reads then
-# get 403 and serve nothing, as Mastodon intends. Without ACLs, reads are signed.
+# With public ACLs (S3_PERMISSION=public-read), Mastodon makes suspended and deleted media private:
+# anonymous reads then get 403 and serve nothing, as Mastodon intends. Otherwise reads are signed.
 reads = "{reads}"
 {acl}"#,
         env = env_path.display(),
         path_prefix = toml_str(&path_prefix),
-        root = toml_str(&root.display().to_string()),
+        roots = if root.is_dir() {
+            format!("roots = [{}]", toml_str(&root.display().to_string()))
+        } else {
+            // A root that does not exist would fail `check` (and so every reload).
+            format!(
+                "# {} does not exist (media went to S3 from the start):\nroots = []",
+                root.display()
+            )
+        },
         name = toml_str(bucket),
         endpoint = toml_str(&endpoint),
         bucket = toml_str(bucket),

@@ -38,6 +38,7 @@ async fn a_storage_alias_with_a_key_prefix_serves_what_mastodon_links() {
     )
     .await;
     let live = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(live.path().join("public/system")).unwrap();
     let env = live.path().join(".env.production");
     std::fs::write(
         &env,
@@ -113,11 +114,13 @@ fn a_host_alias_without_endpoint_maps_like_paperclip() {
     assert_eq!(code, 0, "{out}{err}");
     let text = std::fs::read_to_string(&output).unwrap();
     for line in [
-        "endpoint = \"https://s3-eu-west-3.amazonaws.com\"",
+        "endpoint = \"https://s3.eu-west-3.amazonaws.com\"",
         "path_style = false",
         "region = \"eu-west-3\"",
         "path_prefix = \"\"",
         "reads = \"signed\"",
+        // No public/system beside the env file: media went to S3 from the start.
+        "roots = []",
     ] {
         assert!(text.contains(line), "{line} in\n{text}");
     }
@@ -167,4 +170,24 @@ fn a_missing_variable_is_named_and_an_existing_config_is_kept() {
     let (code, _, err) = init(&env, &etc.path().join("other.toml"), false);
     assert_eq!(code, 2);
     assert!(err.contains("S3_ENABLED"), "{err}");
+}
+
+#[test]
+fn a_private_acl_means_signed_reads() {
+    let live = tempfile::tempdir().unwrap();
+    let env = live.path().join(".env.production");
+    std::fs::write(
+        &env,
+        "S3_ENABLED=true\nS3_BUCKET=b\nAWS_ACCESS_KEY_ID=a\nAWS_SECRET_ACCESS_KEY=s\nS3_PERMISSION=private\n",
+    )
+    .unwrap();
+    let etc = tempfile::tempdir().unwrap();
+    let output = etc.path().join("proxy.toml");
+    assert_eq!(init(&env, &output, false).0, 0);
+    let text = std::fs::read_to_string(&output).unwrap();
+    assert!(text.contains("acl = \"private\""), "{text}");
+    assert!(
+        text.contains("reads = \"signed\""),
+        "anonymous reads of private objects would find nothing:\n{text}"
+    );
 }

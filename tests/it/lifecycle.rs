@@ -382,10 +382,15 @@ async fn logs_fit_journald_no_colours_and_debug_means_ours() {
             .is_ok_and(|r| r.status() == 200)
     })
     .await;
+    // Log lines leave through a writer thread: wait for them before stopping the process.
+    let written = eventually(Duration::from_secs(5), || async {
+        std::fs::read_to_string(&log).is_ok_and(|t| t.contains("DEBUG mediaproxy"))
+    })
+    .await;
     let _ = child.kill();
     let _ = child.wait();
     let text = std::fs::read_to_string(&log).unwrap();
-    assert!(up, "{text}");
+    assert!(up && written, "{text}");
     assert!(
         !text.contains('\u{1b}'),
         "no ANSI escape codes in a file:\n{text}"

@@ -551,8 +551,19 @@ impl Proxy {
         proc_status_kib(self.pid(), "VmRSS:")
     }
 
+    /// The proxy's stderr so far. Its log lines leave through a writer thread, a moment after the
+    /// event: read once the file has stopped growing (up to 1 s).
     pub fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
+        let mut last = std::fs::read_to_string(&self.log).unwrap_or_default();
+        for _ in 0..50 {
+            std::thread::sleep(Duration::from_millis(20));
+            let now = std::fs::read_to_string(&self.log).unwrap_or_default();
+            if now.len() == last.len() {
+                return now;
+            }
+            last = now;
+        }
+        last
     }
 
     /// Rewrites the config file (same listen address) for a SIGHUP reload.

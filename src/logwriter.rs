@@ -1,5 +1,5 @@
-//! Log lines leave through a bounded queue and a thread of their own, never from the async workers
-//! directly: a journald that reads slowly (or a pipe nobody reads) would otherwise block a worker on
+//! How the process logs (`init`), and the writer behind it. Log lines leave through a bounded queue
+//! and a thread of their own, never from the async workers directly: a journald that reads slowly (or a pipe nobody reads) would otherwise block a worker on
 //! stderr, then every worker on its lock, and the watchdog would kill a proxy that was only logging.
 //! When the queue is full, lines are dropped and counted; the count is written once there is room.
 
@@ -85,5 +85,31 @@ impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for NonBlocking {
 
     fn make_writer(&'a self) -> Self::Writer {
         self.clone()
+    }
+}
+
+/// Logs on stderr, for journald: colours only on a terminal and without `NO_COLOR`; no timestamps
+/// under systemd (journald adds its own). `MEDIAPROXY_LOG` is about mediaproxy: a bare level
+/// (`debug`) applies to mediaproxy while its dependencies stay at `warn`; a full filter
+/// (`info,hyper=debug`) is taken as written.
+pub fn init() {
+    use std::io::IsTerminal;
+    let wanted = std::env::var("MEDIAPROXY_LOG").unwrap_or_default();
+    let filter = match wanted.trim() {
+        "" => "warn,mediaproxy=info".to_string(),
+        level if !level.contains(['=', ',']) => format!("warn,mediaproxy={level}"),
+        full => full.to_string(),
+    };
+    let filter = tracing_subscriber::EnvFilter::try_new(&filter)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,mediaproxy=info"));
+    let colour = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(colour)
+        .with_writer(NonBlocking::stderr());
+    if std::env::var_os("JOURNAL_STREAM").is_some() {
+        builder.without_time().init();
+    } else {
+        builder.init();
     }
 }

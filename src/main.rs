@@ -159,7 +159,7 @@ enum CacheAction {
 }
 
 fn main() -> ExitCode {
-    init_logging();
+    mediaproxy::logwriter::init();
     let code = match run(Cli::parse()) {
         Ok(code) => code,
         Err(e) => {
@@ -184,32 +184,6 @@ fn once_each(e: &anyhow::Error) -> String {
         }
     }
     msg
-}
-
-/// Logs on stderr, for journald: colours only on a terminal and without `NO_COLOR`; no timestamps
-/// under systemd (journald adds its own). `MEDIAPROXY_LOG` is about mediaproxy: a bare level
-/// (`debug`) applies to mediaproxy while its dependencies stay at `warn`; a full filter
-/// (`info,hyper=debug`) is taken as written.
-fn init_logging() {
-    use std::io::IsTerminal;
-    let wanted = std::env::var("MEDIAPROXY_LOG").unwrap_or_default();
-    let filter = match wanted.trim() {
-        "" => "warn,mediaproxy=info".to_string(),
-        level if !level.contains(['=', ',']) => format!("warn,mediaproxy={level}"),
-        full => full.to_string(),
-    };
-    let filter = tracing_subscriber::EnvFilter::try_new(&filter)
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,mediaproxy=info"));
-    let colour = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(colour)
-        .with_writer(mediaproxy::logwriter::NonBlocking::stderr());
-    if std::env::var_os("JOURNAL_STREAM").is_some() {
-        builder.without_time().init();
-    } else {
-        builder.init();
-    }
 }
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {

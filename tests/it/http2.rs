@@ -128,7 +128,7 @@ async fn a_slow_but_reading_http2_client_gets_the_whole_body() {
             )
         });
         got.extend_from_slice(&chunk);
-        tokio::time::sleep(Duration::from_millis(5)).await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
         let _ = stream.flow_control().release_capacity(chunk.len());
     }
     assert!(

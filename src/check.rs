@@ -8,7 +8,9 @@ use tokio::net::{lookup_host, TcpStream};
 
 use crate::config::Config;
 use crate::key;
-use crate::upstream::{Fetched, Method, Put, PutRequest, Upstream, UpstreamError, WriteError};
+use http::StatusCode;
+
+use crate::upstream::{Put, PutRequest, Upstream, WriteError, CREDENTIAL_CODES};
 
 const STEP_TIMEOUT: Duration = Duration::from_secs(5);
 /// A key nobody uploads: found or not, a clean answer to a signed HEAD proves DNS, TCP, TLS and the
@@ -136,26 +138,66 @@ async fn probe(up: &Upstream) -> (bool, String) {
             )
         }
     }
-    // s3s-fs and some providers answer a missing key even when the whole bucket is missing: ask it.
-    match up.bucket_exists().await {
-        Ok(false) => {
-            return (
-                false,
-                "NoSuchBucket: the bucket does not exist here (check bucket, endpoint, path_style)"
-                    .into(),
-            )
-        }
-        Ok(true) => {}
-        Err(e) => return (false, format!("HeadBucket: {e}")),
+    let ms = |s: Instant| s.elapsed().as_millis();
+    match read_verdict(up).await {
+        Ok(note) => (
+            true,
+            format!("ok: {addr}, answered in {} ms{note}", ms(start)),
+        ),
+        Err(why) => (false, why),
+    }
+}
+
+/// Asks the bucket (HeadBucket) and a key nobody uploads (a one-byte GET, as the proxy would ask), and
+/// reads the two answers together: `Ok(note)` when reads work, `Err(why)` naming S3's error code.
+///
+/// A signed GET of a missing key answers 404 when the access key may list the bucket, and 403
+/// AccessDenied when it may not (S3 will not say whether a key exists to someone who cannot list): so
+/// an AccessDenied is a missing `s3:GetObject` only when HeadBucket (which needs `s3:ListBucket`)
+/// succeeded.
+async fn read_verdict(up: &Upstream) -> Result<String, String> {
+    let bucket = match up.head_bucket().await {
+        Ok(status) => status,
+        Err(e) => return Err(format!("HeadBucket: {e}")),
+    };
+    if bucket == Some(StatusCode::NOT_FOUND) {
+        return Err(
+            "NoSuchBucket: the bucket does not exist here (check bucket, endpoint, path_style)"
+                .into(),
+        );
     }
     let key = key::parse(&format!("/{PROBE_KEY}"), "").expect("probe key is valid");
-    let ms = |s: Instant| s.elapsed().as_millis();
-    match up.fetch(Method::Head, &key, None).await {
-        Ok(Fetched::NotFound) | Ok(Fetched::Found(_)) => {
-            (true, format!("ok: {addr}, answered in {} ms", ms(start)))
+    let probed = up.probe_get(&key).await.map_err(|e| e.to_string())?;
+    let code = probed.code.as_deref().unwrap_or("");
+    match probed.status {
+        s if s.is_success() || s == StatusCode::RANGE_NOT_SATISFIABLE => Ok(String::new()),
+        StatusCode::NOT_FOUND if code == "NoSuchBucket" => Err(
+            "NoSuchBucket: the bucket does not exist here (check bucket, endpoint, path_style)"
+                .into(),
+        ),
+        StatusCode::NOT_FOUND => Ok(String::new()),
+        StatusCode::FORBIDDEN if CREDENTIAL_CODES.contains(&code) => Err(format!(
+            "credentials refused ({code}): check access_key_id and the secret"
+        )),
+        StatusCode::FORBIDDEN if !up.reads_signed() => Ok(
+            "; 403 for a missing key (a public bucket that hides its listing), read as not found"
+                .into(),
+        ),
+        StatusCode::FORBIDDEN if code == "AccessDenied" && bucket.is_some_and(|s| s.is_success()) => {
+            Err("AccessDenied: the access key may list the bucket but not read its objects (s3:GetObject)".into())
         }
-        Err(UpstreamError::Auth(code)) => (false, format!("credentials refused ({code})")),
-        Err(e) => (false, e.to_string()),
+        StatusCode::FORBIDDEN if code == "AccessDenied" => Ok(
+            "; no s3:ListBucket, so missing keys answer 403 AccessDenied, read as not found".into(),
+        ),
+        s => Err(format!(
+            "a GET of {PROBE_KEY} answered HTTP {}{}",
+            s.as_u16(),
+            if code.is_empty() {
+                String::new()
+            } else {
+                format!(" ({code})")
+            }
+        )),
     }
 }
 

@@ -22,9 +22,11 @@ use crate::object::{Body, Meta, Object, Source};
 mod coalesce;
 mod list;
 mod multipart;
+mod probe;
 mod write;
 use coalesce::Coalesce;
 pub use list::{Listed, Page};
+pub use probe::{Probed, CREDENTIAL_CODES};
 pub use write::{Head, Put, PutRequest, WriteError};
 
 /// The builder every HTTP client of ours starts from. reqwest comes without a crypto provider of its
@@ -343,15 +345,10 @@ impl Upstream {
         };
         let body = read_prefix(resp, 8192).await;
         let code = xml_tag(&body, "Code").unwrap_or_default();
-        match code.as_str() {
-            "SignatureDoesNotMatch"
-            | "InvalidAccessKeyId"
-            | "RequestTimeTooSkewed"
-            | "ExpiredToken"
-            | "InvalidToken"
-            | "AuthorizationHeaderMalformed"
-            | "AuthorizationQueryParametersError" => Err(UpstreamError::Auth(code)),
-            _ => Ok(Fetched::NotFound),
+        if CREDENTIAL_CODES.contains(&code.as_str()) {
+            Err(UpstreamError::Auth(code))
+        } else {
+            Ok(Fetched::NotFound)
         }
     }
 

@@ -163,24 +163,6 @@ impl Upstream {
         }
     }
 
-    /// HeadBucket (signed): `Ok(false)` when the bucket does not exist. A 403 tells nothing (the key may
-    /// lack the permission to ask), so it counts as there. `http` upstreams: always there.
-    pub async fn bucket_exists(&self) -> Result<bool, WriteError> {
-        let Ok((bucket, creds)) = self.s3() else {
-            return Ok(true);
-        };
-        let url = bucket.head_bucket(creds).sign(super::SIGN_TTL);
-        let resp = self.send(self.client.head(url), write_timeout(0)).await?;
-        match resp.status() {
-            StatusCode::NOT_FOUND => Ok(false),
-            s if s.is_success() || s == StatusCode::FORBIDDEN => Ok(true),
-            s => Err(WriteError::Refused {
-                status: s.as_u16(),
-                code: String::new(),
-            }),
-        }
-    }
-
     /// Deletes `key` (only `check`'s own probe object).
     pub async fn delete(&self, key: &Key) -> Result<(), WriteError> {
         let (bucket, creds) = self.s3()?;

@@ -191,6 +191,51 @@ async fn check_fails_a_bucket_that_does_not_exist() {
     );
 }
 
+/// `check` names what the bucket said about the credentials and permissions, rather than "ok" for a key
+/// that could never read a thing.
+#[tokio::test(flavor = "multi_thread")]
+async fn check_names_credential_and_permission_refusals() {
+    let s3 = S3Server::start(&["media"], true).await;
+    let run = |config: String| async move {
+        tokio::task::spawn_blocking(move || check(&config))
+            .await
+            .unwrap()
+    };
+    // An access key the provider does not know (this server says NotSignedUp; AWS, InvalidAccessKeyId).
+    let (code, text) = run(s3
+        .s3_upstream("wrongkey", "media")
+        .replace(ACCESS_KEY, "AKIANOBODY"))
+    .await;
+    assert_eq!(code, 1, "{text}");
+    assert!(
+        text.contains("FAIL wrongkey") && text.contains("NotSignedUp"),
+        "{text}"
+    );
+    assert!(!text.contains(SECRET_KEY), "{text}");
+
+    // May list the bucket but not read objects: every media request would be a 403.
+    s3.set_no_reads(true);
+    let (code, text) = run(s3.s3_upstream("noread", "media")).await;
+    assert_eq!(code, 1, "{text}");
+    assert!(
+        text.contains("FAIL noread")
+            && text.contains("AccessDenied")
+            && text.contains("s3:GetObject"),
+        "{text}"
+    );
+    s3.set_no_reads(false);
+
+    // May read but not list: a missing key answers AccessDenied, which is how S3 says "not found" to
+    // such a key. Reads work, so this passes, and says why.
+    s3.set_no_list(true);
+    let (code, text) = run(s3.s3_upstream("nolist", "media")).await;
+    assert_eq!(code, 0, "{text}");
+    assert!(
+        text.contains("OK   nolist") && text.contains("s3:ListBucket"),
+        "{text}"
+    );
+}
+
 #[test]
 fn check_offline_validates_the_local_side_without_the_network() {
     let root = mastodon_root();

@@ -268,23 +268,30 @@ async fn server_errors_and_silence_count_as_failures_not_absence() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn wrong_secret_is_a_failure_not_a_404() {
+async fn wrong_credentials_are_a_failure_not_a_404() {
     let s3 = S3Server::start(&["media"], true).await;
     s3.put("media", KEY, b"x".to_vec(), "image/jpeg").await;
-    let cfg = s3
-        .s3_upstream("b", "media")
-        .replace(SECRET_KEY, "wrong-secret");
-    let proxy = Proxy::start(&cfg);
-    let r = client()
-        .get(proxy.url(&format!("/{KEY}")))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 502);
-    let log = proxy.log();
-    assert!(log.contains("SignatureDoesNotMatch"), "{log}");
-    assert!(!log.contains("wrong-secret"), "secret in the log");
-    assert!(!log.contains("X-Amz-Signature"), "signed URL in the log");
+    // A wrong secret, then an access key the provider does not know (s3s says NotSignedUp).
+    for (from, to, code) in [
+        (SECRET_KEY, "wrong-secret", "SignatureDoesNotMatch"),
+        (ACCESS_KEY, "AKIANOBODY", "NotSignedUp"),
+    ] {
+        let cfg = s3.s3_upstream("b", "media").replace(from, to);
+        let proxy = Proxy::start(&cfg);
+        let r = client()
+            .get(proxy.url(&format!("/{KEY}")))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 502, "{code}");
+        let log = proxy.log();
+        assert!(log.contains(code), "{log}");
+        assert!(
+            !log.contains(SECRET_KEY) && !log.contains("wrong-secret"),
+            "secret in the log"
+        );
+        assert!(!log.contains("X-Amz-Signature"), "signed URL in the log");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]

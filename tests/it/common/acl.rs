@@ -22,6 +22,11 @@ pub struct AclFs {
     pub ignore_if_none_match: Arc<AtomicBool>,
     /// Answer PUTs with 403 AccessDenied: an access key allowed to read only.
     pub read_only: Arc<AtomicBool>,
+    /// An access key without `s3:ListBucket`: HeadBucket answers 403, and so does a signed GET of a
+    /// missing key (AccessDenied, not NoSuchKey), as S3 does.
+    pub no_list: Arc<AtomicBool>,
+    /// An access key without `s3:GetObject`: signed GET/HEAD of objects answer 403 AccessDenied.
+    pub no_reads: Arc<AtomicBool>,
     /// Multipart uploads created and neither completed nor aborted (s3s-fs has no
     /// ListMultipartUploads): what a bucket would keep, and bill, forever.
     pub open_uploads: Arc<Mutex<std::collections::HashSet<String>>>,
@@ -33,6 +38,18 @@ pub struct AclFs {
 }
 
 impl AclFs {
+    /// The 403 a signed read gets from a key missing a permission, if it does.
+    fn refused_read(&self, bucket: &str, key: &str, signed: bool) -> Option<s3s::S3Error> {
+        if !signed {
+            return None;
+        }
+        if self.no_reads.load(Ordering::SeqCst) {
+            return Some(s3_error!(AccessDenied));
+        }
+        let missing = !self.root.join(bucket).join(key).is_file();
+        (self.no_list.load(Ordering::SeqCst) && missing).then(|| s3_error!(AccessDenied))
+    }
+
     fn public(&self, bucket: &str, key: &str) -> bool {
         self.acls
             .lock()
@@ -83,6 +100,11 @@ impl S3 for AclFs {
         if req.credentials.is_none() && !self.public(&req.input.bucket, &req.input.key) {
             return Err(s3_error!(AccessDenied));
         }
+        if let Some(e) =
+            self.refused_read(&req.input.bucket, &req.input.key, req.credentials.is_some())
+        {
+            return Err(e);
+        }
         self.fs.get_object(req).await
     }
 
@@ -92,6 +114,11 @@ impl S3 for AclFs {
     ) -> S3Result<S3Response<HeadObjectOutput>> {
         if req.credentials.is_none() && !self.public(&req.input.bucket, &req.input.key) {
             return Err(s3_error!(AccessDenied));
+        }
+        if let Some(e) =
+            self.refused_read(&req.input.bucket, &req.input.key, req.credentials.is_some())
+        {
+            return Err(e);
         }
         self.fs.head_object(req).await
     }
@@ -143,6 +170,9 @@ impl S3 for AclFs {
         &self,
         req: S3Request<HeadBucketInput>,
     ) -> S3Result<S3Response<HeadBucketOutput>> {
+        if self.no_list.load(Ordering::SeqCst) {
+            return Err(s3_error!(AccessDenied));
+        }
         self.fs.head_bucket(req).await
     }
 

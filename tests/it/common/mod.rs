@@ -38,6 +38,8 @@ pub struct S3Server {
     acls: acl::Acls,
     ignore_if_none_match: Arc<std::sync::atomic::AtomicBool>,
     read_only: Arc<std::sync::atomic::AtomicBool>,
+    no_list: Arc<std::sync::atomic::AtomicBool>,
+    no_reads: Arc<std::sync::atomic::AtomicBool>,
     open_uploads: Arc<Mutex<std::collections::HashSet<String>>>,
     part_delay: Arc<Mutex<Duration>>,
     slow_down_every: Arc<AtomicUsize>,
@@ -55,6 +57,8 @@ impl S3Server {
         let acls = acl::Acls::default();
         let ignore_if_none_match = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let read_only = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let no_list = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let no_reads = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let open_uploads: Arc<Mutex<std::collections::HashSet<String>>> = Arc::default();
         let part_delay: Arc<Mutex<Duration>> = Arc::default();
         let slow_down_every: Arc<AtomicUsize> = Arc::default();
@@ -65,6 +69,8 @@ impl S3Server {
                 acls: acls.clone(),
                 ignore_if_none_match: ignore_if_none_match.clone(),
                 read_only: read_only.clone(),
+                no_list: no_list.clone(),
+                no_reads: no_reads.clone(),
                 open_uploads: open_uploads.clone(),
                 part_delay: part_delay.clone(),
                 slow_down_every: slow_down_every.clone(),
@@ -125,6 +131,8 @@ impl S3Server {
             acls,
             ignore_if_none_match,
             read_only,
+            no_list,
+            no_reads,
             open_uploads,
             part_delay,
             slow_down_every,
@@ -149,6 +157,16 @@ impl S3Server {
     /// Refuses PUTs from now on, as a bucket does for a key without write permission.
     pub fn set_read_only(&self, read_only: bool) {
         self.read_only.store(read_only, Ordering::SeqCst);
+    }
+
+    /// The access key loses (or regains) `s3:ListBucket`.
+    pub fn set_no_list(&self, on: bool) {
+        self.no_list.store(on, Ordering::SeqCst);
+    }
+
+    /// The access key loses (or regains) `s3:GetObject`.
+    pub fn set_no_reads(&self, on: bool) {
+        self.no_reads.store(on, Ordering::SeqCst);
     }
 
     /// From now on PUTs ignore `If-None-Match` (overwrite), as many S3-compatible providers do.

@@ -40,6 +40,22 @@ pub enum ConfigError {
 }
 
 impl ConfigError {
+    /// With the line of `text` that sets the key at fault (or its table's header), when it has none yet.
+    fn at_line_in(self, text: &str) -> Self {
+        match self {
+            ConfigError::Invalid {
+                key,
+                line: None,
+                msg,
+            } => ConfigError::Invalid {
+                line: locate(text, &key),
+                key,
+                msg,
+            },
+            other => other,
+        }
+    }
+
     fn invalid(key: impl Into<String>, line: Option<usize>, msg: impl Into<String>) -> Self {
         ConfigError::Invalid {
             key: key.into(),
@@ -205,10 +221,12 @@ impl UpstreamKind {
 }
 
 mod file;
+mod lines;
 mod validate;
 
 use file::FileConfig;
-use validate::{toml_error, validate_copy, validate_server, validate_upstream};
+use lines::{locate, toml_error};
+use validate::{validate_copy, validate_server, validate_upstream};
 
 impl Config {
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
@@ -227,7 +245,8 @@ impl Config {
             source,
         })?;
         let file: FileConfig = toml::from_str(&text).map_err(|e| toml_error(&text, &e))?;
-        Ok((cache_section(file.cache)?, file.server.path_prefix))
+        let cache = cache_section(file.cache).map_err(|e| e.at_line_in(&text))?;
+        Ok((cache, file.server.path_prefix))
     }
 
     pub fn embedded_default() -> Config {
@@ -237,8 +256,11 @@ impl Config {
     /// `base` is the directory relative secret files are read from (the config file's own).
     pub fn parse(text: &str, base: &Path) -> Result<Config, ConfigError> {
         let file: FileConfig = toml::from_str(text).map_err(|e| toml_error(text, &e))?;
-        let line_of = |offset: usize| Some(text[..offset.min(text.len())].lines().count().max(1));
+        Config::validate(file, base).map_err(|e| e.at_line_in(text))
+    }
 
+    /// The checks the TOML parser cannot make; errors name the key only ([`Config::parse`] finds its line).
+    fn validate(file: FileConfig, base: &Path) -> Result<Config, ConfigError> {
         let server = validate_server(file.server, base)?;
         if file.local.roots.iter().any(|r| r.as_os_str().is_empty()) {
             return Err(ConfigError::invalid(
@@ -250,13 +272,12 @@ impl Config {
         let cache = cache_section(file.cache)?;
 
         let mut upstreams: Vec<UpstreamConfig> = Vec::new();
-        for (i, spanned) in file.upstream.into_iter().enumerate() {
-            let line = line_of(spanned.span().start);
-            let up = validate_upstream(i + 1, line, spanned.into_inner(), base)?;
+        for (i, up) in file.upstream.into_iter().enumerate() {
+            let up = validate_upstream(i + 1, up, base)?;
             if upstreams.iter().any(|u| u.name == up.name) {
                 return Err(ConfigError::invalid(
                     format!("upstream[{}].name", i + 1),
-                    line,
+                    None,
                     format!(
                         "duplicate upstream name {:?}; names must be unique",
                         up.name

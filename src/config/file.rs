@@ -6,7 +6,6 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::Deserialize;
-use toml::Spanned;
 
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
@@ -18,7 +17,7 @@ pub(super) struct FileConfig {
     #[serde(default)]
     pub(super) cache: FileCache,
     #[serde(default)]
-    pub(super) upstream: Vec<Spanned<FileUpstream>>,
+    pub(super) upstream: Vec<FileUpstream>,
     #[serde(default)]
     pub(super) copy: FileCopy,
 }

@@ -10,57 +10,6 @@ use super::{
     CacheBuster, ConfigError, Copy, Reads, Secret, Server, Tls, UpstreamConfig, UpstreamKind,
 };
 
-pub(super) fn toml_error(text: &str, e: &toml::de::Error) -> ConfigError {
-    let line = e
-        .span()
-        .map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1);
-    let msg = e.message().to_string();
-    // serde names the field for unknown keys; for type errors the span points at the value, so take
-    // the key from the text of that line.
-    let key = msg
-        .strip_prefix("unknown field `")
-        .and_then(|r| r.split('`').next())
-        .map(str::to_string)
-        .or_else(|| {
-            let l = text.lines().nth(line? - 1)?;
-            let k = l.split('=').next()?.trim();
-            (!k.is_empty() && !k.starts_with('[')).then(|| k.to_string())
-        })
-        .unwrap_or_else(|| "(syntax)".into());
-    let key = match (key.as_str(), line.and_then(|l| table_at(text, l))) {
-        ("(syntax)", _) | (_, None) => key,
-        (_, Some(table)) => format!("{table}.{key}"),
-    };
-    ConfigError::invalid(key, line, msg)
-}
-
-/// The table that line `line` (1-based) belongs to, as the other errors name it: `cache`,
-/// `server.tls`, `upstream[2]` (the second `[[upstream]]`).
-fn table_at(text: &str, line: usize) -> Option<String> {
-    let lines: Vec<&str> = text.lines().take(line).collect();
-    let (at, header) = lines
-        .iter()
-        .enumerate()
-        .rev()
-        .find_map(|(i, l)| l.trim_start().starts_with('[').then_some((i, l.trim())))?;
-    let header = header.split('#').next().unwrap_or(header).trim();
-    if let Some(name) = header.strip_prefix("[[").and_then(|h| h.strip_suffix("]]")) {
-        let name = name.trim();
-        let nth = lines[..=at]
-            .iter()
-            .filter(|l| {
-                l.trim()
-                    .strip_prefix("[[")
-                    .and_then(|h| h.split("]]").next())
-                    .is_some_and(|h| h.trim() == name)
-            })
-            .count();
-        return Some(format!("{name}[{nth}]"));
-    }
-    let name = header.strip_prefix('[')?.split(']').next()?.trim();
-    Some(name.to_string())
-}
-
 pub(super) fn validate_server(s: FileServer, base: &Path) -> Result<Server, ConfigError> {
     if s.listen.is_empty() {
         return Err(ConfigError::invalid(
@@ -106,7 +55,7 @@ pub(super) fn validate_server(s: FileServer, base: &Path) -> Result<Server, Conf
                     format!("{header:?} is not a valid HTTP header name"),
                 )
             })?;
-            let secret = read_secret("server.cache_buster_secret_file", None, base, &file)?;
+            let secret = read_secret("server.cache_buster_secret_file", base, &file)?;
             Some(CacheBuster { header, secret })
         }
     };
@@ -168,15 +117,10 @@ fn allow_prefixes(raw: &[String]) -> Result<Vec<String>, ConfigError> {
 }
 
 /// Secret files are read relative to the config file, with surrounding whitespace stripped.
-fn read_secret(
-    key: &str,
-    line: Option<usize>,
-    base: &Path,
-    file: &Path,
-) -> Result<Secret, ConfigError> {
+fn read_secret(key: &str, base: &Path, file: &Path) -> Result<Secret, ConfigError> {
     let path = base.join(file);
     let text = std::fs::read_to_string(&path).map_err(|e| {
-        ConfigError::invalid(key, line, format!("cannot read {}: {e}", path.display()))
+        ConfigError::invalid(key, None, format!("cannot read {}: {e}", path.display()))
     })?;
     {
         use std::os::unix::fs::PermissionsExt;
@@ -192,7 +136,7 @@ fn read_secret(
     if secret.is_empty() {
         return Err(ConfigError::invalid(
             key,
-            line,
+            None,
             format!("{} is empty", path.display()),
         ));
     }
@@ -201,12 +145,11 @@ fn read_secret(
 
 pub(super) fn validate_upstream(
     n: usize,
-    line: Option<usize>,
     u: FileUpstream,
     base: &Path,
 ) -> Result<UpstreamConfig, ConfigError> {
     let key = |k: &str| format!("upstream[{n}].{k}");
-    let bad = |k: &str, msg: String| ConfigError::invalid(key(k), line, msg);
+    let bad = |k: &str, msg: String| ConfigError::invalid(key(k), None, msg);
     let required = |k: &str, v: Option<String>| {
         v.filter(|s| !s.trim().is_empty())
             .ok_or_else(|| bad(k, "is required".into()))
@@ -286,7 +229,7 @@ pub(super) fn validate_upstream(
                 (Some(id), Some(secret), None) => Some((id, Secret(secret))),
                 (Some(id), None, Some(file)) => Some((
                     id,
-                    read_secret(&key("secret_access_key_file"), line, base, &file)?,
+                    read_secret(&key("secret_access_key_file"), base, &file)?,
                 )),
                 (None, _, _) => {
                     return Err(bad(

@@ -45,7 +45,7 @@ fn config_mistakes_name_the_key_and_line() {
         ("[[upstream]]\ntype = \"http\"\nurl = \"http://127.0.0.1:1\"\n", &["upstream[1].name", "required"]),
         (
             "[[upstream]]\nname = \"a\"\ntype = \"http\"\nurl = \"http://127.0.0.1:1\"\n\n[[upstream]]\nname = \"a\"\ntype = \"http\"\nurl = \"http://127.0.0.1:2\"\n",
-            &["upstream[2].name", "duplicate", "line 5"],
+            &["upstream[2].name", "duplicate", "line 7"],
         ),
         (
             "[[upstream]]\nname = \"s\"\ntype = \"s3\"\nendpoint = \"http://127.0.0.1:1\"\nbucket = \"b\"\naccess_key_id = \"AK\"\nsecret_access_key_file = \"/nonexistent/secret\"\n",
@@ -68,6 +68,82 @@ fn config_mistakes_name_the_key_and_line() {
                 "expected {e:?} in:\n{text}\nfor config:\n{config}"
             );
         }
+    }
+}
+
+/// A config as admins write them (comments, blank lines, several upstreams): each mistake is reported
+/// on the line of the key at fault, not on the table's first line or the blank line before it.
+#[test]
+fn validation_errors_name_the_line_of_the_key() {
+    let base = r#"# mediaproxy for files.example.org
+[server]
+listen = ["127.0.0.1:1"]
+path_prefix = ""
+
+[cache]
+max_size = "1GiB"
+# bigger objects stream through
+max_object_size = "100MiB"
+
+[[upstream]]
+name = "new"
+type = "s3"
+endpoint = "http://127.0.0.1:1"
+bucket = "media"
+# the secret
+access_key_id = "AK"
+secret_access_key = "x"
+copy_missing = true
+
+[[upstream]]
+# the old bucket
+name = "old"
+type = "http"
+url = "http://127.0.0.1:2"
+"#;
+    // (what to change, the line it ends up on, what the message must say)
+    let cases: &[(&str, &str, &str)] = &[
+        (
+            "secret_access_key = \"x\"",
+            "secret_access_key_file = \"/nonexistent/new.secret\"",
+            "upstream[1].secret_access_key_file",
+        ),
+        ("name = \"old\"", "name = \"new\"", "upstream[2].name"),
+        (
+            "max_object_size = \"100MiB\"",
+            "max_object_size = \"900MiB\"",
+            "cache.max_object_size",
+        ),
+        (
+            "path_prefix = \"\"",
+            "path_prefix = \"storage/\"",
+            "server.path_prefix",
+        ),
+        (
+            "url = \"http://127.0.0.1:2\"",
+            "url = \"http://127.0.0.1:2\"\nbucket = \"b\"",
+            "upstream[2].bucket",
+        ),
+        (
+            "url = \"http://127.0.0.1:2\"",
+            "url = \"ftp://127.0.0.1:2\"",
+            "upstream[2].url",
+        ),
+    ];
+    for (from, to, key) in cases {
+        assert!(base.contains(from), "{from}");
+        let config = base.replacen(from, to, 1);
+        // The mistake is on the first line that differs from the good file.
+        let at = (0..)
+            .find(|&i| config.lines().nth(i) != base.lines().nth(i))
+            .expect("a changed line")
+            + 1;
+        let (code, text) = check(&config);
+        assert_eq!(code, 1, "{text}");
+        assert!(
+            text.contains(&format!("line {at}: `{key}`")),
+            "expected line {at} for {key} in:\n{text}"
+        );
     }
 }
 

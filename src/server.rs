@@ -114,6 +114,7 @@ pub async fn run(config: Config, config_path: Option<PathBuf>) -> Result<(), Ser
     notify::ready();
     let prober = probe::spawn(shared.clone());
     let pinger = notify::spawn_pinger(metrics.clone(), copier.clone());
+    let notices = crate::cache::watch_notices(cache.clone());
 
     loop {
         tokio::select! {
@@ -165,6 +166,7 @@ pub async fn run(config: Config, config_path: Option<PathBuf>) -> Result<(), Ser
         task.abort();
     }
     pinger.abort();
+    notices.abort();
     tracing::info!("stopped");
     Ok(())
 }

@@ -76,6 +76,8 @@ pub struct Index {
     open: Arc<OpenFiles>,
     max_size: u64,
     inactive: u64,
+    /// Set once the load from the directory at start has finished.
+    loaded: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// A fill's share of `max_size`, held while it runs.
@@ -113,6 +115,7 @@ impl Index {
             open: Arc::new(OpenFiles::new(open_files)),
             max_size,
             inactive: inactive.as_secs(),
+            loaded: Arc::default(),
         }
     }
 
@@ -135,6 +138,9 @@ impl Index {
                     index.admit_cold(hash, size, stored);
                 }
                 index.enforce();
+                index
+                    .loaded
+                    .store(true, std::sync::atomic::Ordering::Release);
                 match result {
                     Ok(()) => tracing::info!(entries = n, elapsed = ?started.elapsed(), "cache index loaded"),
                     Err(e) => tracing::warn!(error = %e, "cache index load stopped early"),
@@ -325,14 +331,25 @@ impl Index {
     }
 
     /// The file is gone (purged by `mediaproxy cache purge`, say): stop counting it, unless a fill has
-    /// just published a new one.
-    pub fn forget(&self, hash: KeyHash) {
+    /// just published a new one. True if it was counted.
+    pub fn forget(&self, hash: KeyHash) -> bool {
         let mut inner = self.lock();
-        if !self.store.path(hash).exists() {
-            inner.take(hash);
-        }
+        let forgotten = !self.store.path(hash).exists() && inner.take(hash).is_some();
         drop(inner);
         self.open.drop_entry(hash);
+        forgotten
+    }
+
+    /// Stops counting every entry whose file is gone (`mediaproxy cache clear` ran); blocking, one
+    /// `stat` per entry, the index lock taken per entry so hits go on meanwhile.
+    pub fn forget_missing(&self) -> usize {
+        let hashes: Vec<KeyHash> = self.lock().lru.iter().map(|(h, _)| *h).collect();
+        hashes.into_iter().filter(|h| self.forget(*h)).count()
+    }
+
+    /// Whether the load from the directory at start has finished.
+    pub fn loaded(&self) -> bool {
+        self.loaded.load(std::sync::atomic::Ordering::Acquire)
     }
 
     fn enforce(&self) {

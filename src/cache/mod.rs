@@ -9,7 +9,8 @@
 //! - `growing`: the one reader of an entry being written, for the fill's client and its followers.
 //! - `lead`: the fill policy (fills that outlive their client, background fills, resume), over an
 //!   [`Origin`] the caller supplies, since the cache knows nothing of upstreams.
-//! - `offline`: `mediaproxy cache stats|purge|clear`, on the directory, proxy running or not.
+//! - `offline`: `mediaproxy cache stats|purge|clear`, on the directory, proxy running or not;
+//!   `notices`: how a running proxy learns of them.
 //! - tombstones (a [`KeySet`]): keys Mastodon busted (deleted or made private), beside the entries.
 //!
 //! A lookup reads the file directly (its path derives from the key), so the cache serves at once after
@@ -21,6 +22,7 @@ mod follow;
 mod growing;
 mod index;
 mod lead;
+mod notices;
 mod offline;
 mod open;
 pub mod store;
@@ -39,6 +41,7 @@ pub use follow::Joined;
 pub use growing::fill_failed_at;
 use index::Index;
 pub use lead::{Answer, Origin};
+pub use notices::watch as watch_notices;
 pub use offline::{clear, purge, purge_prefix, stats, Stats};
 use store::{hash_key, KeyHash, Store, StoreError};
 pub use store::{EntryMeta, Loaded};

@@ -1,6 +1,7 @@
 //! `mediaproxy cache stats|purge|clear`: they work on the directory, not on a running proxy's memory,
 //! so they work whether or not one is running.
 
+use super::notices;
 use super::store::{self, hash_key, Store};
 
 /// What `mediaproxy cache stats` prints.
@@ -29,13 +30,20 @@ pub fn stats(dir: &std::path::Path) -> std::io::Result<Stats> {
     Ok(s)
 }
 
-/// Deletes the entries for `keys`; a running proxy sees the file gone at its next lookup and refetches.
+/// Deletes the entries for `keys`; a running proxy sees the file gone at its next lookup and refetches,
+/// and stops counting it within a second (a notice, see `notices`).
 /// Returns, per key, whether there was an entry.
 pub fn purge(dir: &std::path::Path, keys: &[crate::key::Key]) -> Vec<bool> {
     let store = Store::attach(dir);
-    keys.iter()
-        .map(|k| store.remove(hash_key(k.as_str())))
-        .collect()
+    let hashes: Vec<_> = keys.iter().map(|k| hash_key(k.as_str())).collect();
+    let removed: Vec<bool> = hashes.iter().map(|h| store.remove(*h)).collect();
+    let gone: Vec<_> = hashes
+        .iter()
+        .zip(&removed)
+        .filter_map(|(h, r)| r.then_some(*h))
+        .collect();
+    notices::leave(dir, &gone, false);
+    removed
 }
 
 /// Deletes every entry (a running proxy keeps serving and refills as media is read).
@@ -53,6 +61,7 @@ pub fn clear(dir: &std::path::Path) -> std::io::Result<u64> {
             n += 1;
         }
     }
+    notices::leave(dir, &[], true);
     Ok(n)
 }
 
@@ -66,13 +75,16 @@ pub fn purge_prefix(dir: &std::path::Path, prefix: &str) -> std::io::Result<Vec<
     let mut hashes = Vec::new();
     store::walk(&store, |hash, _, _, _| hashes.push(hash))?;
     let mut purged = Vec::new();
+    let mut gone = Vec::new();
     for hash in hashes {
         if let Some(key) = store.entry_key(hash).filter(|k| k.starts_with(prefix)) {
             if store.remove(hash) {
                 purged.push(key);
+                gone.push(hash);
             }
         }
     }
+    notices::leave(dir, &gone, false);
     purged.sort();
     Ok(purged)
 }

@@ -177,6 +177,10 @@ impl Store {
         }
     }
 
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
     /// Where fills and copy spools are written; emptied at every start.
     pub fn tmp_dir(&self) -> PathBuf {
         self.root.join("tmp")

@@ -1,6 +1,7 @@
 //! One integration-test binary (one link) driving the real `mediaproxy` binary over loopback.
 
 mod cache;
+mod cache_commands;
 mod cli;
 mod common;
 mod copy;

@@ -23,6 +23,9 @@ roots = ["./public/system"]
 dir = "./cache"
 "#;
 
+/// Where the config is looked for when neither `--config` nor `$MEDIAPROXY_CONFIG` is given.
+pub const DEFAULT_PATH: &str = "/etc/mediaproxy/proxy.toml";
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config file {path}: {source}")]
@@ -247,6 +250,18 @@ impl Config {
         let file: FileConfig = toml::from_str(&text).map_err(|e| toml_error(&text, &e))?;
         let cache = cache_section(file.cache).map_err(|e| e.at_line_in(&text))?;
         Ok((cache, file.server.path_prefix))
+    }
+
+    /// The config file to use: `given` (`--config`), else `$MEDIAPROXY_CONFIG` (even if it names no
+    /// file: loading it then says so), else [`DEFAULT_PATH`] if it exists; `None`: none of them.
+    pub fn find(given: Option<PathBuf>) -> Option<PathBuf> {
+        given
+            .or_else(|| {
+                std::env::var_os("MEDIAPROXY_CONFIG")
+                    .filter(|v| !v.is_empty())
+                    .map(PathBuf::from)
+            })
+            .or_else(|| Some(PathBuf::from(DEFAULT_PATH)).filter(|p| p.exists()))
     }
 
     pub fn embedded_default() -> Config {

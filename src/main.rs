@@ -4,159 +4,11 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
-use clap::{Parser, Subcommand};
+use clap::Parser;
 use mediaproxy::config::Config;
 
-#[derive(Parser)]
-#[command(
-    version,
-    about = "Caching media reverse proxy for Mastodon: local files, then ordered buckets"
-)]
-struct Cli {
-    #[command(subcommand)]
-    command: Command,
-}
-
-#[derive(Subcommand)]
-enum Command {
-    /// Run the proxy (without --config: 127.0.0.1:8080 serving ./public/system, no upstreams).
-    Serve {
-        #[arg(long)]
-        config: Option<PathBuf>,
-    },
-    /// Inspect or invalidate the disk cache (of a stopped or a running proxy).
-    Cache {
-        #[command(subcommand)]
-        action: CacheAction,
-    },
-    /// Write a commented config from Mastodon's .env.production (secrets into 0600 files beside it).
-    Init {
-        /// Mastodon's .env.production.
-        #[arg(long, value_name = "FILE")]
-        mastodon_env: PathBuf,
-        #[arg(
-            long,
-            value_name = "FILE",
-            default_value = "/etc/mediaproxy/proxy.toml"
-        )]
-        output: PathBuf,
-        /// Replace an existing config and its secret files.
-        #[arg(long)]
-        force: bool,
-    },
-    /// Validate the config and probe every upstream (DNS, connect, a signed request); exit 1 on any failure.
-    Check {
-        #[arg(long)]
-        config: PathBuf,
-        /// Validate the file and the local side only (roots, cache dir, listeners), like `nginx -t`:
-        /// no network. The unit runs it before a reload.
-        #[arg(long)]
-        offline: bool,
-    },
-    /// Copy every object --from has and --to lacks, never overwriting; resumable; exit 1 if a key failed.
-    Migrate {
-        #[arg(long)]
-        config: PathBuf,
-        /// An upstream's name, or `local` for the local roots.
-        #[arg(long)]
-        from: String,
-        /// An `s3` upstream's name.
-        #[arg(long)]
-        to: String,
-        /// Keys (or media URLs), one per line; `-` for standard input. Default: list --from.
-        #[arg(long, value_name = "FILE")]
-        keys_from: Option<PathBuf>,
-        /// Only keys under this prefix (with a listing).
-        #[arg(long, default_value = "")]
-        prefix: String,
-        /// Keys copied at once (buckets answer in tens of ms: this hides latency, not CPU).
-        #[arg(long, default_value_t = 16)]
-        concurrency: usize,
-        /// At most this many keys started a second.
-        #[arg(long)]
-        max_rps: Option<u32>,
-        /// Where progress is saved (default: under cache.dir, per source and target).
-        #[arg(long)]
-        state: Option<PathBuf>,
-        /// Print what would be copied, copy nothing.
-        #[arg(long)]
-        dry_run: bool,
-        #[command(flatten)]
-        db: DbOpts,
-    },
-    /// Report keys missing from --upstream (and, with --against, those that differ); exit 1 if any.
-    Verify {
-        #[arg(long)]
-        config: PathBuf,
-        #[arg(long)]
-        upstream: String,
-        #[arg(long)]
-        against: Option<String>,
-        #[arg(long, value_name = "FILE")]
-        keys_from: Option<PathBuf>,
-        #[arg(long, default_value = "")]
-        prefix: String,
-        #[arg(long, default_value_t = 16)]
-        concurrency: usize,
-        #[arg(long)]
-        max_rps: Option<u32>,
-        #[command(flatten)]
-        db: DbOpts,
-    },
-}
-
-/// Keys from Mastodon's own database: every file it references, nothing else.
-#[derive(clap::Args)]
-struct DbOpts {
-    /// postgres://user:password@host:port/dbname (a Unix socket: postgres:///mastodon_production?host=/var/run/postgresql)
-    #[arg(long, value_name = "URL")]
-    mastodon_db: Option<String>,
-    /// Mastodon's .env.production: DB_HOST, DB_PORT, DB_NAME, DB_USER, DB_PASS.
-    #[arg(long, value_name = "FILE")]
-    mastodon_env: Option<PathBuf>,
-    /// Only rows with an id from this one (with --mastodon-db/--mastodon-env).
-    #[arg(long, value_name = "ID")]
-    since: Option<i64>,
-    /// Only rows with an id up to this one.
-    #[arg(long, value_name = "ID")]
-    until: Option<i64>,
-}
-
-impl DbOpts {
-    fn into_args(self) -> mediaproxy::cmd::DbArgs {
-        mediaproxy::cmd::DbArgs {
-            url: self.mastodon_db,
-            env: self.mastodon_env,
-            since: self.since,
-            until: self.until,
-        }
-    }
-}
-
-#[derive(Subcommand)]
-enum CacheAction {
-    /// Entries, bytes and the oldest entry.
-    Stats {
-        #[arg(long)]
-        config: PathBuf,
-    },
-    /// Drop the entries for these keys: `media_attachments/…`, a URL path `/…` (with path_prefix), or a
-    /// full media URL as copied from a browser or a post.
-    Purge {
-        #[arg(long)]
-        config: PathBuf,
-        /// Every entry whose key starts with this (after a takedown: `accounts/avatars/000/000/042/`).
-        #[arg(long, value_name = "KEY_PREFIX")]
-        prefix: Option<String>,
-        #[arg(required_unless_present = "prefix")]
-        keys: Vec<String>,
-    },
-    /// Drop every entry.
-    Clear {
-        #[arg(long)]
-        config: PathBuf,
-    },
-}
+mod args;
+use args::{CacheAction, Cli, Command};
 
 fn main() -> ExitCode {
     mediaproxy::logwriter::init();
@@ -190,11 +42,22 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     match cli.command {
         Command::Serve { config } => {
+            let config = Config::find(config);
             let cfg = match &config {
-                Some(path) => Config::load(path)?,
+                Some(path) => {
+                    tracing::info!(config = %path.display(), "loading the config");
+                    Config::load(path)?
+                }
                 None => {
-                    tracing::info!("no --config given: using the embedded default");
-                    Config::embedded_default()
+                    let cfg = Config::embedded_default();
+                    tracing::info!(
+                        "no --config, no $MEDIAPROXY_CONFIG and no {}: using the embedded default",
+                        mediaproxy::config::DEFAULT_PATH
+                    );
+                    for root in cfg.local.roots.iter().filter(|r| !r.is_dir()) {
+                        tracing::warn!(root = %root.display(), "the embedded default serves this directory, which does not exist here: every request will be a 404");
+                    }
+                    cfg
                 }
             };
             rt.block_on(mediaproxy::server::run(cfg, config))?;
@@ -213,7 +76,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             dry_run,
             db,
         } => {
-            let cfg = load_or_exit_2(&config)?;
+            let cfg = load_or_exit_2(config)?;
             let args = mediaproxy::cmd::migrate::Args {
                 from,
                 to,
@@ -237,7 +100,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             max_rps,
             db,
         } => {
-            let cfg = load_or_exit_2(&config)?;
+            let cfg = load_or_exit_2(config)?;
             let args = mediaproxy::cmd::verify::Args {
                 db: db.into_args(),
                 upstream,
@@ -255,6 +118,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             force,
         } => exit(init(mastodon_env, output, force)),
         Command::Check { config, offline } => {
+            let config = config_path(config)?;
             let cfg = Config::load(&config)?;
             println!("config {}: ok", config.display());
             let mut lines = mediaproxy::check::local_checks(&cfg);
@@ -283,7 +147,7 @@ fn cache_command(action: CacheAction) -> anyhow::Result<ExitCode> {
     use mediaproxy::cache;
     match action {
         CacheAction::Stats { config } => {
-            let (cache_cfg, _) = Config::load_cache_only(&config)?;
+            let (cache_cfg, _) = Config::load_cache_only(&config_path(config)?)?;
             let dir = &cache_cfg.dir;
             if !dir.is_dir() {
                 // Not "0 entries": a wrong path (or a proxy that never ran) is worth saying.
@@ -318,7 +182,7 @@ fn cache_command(action: CacheAction) -> anyhow::Result<ExitCode> {
             prefix,
             keys,
         } => {
-            let (cache_cfg, path_prefix) = Config::load_cache_only(&config)?;
+            let (cache_cfg, path_prefix) = Config::load_cache_only(&config_path(config)?)?;
             let mut parsed = Vec::new();
             for k in &keys {
                 // The same reading as migrate's key files: URL, path or key.
@@ -340,7 +204,7 @@ fn cache_command(action: CacheAction) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         CacheAction::Clear { config } => {
-            let (cache_cfg, _) = Config::load_cache_only(&config)?;
+            let (cache_cfg, _) = Config::load_cache_only(&config_path(config)?)?;
             let n = cache::clear(&cache_cfg.dir)
                 .with_context(|| format!("clearing {}", cache_cfg.dir.display()))?;
             println!("removed {n} entries from {}", cache_cfg.dir.display());
@@ -355,10 +219,21 @@ fn stdin_dash(p: PathBuf) -> Option<PathBuf> {
 }
 
 /// `migrate` and `verify` exit 2 on bad usage, a broken config included.
-fn load_or_exit_2(path: &std::path::Path) -> anyhow::Result<Config> {
-    Config::load(path).map_err(|e| {
+fn load_or_exit_2(given: Option<PathBuf>) -> anyhow::Result<Config> {
+    let loaded = config_path(given).and_then(|path| Ok(Config::load(&path)?));
+    loaded.map_err(|e| {
         eprintln!("mediaproxy: {e}");
         std::process::exit(2)
+    })
+}
+
+/// `--config`, or where the config is looked for without it.
+fn config_path(given: Option<PathBuf>) -> anyhow::Result<PathBuf> {
+    Config::find(given).ok_or_else(|| {
+        anyhow::anyhow!(
+            "no --config given, $MEDIAPROXY_CONFIG is not set and {} does not exist",
+            mediaproxy::config::DEFAULT_PATH
+        )
     })
 }
 

@@ -5,6 +5,7 @@ mod cache_commands;
 mod cli;
 mod common;
 mod copy;
+mod defaults;
 mod fills;
 mod http2;
 mod init;

@@ -50,7 +50,12 @@ pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, parts: Arc<Once
 }
 
 fn answer<B>(metrics: &Metrics, parts: Option<&Parts>, req: &Request<B>) -> Response<Full<Bytes>> {
-    let (status, ctype, body) = match (req.method(), req.uri().path()) {
+    // HEAD answers like GET (hyper sends the headers and drops the body).
+    let method = match *req.method() {
+        Method::HEAD => Method::GET,
+        ref m => m.clone(),
+    };
+    let (status, ctype, body) = match (&method, req.uri().path()) {
         (&Method::GET, "/healthz") => (StatusCode::OK, "text/plain", "ok\n".to_string()),
         (&Method::GET, "/readyz") => {
             let names: Vec<String> = parts

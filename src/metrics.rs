@@ -79,8 +79,22 @@ pub struct Metrics {
     lost: Family<UpstreamOnly, Counter>,
     upstream_seconds: Family<UpstreamOnly, Histogram>,
     sent_bytes: Counter,
+    upstream_errors: Family<UpstreamReason, Counter>,
+    reload_ok: Gauge,
+    reload_at: Gauge,
     /// What `/readyz` says, fed by the same events as the counters.
     pub health: crate::health::Health,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct UpstreamReason {
+    upstream: String,
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Version {
+    version: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -129,6 +143,36 @@ impl Metrics {
             "upstream_request_duration_seconds",
             "Time from asking an upstream to its response headers (or error), by upstream",
             upstream_seconds.clone(),
+        );
+        let build = Family::<Version, Gauge>::default();
+        build
+            .get_or_create(&Version {
+                version: env!("CARGO_PKG_VERSION"),
+            })
+            .set(1);
+        registry.register(
+            "build_info",
+            "Always 1; the running version is the label",
+            build,
+        );
+        let upstream_errors = Family::<UpstreamReason, Counter>::default();
+        registry.register(
+            "upstream_errors",
+            "Upstream failures by reason: dns, connect, timeout, transfer, http_4xx, http_5xx, credentials, no_such_bucket, protocol",
+            upstream_errors.clone(),
+        );
+        let (reload_ok, reload_at) = (Gauge::default(), Gauge::default());
+        reload_ok.set(1);
+        reload_at.set(i64::try_from(crate::unix_time::now()).unwrap_or(0));
+        registry.register(
+            "config_last_reload_successful",
+            "1 if the last config load (the start, or a SIGHUP) succeeded; 0 if the previous config is still serving",
+            reload_ok.clone(),
+        );
+        registry.register(
+            "config_last_reload_success_timestamp_seconds",
+            "When the config in force was loaded (Unix time)",
+            reload_at.clone(),
         );
         let sent_bytes = Counter::default();
         registry.register(
@@ -214,6 +258,9 @@ impl Metrics {
             lost,
             upstream_seconds,
             sent_bytes,
+            upstream_errors,
+            reload_ok,
+            reload_at,
             health: Default::default(),
         }
     }
@@ -284,6 +331,25 @@ impl Metrics {
                 result: result.to_string(),
             })
             .inc();
+    }
+
+    /// An upstream failed: counted by its reason.
+    pub fn upstream_error(&self, upstream: &str, reason: &'static str) {
+        self.upstream_errors
+            .get_or_create(&UpstreamReason {
+                upstream: upstream.to_string(),
+                reason,
+            })
+            .inc();
+    }
+
+    /// A SIGHUP's outcome: the gauges Prometheus itself exports for its own config reloads.
+    pub fn reloaded(&self, ok: bool) {
+        self.reload_ok.set(i64::from(ok));
+        if ok {
+            self.reload_at
+                .set(i64::try_from(crate::unix_time::now()).unwrap_or(0));
+        }
     }
 
     pub fn bust(&self, result: &'static str) {

@@ -66,13 +66,13 @@ async fn answer<B>(rt: &Arc<Runtime>, req: &Request<B>) -> Response<ResponseBody
             resp
         }
         Outcome::NotFound(source) => {
+            // HIT when a negative entry answered, MISS when the sources were asked.
+            let source = source.unwrap_or(crate::object::Source::Miss);
             let mut resp = respond::error(StatusCode::NOT_FOUND);
-            if let Some(source) = source {
-                resp.headers_mut().insert(
-                    respond::x_cache(),
-                    http::HeaderValue::from_static(source.x_cache()),
-                );
-            }
+            resp.headers_mut().insert(
+                respond::x_cache(),
+                http::HeaderValue::from_static(source.x_cache()),
+            );
             resp
         }
         Outcome::Failed => respond::error(StatusCode::BAD_GATEWAY),

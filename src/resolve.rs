@@ -90,7 +90,9 @@ async fn find(
         Some(Cached::Found(obj)) => obj.meta.origin.clone(),
         _ => None,
     };
-    if method == Method::Get {
+    // A HEAD fills like a GET (nginx turns it into a GET upstream too): the next HEAD or GET is a hit.
+    // Its client reads no body, so the fill goes on only within `cache.background_fills`.
+    {
         let origin = || -> Arc<dyn Origin> {
             Arc::new(Chain {
                 rt: rt.clone(),
@@ -133,7 +135,7 @@ async fn find(
             }
         }
     }
-    // HEAD, a follower's seek, or a follower whose fill failed or timed out: ask upstreams directly,
+    // A seek that joined a fill, or a follower whose fill failed or timed out: ask upstreams directly,
     // without filling.
     match ask(rt, key, method, range, filled_by.as_deref()).await {
         Answer::Found(obj) => Outcome::Found(obj),
@@ -278,6 +280,7 @@ async fn ask(
             }
             Err(e) => {
                 rt.metrics.upstream_result(&up.name, "error");
+                rt.metrics.upstream_error(&up.name, e.reason());
                 rt.metrics.health.failed(&up.name, &e);
                 match rt.metrics.health.log_failure(&up.name) {
                     Some(0) => {

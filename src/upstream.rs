@@ -104,6 +104,25 @@ pub enum UpstreamError {
     NoSuchBucket,
 }
 
+impl UpstreamError {
+    /// A word for `/metrics` (`mediaproxy_upstream_errors_total{reason}`).
+    pub fn reason(&self) -> &'static str {
+        match self {
+            UpstreamError::Request(text) if text.contains("dns error") => "dns",
+            UpstreamError::Request(text) if text.contains("connect") => "connect",
+            UpstreamError::Request(text) if text.contains("timed out") => "timeout",
+            UpstreamError::Request(_) => "transfer",
+            UpstreamError::Timeout(_) => "timeout",
+            UpstreamError::Status(s) if s.is_server_error() => "http_5xx",
+            UpstreamError::Status(s) if s.is_client_error() => "http_4xx",
+            UpstreamError::Status(_) => "http_other",
+            UpstreamError::Auth(_) => "credentials",
+            UpstreamError::Protocol(_) => "protocol",
+            UpstreamError::NoSuchBucket => "no_such_bucket",
+        }
+    }
+}
+
 pub struct Upstream {
     pub name: String,
     /// Which bucket this is, whatever its name: `s3 ENDPOINT BUCKET/PREFIX` or `http URL/PREFIX`.

@@ -45,8 +45,10 @@ pub(super) fn reload(
             tracing::info!(config = %path.display(), upstreams = ?names, "config reloaded");
             conns.store(Arc::new(conn));
             shared.store(Arc::new(rt));
+            metrics.reloaded(true);
         }
         Err(e) => {
+            metrics.reloaded(false);
             tracing::error!(config = %path.display(), error = %e, "config reload failed; the previous config keeps serving")
         }
     }

@@ -136,7 +136,7 @@ async fn negative_cache_costs_one_request_per_ttl_error() {
     let proxy = Proxy::start(&cfg);
     let missing = "accounts/avatars/000/000/404/original/gone.png";
     let (st, xc, _) = get(&proxy, missing).await;
-    assert_eq!((st, xc.as_str()), (404, ""));
+    assert_eq!((st, xc.as_str()), (404, "MISS"));
     for _ in 0..200 {
         let (st, xc, _) = get(&proxy, missing).await;
         assert_eq!((st, xc.as_str()), (404, "HIT"));

@@ -13,6 +13,7 @@ mod lifecycle;
 mod local;
 mod mastodon;
 mod migrate;
+mod misses;
 mod privacy;
 mod readiness;
 mod restart;

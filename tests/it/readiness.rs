@@ -49,6 +49,71 @@ async fn readyz_names_each_upstream_ok_failing_or_unresolved() {
     let (status, body) = readyz(admin).await;
     assert!(ok, "{status}\n{body}");
     assert!(body.starts_with("ready\n"), "{body}");
+    // Why each failed, for a dashboard.
+    let m = metrics(admin).await;
+    for line in [
+        "mediaproxy_upstream_errors_total{upstream=\"nowhere\",reason=\"dns\"}",
+        "mediaproxy_upstream_errors_total{upstream=\"closed\",reason=\"connect\"}",
+    ] {
+        assert!(metric_value(&m, line) >= 1, "{line} in\n{m}");
+    }
+    assert!(!m.contains("upstream=\"good\",reason"), "{m}");
+    // A load balancer's health check may use HEAD.
+    for path in ["/healthz", "/readyz"] {
+        let r = client()
+            .head(format!("http://127.0.0.1:{admin}{path}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "HEAD {path}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn metrics_say_whether_the_last_reload_worked_and_when() {
+    let admin = closed_port();
+    let proxy = Proxy::start_with_server("", &format!("admin_listen = \"127.0.0.1:{admin}\""));
+    let gauges = || async {
+        let m = metrics(admin).await;
+        (
+            metric_value(&m, "mediaproxy_config_last_reload_successful "),
+            metric_value(
+                &m,
+                "mediaproxy_config_last_reload_success_timestamp_seconds ",
+            ),
+        )
+    };
+    let (ok, at) = gauges().await;
+    assert_eq!(ok, 1);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    assert!(now - at < 60, "{at} vs {now}");
+
+    let good = std::fs::read_to_string(&proxy.config_path).unwrap();
+    std::fs::write(&proxy.config_path, format!("{good}\nbogus = 1\n")).unwrap();
+    proxy.signal("HUP");
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            gauges().await == (0, at)
+        })
+        .await,
+        "{:?}",
+        gauges().await
+    );
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    std::fs::write(&proxy.config_path, good).unwrap();
+    proxy.signal("HUP");
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            let (ok, t) = gauges().await;
+            ok == 1 && t > at
+        })
+        .await,
+        "{:?}",
+        gauges().await
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -168,8 +233,27 @@ async fn metrics_parse_as_prometheus_text_and_count_what_happened() {
     };
     let hits = value("mediaproxy_requests_total", &[("x_cache", "HIT")]);
     assert_eq!(
-        value("mediaproxy_requests_total", &[("x_cache", "MISS")]),
+        value(
+            "mediaproxy_requests_total",
+            &[("x_cache", "MISS"), ("status", "200")]
+        ),
         1.0
+    );
+    // The 404 asked the bucket: a MISS too.
+    assert_eq!(
+        value(
+            "mediaproxy_requests_total",
+            &[("x_cache", "MISS"), ("status", "404")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        value(
+            "mediaproxy_build_info",
+            &[("version", env!("CARGO_PKG_VERSION"))]
+        ),
+        1.0,
+        "{text}"
     );
     assert!(hits >= 1.0);
     assert_eq!(

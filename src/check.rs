@@ -50,10 +50,21 @@ pub fn local_checks(config: &Config) -> Vec<ProbeLine> {
     let name = format!("cache {}", dir.display());
     let existing = dir
         .ancestors()
-        .find(|d| d.is_dir())
+        .find(|d| d.as_os_str().is_empty() || d.exists())
+        .map(|d| {
+            if d.as_os_str().is_empty() {
+                Path::new(".")
+            } else {
+                d
+            }
+        })
         .unwrap_or(Path::new("."));
     let probe = existing.join(format!(".mediaproxy-check-{}", std::process::id()));
-    let writable = std::fs::write(&probe, b"check").and_then(|()| std::fs::remove_file(&probe));
+    let writable = if existing.is_dir() {
+        std::fs::write(&probe, b"check").and_then(|()| std::fs::remove_file(&probe))
+    } else {
+        Err(std::io::Error::other("it is not a directory"))
+    };
     match (writable, existing == dir.as_path()) {
         (Ok(()), true) => line(name, true, "writable".into()),
         (Ok(()), false) => line(

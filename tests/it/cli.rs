@@ -329,13 +329,17 @@ fn check_offline_validates_the_local_side_without_the_network() {
         "[server]\nlisten = [\"127.0.0.1:8080\"]\nadmin_listen = \"127.0.0.1:9901\"\n\n[local]\nroots = [\"{}\"]\n\n{upstream}",
         root.path().display()
     );
-    let run = |config: &str, offline: bool| {
+    let run_with = |config: &str, offline: bool, cache: bool| {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("proxy.toml");
-        let config = format!(
-            "{config}\n[cache]\ndir = \"{}/cache\"\n",
-            dir.path().display()
-        );
+        let config = if cache {
+            format!(
+                "{config}\n[cache]\ndir = \"{}/cache\"\n",
+                dir.path().display()
+            )
+        } else {
+            config.to_string()
+        };
         std::fs::write(&path, config).unwrap();
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_mediaproxy"));
         cmd.args(["check", "--config"]).arg(&path);
@@ -347,6 +351,8 @@ fn check_offline_validates_the_local_side_without_the_network() {
             + &String::from_utf8_lossy(&out.stderr);
         (out.status.code().unwrap_or(-1), text)
     };
+    let run = |config: &str, offline: bool| run_with(config, offline, true);
+    let run_as_is = |config: &str| run_with(config, true, false);
     // The bucket is unreachable, but --offline does not ask it.
     let (code, text) = run(&good, true);
     assert_eq!(code, 0, "{text}");
@@ -366,6 +372,22 @@ fn check_offline_validates_the_local_side_without_the_network() {
     let (code, text) = run(&missing, true);
     assert_eq!(code, 1, "{text}");
     assert!(text.contains("local.roots"), "{text}");
+    // A cache dir that cannot be written (nobody may create files in /proc, root included), or whose
+    // parent is a file.
+    let file = etc.path().join("not-a-dir");
+    std::fs::write(&file, "").unwrap();
+    for dir in [
+        "/proc/mediaproxy-cache".to_string(),
+        format!("{}/cache", file.display()),
+    ] {
+        let unwritable = format!("{good}\n[cache]\ndir = \"{dir}\"\n");
+        let (code, text) = run_as_is(&unwritable);
+        assert_eq!(code, 1, "{text}");
+        assert!(
+            text.contains("FAIL cache") && text.contains("cache.dir"),
+            "{text}"
+        );
+    }
     let clash = good.replace("127.0.0.1:9901", "127.0.0.1:8080");
     let (code, text) = run(&clash, true);
     assert_eq!(code, 1, "{text}");

@@ -65,9 +65,10 @@ pub(super) fn validate_server(s: FileServer, base: &Path) -> Result<Server, Conf
         listen: s.listen,
         path_prefix: s.path_prefix,
         admin_listen: s.admin_listen,
+        // Like secret files: read with the config, so relative to it (an absolute path stays as it is).
         tls: s.tls.map(|t| Tls {
-            cert: t.cert,
-            key: t.key,
+            cert: base.join(t.cert),
+            key: base.join(t.key),
         }),
         header_read_timeout: s.header_read_timeout.0,
         send_timeout: s.send_timeout.0,

@@ -151,10 +151,11 @@ async fn tls_and_http2() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("cert.pem"), cert.cert.pem()).unwrap();
     std::fs::write(dir.path().join("key.pem"), cert.key_pair.serialize_pem()).unwrap();
-    let server = format!(
-        "[server.tls]\ncert = \"{0}/cert.pem\"\nkey = \"{0}/key.pem\"\n",
-        dir.path().display()
-    );
+    // Relative to the config file (in a sibling temp dir), as secret files are: not to the working
+    // directory the proxy was started in.
+    let sibling = dir.path().file_name().unwrap().to_str().unwrap();
+    let server =
+        format!("[server.tls]\ncert = \"../{sibling}/cert.pem\"\nkey = \"../{sibling}/key.pem\"\n");
     // [server.tls] must follow [server]'s keys; local comes after it.
     let proxy = Proxy::start_with_server(
         &format!("[local]\nroots = [\"{}\"]\n", root.path().display()),

@@ -24,6 +24,8 @@ CONNS=${CONNS:-32}
 FILES=${FILES:-2000}
 HIT_KEYS=${HIT_KEYS:-10000}
 MISS_KEYS=${MISS_KEYS:-1000}
+COLD_KEYS=${COLD_KEYS:-12000}   # per server, for the concurrent cold-miss run (each key asked once)
+COLD_DURATION=${COLD_DURATION:-2s}
 BIG_MB=${BIG_MB:-1024}
 INDEX_ENTRIES=${INDEX_ENTRIES:-1000000}
 ROUNDS=${ROUNDS:-3}
@@ -59,9 +61,9 @@ hwm_kib() { awk '/VmHWM/ {print $2}' "/proc/$1/status"; }
 
 echo "== data: $FILES local files, $HIT_KEYS + 3x$MISS_KEYS bucket objects (30-80 KB), 50 MiB and ${BIG_MB} MiB objects ($W)"
 mkdir -p "$W/local" "$W/s3/media" "$W/cache"
-python3 - "$W" "$FILES" "$HIT_KEYS" "$MISS_KEYS" <<'PY'
+python3 - "$W" "$FILES" "$HIT_KEYS" "$MISS_KEYS" "$COLD_KEYS" <<'PY'
 import os, random, sys
-w, files, hits, misses = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+w, files, hits, misses, cold = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
 rnd = random.Random(42)
 def make(root, prefix, n, out):
     with open(out, "w") as paths:
@@ -76,7 +78,9 @@ make(w + "/local", "", files, w + "/paths.txt")
 # Written straight into s3s-fs's directory: the same objects for both proxies.
 make(w + "/s3/media", "cache/", hits, w + "/hit-paths.txt")
 for who in ("direct", "nginx", "mediaproxy"):
-    make(w + "/s3/media", "cold-" + who + "/", misses, w + "/miss-" + who + ".txt")
+    make(w + "/s3/media", "cache/", misses, w + "/miss-" + who + ".txt")
+for who in ("nginx", "mediaproxy"):
+    make(w + "/s3/media", "cache/", cold, w + "/conc-" + who + ".txt")
 PY
 
 S3PORT=$(port)
@@ -167,6 +171,23 @@ start_mediaproxy() {
 }
 start_mediaproxy
 
+for list in conc-nginx conc-mediaproxy; do
+  # Each key once: past the end of the list the run is no longer all misses, and says so.
+  cat > "$W/$list.lua" <<EOF
+local paths = {}
+for line in io.lines("$W/$list.txt") do paths[#paths + 1] = line end
+local i, wrapped = 0, false
+request = function()
+  i = i + 1
+  if i > #paths then
+    i = 1
+    if not wrapped then io.write("WRAPPED\\n") end
+    wrapped = true
+  end
+  return wrk.format("GET", paths[i])
+end
+EOF
+done
 for list in paths hit-paths; do
   cat > "$W/$list.lua" <<EOF
 local paths = {}
@@ -179,47 +200,78 @@ end
 EOF
 done
 
-# run_wrk URL LIST → "req/s p50_ms p99_ms"
+# Server CPU is read from /proc (utime+stime of every process of the server: nginx's master and workers,
+# mediaproxy's one process) before and after each run: CPU microseconds per request do not depend on
+# how fast the load generator is, req/s do. wrk's own CPU share is reported too: at ~100 % the client,
+# not the server, set the pace, and a req/s ratio says nothing.
+ng_pids() { echo "$(cat "$W/nginx.pid") $(pgrep -P "$(cat "$W/nginx.pid")" | tr '\n' ' ')"; }
+
+# run_wrk URL LIST PIDS → "req/s p50_ms p99_ms server_us_per_req client_cpu_pct"
 run_wrk() {
-  taskset -c 1 wrk -t1 -c"$CONNS" -d"$DURATION" --latency -s "$W/$2.lua" "$1" > "$W/wrk.out" 2>&1
-  python3 - "$W/wrk.out" <<'PY'
-import re, sys
-t = open(sys.argv[1]).read()
+  python3 - "$1" "$W/$2.lua" "$DURATION" "$CONNS" "$3" <<'PY'
+import os, re, resource, subprocess, sys, time
+url, lua, duration, conns, pids = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5].split()
+tick = os.sysconf("SC_CLK_TCK")
+def cpu():
+    total = 0
+    for p in pids:
+        try:
+            f = open(f"/proc/{p}/stat").read().rsplit(")", 1)[1].split()
+        except FileNotFoundError:
+            continue
+        total += int(f[11]) + int(f[12])
+    return total / tick
+def children():
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+c0, k0, t0 = cpu(), children(), time.monotonic()
+t = subprocess.run(["taskset", "-c", "1", "wrk", "-t1", f"-c{conns}", f"-d{duration}", "--latency", "-s", lua, url],
+                   capture_output=True, text=True).stdout
+wall, server, client = time.monotonic() - t0, cpu() - c0, children() - k0
 def ms(v):
     n, u = re.match(r"([\d.]+)(\w+)", v).groups()
     return float(n) * {"us": 0.001, "ms": 1, "s": 1000, "m": 60000}[u]
 rps = float(re.search(r"Requests/sec:\s+([\d.]+)", t).group(1))
+n = int(re.search(r"(\d+) requests in", t).group(1))
 p50 = ms(re.search(r"\s50%\s+(\S+)", t).group(1))
 p99 = ms(re.search(r"\s99%\s+(\S+)", t).group(1))
 errs = re.search(r"Non-2xx or 3xx responses: (\d+)", t)
 if errs: print("WARNING: non-2xx responses:", errs.group(1), file=sys.stderr)
-print(f"{rps:.0f} {p50:.3f} {p99:.3f}")
+if "WRAPPED" in t: print("WARNING: the key list ran out and wrapped: later requests were not misses", file=sys.stderr)
+print(f"{rps:.0f} {p50:.3f} {p99:.3f} {server * 1e6 / max(n, 1):.1f} {client * 100 / wall:.0f}")
 PY
 }
 
-# compare LABEL LIST: wrk rounds alternating nginx / mediaproxy; median and best ratios
+# compare LABEL LIST: wrk rounds alternating nginx / mediaproxy; median and best ratios, CPU per request
 compare() {
   local label=$1 list=$2 r
   local -a NG MP
   # An unmeasured warm-up for each (allocators, page cache, nginx's open_file_cache).
-  DURATION=3s run_wrk "http://127.0.0.1:$NGPORT" "$list" >/dev/null
-  DURATION=3s run_wrk "http://127.0.0.1:$MPPORT" "$list" >/dev/null
+  DURATION=3s run_wrk "http://127.0.0.1:$NGPORT" "$list" "$(ng_pids)" >/dev/null
+  DURATION=3s run_wrk "http://127.0.0.1:$MPPORT" "$list" "$MPPID" >/dev/null
   for r in $(seq 1 "$ROUNDS"); do
-    NG[r]=$(run_wrk "http://127.0.0.1:$NGPORT" "$list")
-    MP[r]=$(run_wrk "http://127.0.0.1:$MPPORT" "$list")
-    echo "round $r  nginx: ${NG[r]}   mediaproxy: ${MP[r]}   (req/s p50_ms p99_ms)"
+    NG[r]=$(run_wrk "http://127.0.0.1:$NGPORT" "$list" "$(ng_pids)")
+    MP[r]=$(run_wrk "http://127.0.0.1:$MPPORT" "$list" "$MPPID")
+    echo "round $r  nginx: ${NG[r]}   mediaproxy: ${MP[r]}   (req/s p50_ms p99_ms server_cpu_us/req client_cpu_%)"
   done
-  python3 - "$label" "${NG[@]}" -- "${MP[@]}" <<'PY'
+  summarize "$label" "${NG[@]}" -- "${MP[@]}"
+}
+
+summarize() {
+  python3 - "$@" <<'PY'
 import statistics, sys
 label = sys.argv[1]; args = sys.argv[2:]; i = args.index("--")
 ng = [list(map(float, a.split())) for a in args[:i]]; mp = [list(map(float, a.split())) for a in args[i+1:]]
 med = lambda rows, i: statistics.median(r[i] for r in rows)
 best = lambda rows: max(rows, key=lambda r: r[0])
 n, m = best(ng), best(mp)
-print(f"{label}  median: nginx {med(ng,0):.0f} req/s p99 {med(ng,2):.2f} ms | mediaproxy {med(mp,0):.0f} req/s p99 {med(mp,2):.2f} ms"
-      f" | ratio req/s {med(mp,0)/med(ng,0):.2f}x, p99 {med(mp,2)/med(ng,2):.2f}x")
+print(f"{label}  median: nginx {med(ng,0):.0f} req/s p99 {med(ng,2):.2f} ms {med(ng,3):.1f} us/req | mediaproxy {med(mp,0):.0f} req/s p99 {med(mp,2):.2f} ms {med(mp,3):.1f} us/req"
+      f" | ratio req/s {med(mp,0)/med(ng,0):.2f}x, p99 {med(mp,2)/med(ng,2):.2f}x, CPU/req {med(mp,3)/med(ng,3):.2f}x")
 print(f"{label}  best:   nginx {n[0]:.0f} req/s p99 {n[2]:.2f} ms | mediaproxy {m[0]:.0f} req/s p99 {m[2]:.2f} ms"
       f" | ratio req/s {m[0]/n[0]:.2f}x, p99 {m[2]/n[2]:.2f}x")
+capped = [who for who, rows in (("nginx", ng), ("mediaproxy", mp)) if max(r[4] for r in rows) >= 95]
+if capped:
+    print(f"{label}  NOTE: wrk at >= 95 % CPU against {' and '.join(capped)}: that req/s is the client's limit, compare CPU/req")
 PY
 }
 
@@ -252,8 +304,8 @@ compare "cache hits" hit-paths
 echo "mediaproxy peak RSS so far: $(hwm_kib "$MPPID") KiB"
 
 echo "== cold misses: $MISS_KEYS distinct keys each, once, sequential keep-alive GETs from the same bucket"
-python3 - "$W" "$S3PORT" "$NGPORT" "$MPPORT" <<'PY'
-import http.client, statistics, sys, time
+python3 - "$W" "$S3PORT" "$NGPORT" "$MPPORT" "$(ng_pids)" "$MPPID" <<'PY'
+import http.client, os, statistics, sys, time
 w, s3, ng, mp = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 def run(who, port, prefix):
     paths = [l.strip() for l in open(f"{w}/miss-{who}.txt")]
@@ -265,11 +317,26 @@ def run(who, port, prefix):
         assert r.status == 200, (who, r.status)
     lat.sort()
     return statistics.median(lat), lat[max(0, int(len(lat) * 0.99) - 1)], len(lat) / (sum(lat) / 1000)
-d = run("direct", s3, "/media"); n = run("nginx", ng, ""); m = run("mediaproxy", mp, "")
+tick = os.sysconf("SC_CLK_TCK")
+def cpu(pids):
+    return sum(int(f[11]) + int(f[12]) for f in (open(f"/proc/{p}/stat").read().rsplit(")", 1)[1].split() for p in pids)) / tick
+def measured(who, port, prefix, pids):
+    c0 = cpu(pids); r = run(who, port, prefix); return r + ((cpu(pids) - c0) * 1e6 / len(r_keys(who)),)
+def r_keys(who):
+    return open(f"{w}/miss-{who}.txt").readlines()
+d = run("direct", s3, "/media")
+n = measured("nginx", ng, "", sys.argv[5].split()); m = measured("mediaproxy", mp, "", sys.argv[6].split())
 print(f"cold miss   p50/p99 ms: direct bucket {d[0]:.2f}/{d[1]:.2f} | nginx {n[0]:.2f}/{n[1]:.2f} | mediaproxy {m[0]:.2f}/{m[1]:.2f}")
+print(f"cold miss   server CPU per miss (sequential): nginx {n[3]:.0f} us | mediaproxy {m[3]:.0f} us ({m[3]/n[3]:.2f}x)")
 print(f"cold miss   added at p50 over a direct bucket GET: nginx {n[0]-d[0]:+.2f} ms, mediaproxy {m[0]-d[0]:+.2f} ms;"
       f" sequential rate mediaproxy {m[2]:.0f} req/s vs nginx {n[2]:.0f} req/s ({m[2]/n[2]:.2f}x)")
 PY
+
+echo "== cold misses, concurrent: wrk -c$CONNS -d$COLD_DURATION over $COLD_KEYS distinct keys each (every request a miss)"
+NGC=$(DURATION=$COLD_DURATION run_wrk "http://127.0.0.1:$NGPORT" conc-nginx "$(ng_pids)")
+MPC=$(DURATION=$COLD_DURATION run_wrk "http://127.0.0.1:$MPPORT" conc-mediaproxy "$MPPID")
+echo "nginx: $NGC   mediaproxy: $MPC   (req/s p50_ms p99_ms server_cpu_us/req client_cpu_%)"
+summarize "cold misses" "$NGC" -- "$MPC"
 
 echo "== 8 clients streaming a 50 MiB object at once (first pass fills the caches, second pass hits)"
 for pass in cold warm; do

@@ -4,18 +4,18 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use http::StatusCode;
 use tokio::net::{lookup_host, TcpStream};
 
 use crate::config::Config;
 use crate::key;
-use http::StatusCode;
-
 use crate::upstream::{Put, PutRequest, Upstream, WriteError, CREDENTIAL_CODES};
 
 const STEP_TIMEOUT: Duration = Duration::from_secs(5);
-/// A key nobody uploads: found or not, a clean answer to a signed HEAD proves DNS, TCP, TLS and the
-/// signature (a 403 is followed by a one-byte GET to read S3's error code).
-const PROBE_KEY: &str = "mediaproxy-check/probe.txt";
+/// A key nobody uploads, asked with a one-byte GET as the proxy would ask: found or not, a clean answer
+/// proves DNS, TCP, TLS and the signature, and an error answer carries S3's code. Under the first
+/// `allow_prefixes` entry, so a policy that grants reads on Mastodon's prefixes only is judged fairly.
+const PROBE_NAME: &str = "mediaproxy-check/probe.txt";
 
 pub struct ProbeLine {
     pub name: String,
@@ -100,10 +100,17 @@ pub fn local_checks(config: &Config) -> Vec<ProbeLine> {
 }
 
 pub async fn probe_all(config: &Config) -> Vec<ProbeLine> {
+    let prefix = config
+        .server
+        .allow_prefixes
+        .first()
+        .map(|p| p.trim_start_matches('/'))
+        .unwrap_or("");
+    let probe_key = key::parse(&format!("/{prefix}{PROBE_NAME}"), "").expect("probe key is valid");
     let mut lines = Vec::new();
     for cfg in &config.upstreams {
         let (ok, detail) = match Upstream::new(cfg) {
-            Ok(up) => match probe(&up).await {
+            Ok(up) => match probe(&up, &probe_key).await {
                 (true, read) if cfg.copy_missing => match probe_writes(&up).await {
                     Ok(write) => (true, format!("{read}; {write}")),
                     Err(write) => (false, format!("{read}; {write}")),
@@ -122,7 +129,7 @@ pub async fn probe_all(config: &Config) -> Vec<ProbeLine> {
     lines
 }
 
-async fn probe(up: &Upstream) -> (bool, String) {
+async fn probe(up: &Upstream, probe_key: &key::Key) -> (bool, String) {
     let (host, port) = up.authority();
     let start = Instant::now();
     let addrs: Vec<_> =
@@ -150,7 +157,7 @@ async fn probe(up: &Upstream) -> (bool, String) {
         }
     }
     let ms = |s: Instant| s.elapsed().as_millis();
-    match read_verdict(up).await {
+    match read_verdict(up, probe_key).await {
         Ok(note) => (
             true,
             format!("ok: {addr}, answered in {} ms{note}", ms(start)),
@@ -166,7 +173,7 @@ async fn probe(up: &Upstream) -> (bool, String) {
 /// AccessDenied when it may not (S3 will not say whether a key exists to someone who cannot list): so
 /// an AccessDenied is a missing `s3:GetObject` only when HeadBucket (which needs `s3:ListBucket`)
 /// succeeded.
-async fn read_verdict(up: &Upstream) -> Result<String, String> {
+async fn read_verdict(up: &Upstream, key: &key::Key) -> Result<String, String> {
     let bucket = match up.head_bucket().await {
         Ok(status) => status,
         Err(e) => return Err(format!("HeadBucket: {e}")),
@@ -177,8 +184,7 @@ async fn read_verdict(up: &Upstream) -> Result<String, String> {
                 .into(),
         );
     }
-    let key = key::parse(&format!("/{PROBE_KEY}"), "").expect("probe key is valid");
-    let probed = up.probe_get(&key).await.map_err(|e| e.to_string())?;
+    let probed = up.probe_get(key).await.map_err(|e| e.to_string())?;
     let code = probed.code.as_deref().unwrap_or("");
     match probed.status {
         s if s.is_success() || s == StatusCode::RANGE_NOT_SATISFIABLE => Ok(String::new()),
@@ -191,17 +197,18 @@ async fn read_verdict(up: &Upstream) -> Result<String, String> {
             "credentials refused ({code}): check access_key_id and the secret"
         )),
         StatusCode::FORBIDDEN if !up.reads_signed() => Ok(
-            "; 403 for a missing key (a public bucket that hides its listing), read as not found"
+            "; reads unverified: 403 for a missing key, which a public bucket that hides its listing says, and so does a private one (then every request would be a 404): check with a real media URL"
                 .into(),
         ),
         StatusCode::FORBIDDEN if code == "AccessDenied" && bucket.is_some_and(|s| s.is_success()) => {
             Err("AccessDenied: the access key may list the bucket but not read its objects (s3:GetObject)".into())
         }
         StatusCode::FORBIDDEN if code == "AccessDenied" => Ok(
-            "; no s3:ListBucket, so missing keys answer 403 AccessDenied, read as not found".into(),
+            "; reads unverified: without s3:ListBucket S3 answers 403 AccessDenied for a missing key (read as not found), and so it does for a key that may not read at all: check with a real media URL".into(),
         ),
         s => Err(format!(
-            "a GET of {PROBE_KEY} answered HTTP {}{}",
+            "a GET of {} answered HTTP {}{}",
+            key.as_str(),
             s.as_u16(),
             if code.is_empty() {
                 String::new()

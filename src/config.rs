@@ -261,7 +261,10 @@ impl Config {
                     .filter(|v| !v.is_empty())
                     .map(PathBuf::from)
             })
-            .or_else(|| Some(PathBuf::from(DEFAULT_PATH)).filter(|p| p.exists()))
+            // An error (a directory the user may not search) counts as there: loading then says why.
+            .or_else(|| {
+                Some(PathBuf::from(DEFAULT_PATH)).filter(|p| p.try_exists().unwrap_or(true))
+            })
     }
 
     pub fn embedded_default() -> Config {

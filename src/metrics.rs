@@ -158,7 +158,7 @@ impl Metrics {
         let upstream_errors = Family::<UpstreamReason, Counter>::default();
         registry.register(
             "upstream_errors",
-            "Upstream failures by reason: dns, connect, timeout, transfer, http_4xx, http_5xx, credentials, no_such_bucket, protocol",
+            "Upstream failures by reason: dns, connect, timeout, transfer, http_4xx, http_5xx, http_other, credentials, no_such_bucket, protocol",
             upstream_errors.clone(),
         );
         let (reload_ok, reload_at) = (Gauge::default(), Gauge::default());

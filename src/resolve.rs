@@ -91,7 +91,7 @@ async fn find(
         _ => None,
     };
     // A HEAD fills like a GET (nginx turns it into a GET upstream too): the next HEAD or GET is a hit.
-    // Its client reads no body, so the fill goes on only within `cache.background_fills`.
+    // Its client reads no body, so it fills only within `cache.background_fills`.
     {
         let origin = || -> Arc<dyn Origin> {
             Arc::new(Chain {
@@ -106,6 +106,16 @@ async fn find(
                 // A seek into a video: answer the range now, and fill the whole object beside it,
                 // rather than making the client wait for every byte before its range.
                 guard.fill_in_background(&rt.cache, origin());
+            }
+            Flight::Leader(guard) if method == Method::Head => {
+                match guard.fill_for_head(&rt.cache, origin()).await {
+                    Ok(Answer::Found(obj)) => return Outcome::Found(obj),
+                    Ok(Answer::NotFound) => return Outcome::NotFound(None),
+                    Ok(Answer::Failed) => return serve_stale(rt, key, stale),
+                    // Every background fill in use: a plain HEAD, nothing filled (the guard is
+                    // dropped, so followers ask for themselves).
+                    Err(_guard) => {}
+                }
             }
             Flight::Leader(guard) => {
                 return match guard.fill_for_client(origin()).await {
@@ -135,8 +145,8 @@ async fn find(
             }
         }
     }
-    // A seek that joined a fill, or a follower whose fill failed or timed out: ask upstreams directly,
-    // without filling.
+    // A seek that joined a fill, a follower whose fill failed or timed out, or a HEAD with every
+    // background fill in use: ask upstreams directly, without filling.
     match ask(rt, key, method, range, filled_by.as_deref()).await {
         Answer::Found(obj) => Outcome::Found(obj),
         Answer::NotFound => Outcome::NotFound(None),

@@ -109,7 +109,11 @@ impl UpstreamError {
     pub fn reason(&self) -> &'static str {
         match self {
             UpstreamError::Request(text) if text.contains("dns error") => "dns",
-            UpstreamError::Request(text) if text.contains("connect") => "connect",
+            UpstreamError::Request(text)
+                if text.contains("tcp connect error") || text.contains("Connection refused") =>
+            {
+                "connect"
+            }
             UpstreamError::Request(text) if text.contains("timed out") => "timeout",
             UpstreamError::Request(_) => "transfer",
             UpstreamError::Timeout(_) => "timeout",

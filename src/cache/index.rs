@@ -330,21 +330,40 @@ impl Index {
         removed
     }
 
-    /// The file is gone (purged by `mediaproxy cache purge`, say): stop counting it, unless a fill has
-    /// just published a new one. True if it was counted.
-    pub fn forget(&self, hash: KeyHash) -> bool {
+    /// A lookup found the file gone (purged by `mediaproxy cache purge`, say): stop counting it, unless
+    /// a fill has just published a new one.
+    pub fn forget(&self, hash: KeyHash) {
         let mut inner = self.lock();
-        let forgotten = !self.store.path(hash).exists() && inner.take(hash).is_some();
+        if !self.store.path(hash).exists() {
+            inner.take(hash);
+        }
         drop(inner);
+        self.open.drop_entry(hash);
+    }
+
+    /// Stops counting an entry that `mediaproxy cache purge|clear` deleted (a notice says so). Blocking:
+    /// the `stat` runs under the path lock (no publish can slip in between), never under the lock hits
+    /// take; only a file that is really gone (`NotFound`, not a permission or I/O error) is forgotten.
+    pub fn forget_deleted(&self, hash: KeyHash) -> bool {
+        let paths = self.lock_paths();
+        let gone = matches!(
+            std::fs::symlink_metadata(self.store.path(hash)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound
+        );
+        let forgotten = gone && self.lock().take(hash).is_some();
+        drop(paths);
         self.open.drop_entry(hash);
         forgotten
     }
 
-    /// Stops counting every entry whose file is gone (`mediaproxy cache clear` ran); blocking, one
-    /// `stat` per entry, the index lock taken per entry so hits go on meanwhile.
+    /// [`Index::forget_deleted`] for every entry (`mediaproxy cache clear` ran): one `stat` per entry.
+    /// The hashes are copied under the index lock first (16 bytes each: a million take a few ms).
     pub fn forget_missing(&self) -> usize {
         let hashes: Vec<KeyHash> = self.lock().lru.iter().map(|(h, _)| *h).collect();
-        hashes.into_iter().filter(|h| self.forget(*h)).count()
+        hashes
+            .into_iter()
+            .filter(|h| self.forget_deleted(*h))
+            .count()
     }
 
     /// Whether the load from the directory at start has finished.

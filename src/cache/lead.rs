@@ -55,6 +55,48 @@ impl FillGuard {
         task.await.unwrap_or(Answer::Failed)
     }
 
+    /// A HEAD on a miss, filled like a GET (nginx turns the HEAD into a GET upstream too), so the next
+    /// HEAD or GET is a hit. No client reads the body, so only with one of the `cache.background_fills`
+    /// permits: `Err(self)` when none is free (the caller asks with a plain HEAD instead). Answers as
+    /// soon as the upstream's headers are in; the fill goes on in its task.
+    pub async fn fill_for_head(
+        self,
+        cache: &Cache,
+        origin: Arc<dyn Origin>,
+    ) -> Result<Answer, FillGuard> {
+        let Some(permit) = cache.background_permit() else {
+            return Err(self);
+        };
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        tokio::spawn(async move {
+            let key = self.key().to_string();
+            let work = async {
+                match origin.fetch().await {
+                    Answer::Found(obj) => {
+                        let head = Object {
+                            meta: obj.meta.clone(),
+                            body: Body::Empty,
+                        };
+                        let _ = tx.send(Answer::Found(head));
+                        self.fill(obj, permit).await
+                    }
+                    Answer::NotFound => {
+                        self.not_found().await;
+                        let _ = tx.send(Answer::NotFound);
+                    }
+                    Answer::Failed => drop(tx.send(Answer::Failed)),
+                }
+            };
+            if tokio::time::timeout(BACKGROUND_FILL_LIMIT, work)
+                .await
+                .is_err()
+            {
+                tracing::warn!(%key, "fill after a HEAD abandoned after {BACKGROUND_FILL_LIMIT:?}");
+            }
+        });
+        Ok(rx.await.unwrap_or(Answer::Failed))
+    }
+
     /// Fills with no client from the start (a seek was answered with a ranged GET): only with one of
     /// the `cache.background_fills` permits, the same bound as fills whose client left.
     pub fn fill_in_background(self, cache: &Cache, origin: Arc<dyn Origin>) {

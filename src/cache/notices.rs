@@ -8,6 +8,8 @@
 //! one. With no proxy running, notices wait; the next start reads them after its index has loaded
 //! (forgetting an entry only when its file is really gone, so a stale notice is harmless).
 
+use std::collections::HashSet;
+use std::ffi::OsString;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -19,9 +21,27 @@ use super::Cache;
 /// A notice line that means "every entry": `cache clear`.
 const ALL: &str = "*";
 const EVERY: Duration = Duration::from_secs(1);
+/// A notice still being written after this long belongs to a command that died.
+const STALE_TMP: Duration = Duration::from_secs(60);
 
 fn dir(cache_dir: &Path) -> PathBuf {
     cache_dir.join("notices")
+}
+
+/// Creates `<cache>/notices` owned like the cache directory itself: an admin running the command as
+/// root must not leave a directory the proxy (the service user) cannot delete notices from.
+pub(super) fn create(cache_dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let dir = dir(cache_dir);
+    if dir.is_dir() {
+        return Ok(());
+    }
+    std::fs::create_dir_all(&dir)?;
+    let owner = std::fs::metadata(cache_dir)?;
+    if let Err(e) = std::os::unix::fs::chown(&dir, Some(owner.uid()), Some(owner.gid())) {
+        tracing::debug!(error = %e, "could not give the notices directory to the cache's owner");
+    }
+    Ok(())
 }
 
 /// Leaves a notice for a running proxy that these entries (or, with `all`, every entry) were deleted.
@@ -40,7 +60,7 @@ pub(super) fn leave(cache_dir: &Path, hashes: &[KeyHash], all: bool) {
     );
     let tmp = dir.join(format!("{name}.tmp"));
     let write = || -> std::io::Result<()> {
-        std::fs::create_dir_all(&dir)?;
+        create(cache_dir)?;
         let mut out = std::io::BufWriter::new(std::fs::File::create(&tmp)?);
         if all {
             writeln!(out, "{ALL}")?;
@@ -60,7 +80,8 @@ pub(super) fn leave(cache_dir: &Path, hashes: &[KeyHash], all: bool) {
 impl Cache {
     /// Reads and deletes the notices left by `cache purge|clear`; blocking (run on the blocking pool).
     /// Returns how many entries the index stopped counting.
-    fn apply_notices(&self) -> usize {
+    /// `applied`: notices read already that could not be deleted (never read twice).
+    fn apply_notices(&self, applied: &mut HashSet<OsString>) -> usize {
         if !self.index.loaded() {
             return 0; // the load counts what is there; notices wait for it to finish
         }
@@ -68,9 +89,21 @@ impl Cache {
             return 0;
         };
         let mut forgotten = 0;
+        let mut all = false;
         for entry in entries.flatten() {
             let path = entry.path();
             if path.extension().is_none_or(|e| e != "deleted") {
+                // A `.tmp` left by a command killed mid-write: nobody will rename it any more.
+                let stale = entry
+                    .metadata()
+                    .and_then(|m| m.modified())
+                    .is_ok_and(|t| t.elapsed().is_ok_and(|age| age > STALE_TMP));
+                if stale {
+                    let _ = std::fs::remove_file(&path);
+                }
+                continue;
+            }
+            if applied.contains(&entry.file_name()) {
                 continue;
             }
             let Ok(text) = std::fs::read_to_string(&path) else {
@@ -78,12 +111,18 @@ impl Cache {
             };
             for line in text.lines() {
                 if line == ALL {
-                    forgotten += self.index.forget_missing();
+                    all = true;
                 } else if let Ok(hash) = u128::from_str_radix(line, 16) {
-                    forgotten += usize::from(self.index.forget(hash));
+                    forgotten += usize::from(self.index.forget_deleted(hash));
                 }
             }
-            let _ = std::fs::remove_file(&path);
+            if let Err(e) = std::fs::remove_file(&path) {
+                tracing::warn!(path = %path.display(), error = %e, "cannot delete a cache notice (read once, ignored from now on): check the owner of the notices directory");
+                applied.insert(entry.file_name());
+            }
+        }
+        if all {
+            forgotten += self.index.forget_missing();
         }
         forgotten
     }
@@ -92,14 +131,27 @@ impl Cache {
 /// Applies notices once a second for as long as the proxy runs (the caller owns the task).
 pub fn watch(cache: Arc<Cache>) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
+        if let Err(e) = create(cache.store.root()) {
+            tracing::warn!(error = %e, "cannot create the cache's notices directory: `mediaproxy cache purge|clear` will not show in /metrics until a restart");
+        }
         let mut tick = tokio::time::interval(EVERY);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut applied = HashSet::new();
         loop {
             tick.tick().await;
             let cache = cache.clone();
-            match tokio::task::spawn_blocking(move || cache.apply_notices()).await {
-                Ok(0) | Err(_) => {}
-                Ok(n) => tracing::info!(
+            let pass = tokio::task::spawn_blocking(move || {
+                let n = cache.apply_notices(&mut applied);
+                (n, applied)
+            })
+            .await;
+            let Ok((n, kept)) = pass else {
+                return; // the pass panicked: stop rather than loop on it
+            };
+            applied = kept;
+            match n {
+                0 => {}
+                n => tracing::info!(
                     entries = n,
                     "entries deleted by `mediaproxy cache purge|clear` no longer counted"
                 ),

@@ -53,3 +53,47 @@ async fn a_404_says_miss_then_hit() {
         "negatively cached"
     );
 }
+
+/// A HEAD fills only with a free `cache.background_fills` permit (no client reads that body): with every
+/// permit in use it is a plain HEAD upstream, and nothing is downloaded.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_head_with_every_background_fill_in_use_is_a_plain_head() {
+    let s3 = S3Server::start(&["media"], true).await;
+    s3.put("media", KEY, pattern(50_000, 8), "image/jpeg").await;
+    // Holds the one permit: a HEAD's fill from a bucket on a slow link (about 2 s).
+    let slow = RawUpstream::start(Behaviour::Paced {
+        body: pattern(400_000, 9),
+        chunk: 10_000,
+        pace: Duration::from_millis(50),
+        die_after: None,
+        etag: None,
+        replaced_by: None,
+    })
+    .await;
+    let cfg = format!(
+        "[cache]\ndir = \"{{dir}}/cache\"\nbackground_fills = 1\n\n{}{}",
+        s3.s3_upstream("b", "media"),
+        slow.http_upstream("slow")
+    );
+    let proxy = Proxy::start(&cfg);
+    let other = "media_attachments/files/000/000/009/original/slow.mp4";
+    let r = client()
+        .head(proxy.url(&format!("/{other}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.headers()["content-length"], "400000");
+    s3.reset_counts();
+    let r = client()
+        .head(proxy.url(&format!("/{KEY}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        (r.status().as_u16(), &r.headers()["x-cache"]),
+        (200, &"MISS".parse().unwrap())
+    );
+    assert_eq!(s3.count("HEAD"), 1, "asked with a HEAD");
+    assert_eq!(s3.count("GET"), 0, "no GET without a permit");
+    assert_eq!(get(&proxy, KEY).await.1, "MISS", "nothing was filled");
+}

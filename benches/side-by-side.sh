@@ -29,12 +29,16 @@ COLD_DURATION=${COLD_DURATION:-2s}
 BIG_MB=${BIG_MB:-1024}
 INDEX_ENTRIES=${INDEX_ENTRIES:-1000000}
 ROUNDS=${ROUNDS:-3}
+# PROFILE=1: also record mediaproxy with `perf record -g` during one more run of each scenario (local
+# hits, cache hits, concurrent cold misses) and print the top of each profile.
+PROFILE=${PROFILE:-}
 
 need=()
 command -v nginx >/dev/null || need+=(nginx-light)
 command -v wrk >/dev/null || need+=(wrk)
 command -v curl >/dev/null || need+=(curl)
 command -v taskset >/dev/null || need+=(util-linux)
+[ -n "$PROFILE" ] && ! command -v perf >/dev/null && need+=(linux-perf)
 if [ ${#need[@]} -gt 0 ]; then
   echo "installing ${need[*]}"
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
@@ -242,6 +246,19 @@ print(f"{rps:.0f} {p50:.3f} {p99:.3f} {server * 1e6 / max(n, 1):.1f} {client * 1
 PY
 }
 
+# profiled LABEL COMMAND…: runs COMMAND while perf samples mediaproxy, then prints the hottest symbols
+profiled() {
+  local label=$1; shift
+  if [ -z "$PROFILE" ]; then "$@"; return; fi
+  perf record -q -g -F 999 -p "$MPPID" -o "$W/perf-$label.data" 2>/dev/null & local perf=$!
+  sleep 0.2
+  "$@"
+  kill -INT "$perf"; wait "$perf" 2>/dev/null || true
+  echo "--- perf: top of mediaproxy's profile, $label (self time) ---" >&2
+  perf report -i "$W/perf-$label.data" --no-children --stdio --percent-limit 1 -g none \
+    --sort dso,symbol 2>/dev/null | grep -E '^ +[0-9]' | head -30 >&2
+}
+
 # compare LABEL LIST: wrk rounds alternating nginx / mediaproxy; median and best ratios, CPU per request
 compare() {
   local label=$1 list=$2 r
@@ -255,6 +272,8 @@ compare() {
     echo "round $r  nginx: ${NG[r]}   mediaproxy: ${MP[r]}   (req/s p50_ms p99_ms server_cpu_us/req client_cpu_%)"
   done
   summarize "$label" "${NG[@]}" -- "${MP[@]}"
+  [ -n "$PROFILE" ] && profiled "${label// /-}" run_wrk "http://127.0.0.1:$MPPORT" "$list" "$MPPID" >/dev/null
+  return 0
 }
 
 summarize() {
@@ -334,7 +353,7 @@ PY
 
 echo "== cold misses, concurrent: wrk -c$CONNS -d$COLD_DURATION over $COLD_KEYS distinct keys each (every request a miss)"
 NGC=$(DURATION=$COLD_DURATION run_wrk "http://127.0.0.1:$NGPORT" conc-nginx "$(ng_pids)")
-MPC=$(DURATION=$COLD_DURATION run_wrk "http://127.0.0.1:$MPPORT" conc-mediaproxy "$MPPID")
+MPC=$(DURATION=$COLD_DURATION profiled cold-misses run_wrk "http://127.0.0.1:$MPPORT" conc-mediaproxy "$MPPID")
 echo "nginx: $NGC   mediaproxy: $MPC   (req/s p50_ms p99_ms server_cpu_us/req client_cpu_%)"
 summarize "cold misses" "$NGC" -- "$MPC"
 

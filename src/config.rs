@@ -152,6 +152,8 @@ pub struct Tls {
 #[derive(Debug, Clone)]
 pub struct Local {
     pub roots: Vec<PathBuf>,
+    /// Local files kept open (and mapped) between hits, like nginx's `open_file_cache`; 0: none.
+    pub open_files: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -328,6 +330,7 @@ impl Config {
             server,
             local: Local {
                 roots: file.local.roots,
+                open_files: file.local.open_files,
             },
             cache,
             upstreams,

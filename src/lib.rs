@@ -25,3 +25,4 @@ pub mod runtime;
 pub mod server;
 pub mod unix_time;
 pub mod upstream;
+pub mod zerocopy;

@@ -22,7 +22,11 @@ use crate::object::{Body, Meta, Object, Source};
 /// so a request resolves only the key's own path, like nginx's `open_file_cache` does for directories.
 pub struct Roots {
     roots: Vec<Root>,
+    /// Files kept open for the next hit (`local.open_files`).
+    kept: kept::KeptFiles,
 }
+
+mod kept;
 
 struct Root {
     path: PathBuf,
@@ -31,8 +35,15 @@ struct Root {
 }
 
 impl Roots {
-    pub fn new(paths: &[PathBuf]) -> Roots {
+    /// `open_files`: how many files to keep open between hits, within a quarter of the process's
+    /// descriptor limit (the cache keeps its own).
+    pub fn new(paths: &[PathBuf], open_files: usize) -> Roots {
+        let limit = rustix::process::getrlimit(rustix::process::Resource::Nofile)
+            .current
+            .unwrap_or(u64::MAX);
+        let open_files = open_files.min(usize::try_from(limit / 4).unwrap_or(usize::MAX));
         Roots {
+            kept: kept::KeptFiles::new(open_files),
             roots: paths
                 .iter()
                 .map(|p| Root {
@@ -48,10 +59,17 @@ impl Roots {
     /// Runs on the async worker, like nginx's `open()` in its event loop: these are a few metadata
     /// syscalls on a page-cached tree, and a hop to the blocking pool per request cost more than half
     /// the throughput on local hits (measured: 7.9k vs 17k req/s on one core).
-    pub fn open(&self, key: &Key) -> Option<Object> {
+    /// `mapped`: the body will go to the socket with `sendfile`, so it may be a mapping of the file
+    /// (see [`crate::zerocopy`]); otherwise the responder reads it.
+    pub fn open(&self, key: &Key, mapped: bool) -> Option<Object> {
+        if mapped {
+            if let Some(obj) = self.kept.get(key.as_str()) {
+                return Some(obj);
+            }
+        }
         for root in &self.roots {
             match root.open(key.as_str()) {
-                Ok(Some(file)) => match to_object(file, key) {
+                Ok(Some(file)) => match to_object(file, key, mapped.then_some(&self.kept)) {
                     Ok(Some(obj)) => return Some(obj),
                     Ok(None) => continue,
                     Err(e) => {
@@ -145,7 +163,8 @@ fn libc_flags() -> i32 {
 }
 
 /// Only regular files are objects: a directory is never listed, a device never read.
-fn to_object(file: File, key: &Key) -> io::Result<Option<Object>> {
+/// `kept`: map the file, and keep it for the next hit (the response goes out with `sendfile`).
+fn to_object(file: File, key: &Key, kept: Option<&kept::KeptFiles>) -> io::Result<Option<Object>> {
     let md = file.metadata()?;
     if !md.is_file() {
         return Ok(None);
@@ -161,10 +180,15 @@ fn to_object(file: File, key: &Key) -> io::Result<Option<Object>> {
         cache_control: None,
         content_disposition: None,
     };
-    Ok(Some(Object {
-        meta,
-        body: Body::File(file),
-    }))
+    let body = match kept {
+        Some(kept) if md.len() > 0 => {
+            let map = crate::zerocopy::Mapping::new(file, md.len() as usize)?;
+            kept.keep(key.as_str(), map.clone(), meta.clone(), &md);
+            Body::Bytes(map.bytes(0, map.len()))
+        }
+        _ => Body::File(file),
+    };
+    Ok(Some(Object { meta, body }))
 }
 
 pub fn content_type(key: &str) -> String {

@@ -50,7 +50,11 @@ async fn answer<B>(rt: &Arc<Runtime>, req: &Request<B>) -> Response<ResponseBody
         upstream::Method::Get => respond::forwardable_range(req.headers()),
         upstream::Method::Head => None,
     };
-    match resolve::lookup(rt, &key, method, range).await {
+    let sendfile = req
+        .extensions()
+        .get::<crate::zerocopy::Sendfile>()
+        .is_some();
+    match resolve::lookup(rt, &key, method, range, sendfile).await {
         Outcome::Found(obj) => {
             let served_by = served_by(rt, &obj.meta);
             let mut resp = respond::build(

@@ -25,13 +25,15 @@ pub enum Outcome {
     Failed,
 }
 
+/// `sendfile`: the request's connection sends file bodies with `sendfile` (see [`crate::zerocopy`]).
 pub async fn lookup(
     rt: &Arc<Runtime>,
     key: &Key,
     method: Method,
     range: Option<&HeaderValue>,
+    sendfile: bool,
 ) -> Outcome {
-    let outcome = find(rt, key, method, range).await;
+    let outcome = find(rt, key, method, range, sendfile).await;
     if let Outcome::Found(obj) = &outcome {
         queue_copy(rt, key, &obj.meta);
     }
@@ -66,8 +68,9 @@ async fn find(
     key: &Key,
     method: Method,
     range: Option<&HeaderValue>,
+    sendfile: bool,
 ) -> Outcome {
-    if let Some(obj) = rt.roots.open(key) {
+    if let Some(obj) = rt.roots.open(key, sendfile && method == Method::Get) {
         return Outcome::Found(obj);
     }
     let stale = match rt.cache.lookup(key.as_str(), rt.policy()).await {

@@ -60,7 +60,7 @@ impl Runtime {
             .unwrap_or(0);
         Ok(Runtime {
             write_upstream,
-            roots: Roots::new(&config.local.roots),
+            roots: Roots::new(&config.local.roots, config.local.open_files),
             config,
             upstreams,
             metrics,

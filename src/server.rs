@@ -27,6 +27,7 @@ mod listeners;
 mod notify;
 mod probe;
 mod reload;
+mod sendfile;
 mod stall;
 mod streams;
 pub(crate) use connection::Conn;

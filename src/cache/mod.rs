@@ -35,6 +35,7 @@ use crate::metrics::CacheCounters;
 use crate::object::{Body, Meta, Object, Source};
 
 use crate::keyset::{self, KeySet};
+use crate::zerocopy::Mapping;
 pub use fill::{FillGuard, BACKGROUND_FILL_LIMIT};
 pub use flights::Flight;
 pub use follow::Joined;
@@ -249,7 +250,18 @@ impl Cache {
                 self.index.keep_open(hash, opened);
                 classify(meta, Body::Bytes(bytes), policy)
             }
-            Loaded::File(meta, file) => classify(meta, Body::File(file), policy),
+            // Mapped, so a plain HTTP/1.1 response goes out with `sendfile` (safe: entries are never
+            // written in place, see `zerocopy`); read in chunks if mapping fails.
+            Loaded::File(meta, file) => {
+                let body = match file.try_clone() {
+                    Ok(dup) if meta.len > 0 => match Mapping::new(dup, meta.len as usize) {
+                        Ok(map) => Body::Bytes(map.bytes(0, map.len())),
+                        Err(_) => Body::File(file),
+                    },
+                    _ => Body::File(file),
+                };
+                classify(meta, body, policy)
+            }
         }
     }
 

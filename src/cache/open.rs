@@ -19,10 +19,11 @@ use lru::LruCache;
 
 use super::store::{mtime_stamp, note_read, EntryMeta, KeyHash};
 use crate::object::read_at;
+use crate::zerocopy::Mapping;
 
 /// An entry whose checksum was verified when it was opened.
 pub struct Opened {
-    file: File,
+    body: Kept,
     pub meta: EntryMeta,
     /// The file's size on disk, for the index.
     pub size: u64,
@@ -30,24 +31,50 @@ pub struct Opened {
     stamp: i64,
 }
 
+/// The body mapped (its bytes then reach a plain HTTP/1.1 socket with `sendfile`, and every other
+/// connection without a copy into a buffer first), or, where mapping failed, the file to read it from.
+/// Mapping an entry is safe: the cache never writes one in place (see [`crate::zerocopy`]).
+enum Kept {
+    Mapped(Arc<Mapping>),
+    File(File),
+}
+
 impl Opened {
     pub fn new(file: File, meta: EntryMeta, size: u64, stamp: i64) -> Opened {
+        let len = meta.len as usize;
+        let body = match file.try_clone() {
+            Ok(dup) if len > 0 => match Mapping::new(dup, len) {
+                Ok(map) => Kept::Mapped(map),
+                Err(_) => Kept::File(file),
+            },
+            _ => Kept::File(file),
+        };
         Opened {
-            file,
+            body,
             meta,
             size,
             stamp,
         }
     }
 
+    fn file(&self) -> &File {
+        match &self.body {
+            Kept::Mapped(map) => map.file(),
+            Kept::File(file) => file,
+        }
+    }
+
     /// The body, if the file is still the one verified (linked, unwritten since).
     pub fn read_current(&self) -> Option<Bytes> {
-        let md = self.file.metadata().ok()?;
+        let md = self.file().metadata().ok()?;
         if md.nlink() == 0 || mtime_stamp(&md) != self.stamp || md.len() != self.size {
             return None;
         }
-        note_read(&self.file, md.atime());
-        read_at(&self.file, 0, self.meta.len as usize).ok()
+        note_read(self.file(), md.atime());
+        match &self.body {
+            Kept::Mapped(map) => Some(map.bytes(0, map.len())),
+            Kept::File(file) => read_at(file, 0, self.meta.len as usize).ok(),
+        }
     }
 }
 

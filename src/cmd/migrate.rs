@@ -157,7 +157,7 @@ pub async fn run(config: Config, args: Args) -> Result<u8, Usage> {
         report: report.clone(),
         target: target.clone(),
         source_up,
-        roots: Roots::new(&config.local.roots),
+        roots: Roots::new(&config.local.roots, config.local.open_files),
         spool,
         uploads: Arc::new(uploads),
         multipart_threshold: config.copy.multipart_threshold,

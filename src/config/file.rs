@@ -104,11 +104,14 @@ pub(super) struct FileTls {
 pub(super) struct FileLocal {
     #[serde(default)]
     pub(super) roots: Vec<PathBuf>,
+    #[serde(default = "local_open_files")]
+    pub(super) open_files: usize,
 }
 
 impl Default for FileLocal {
     fn default() -> Self {
         FileLocal {
+            open_files: local_open_files(),
             roots: vec![PathBuf::from("./public/system")],
         }
     }
@@ -244,6 +247,10 @@ fn optional_address<'de, D: serde::Deserializer<'de>>(
 fn default_listen() -> Vec<SocketAddr> {
     vec![SocketAddr::from(([127, 0, 0, 1], 8080))]
 }
+fn local_open_files() -> usize {
+    10_000
+}
+
 fn default_cache_dir() -> PathBuf {
     PathBuf::from("./cache")
 }

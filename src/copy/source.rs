@@ -154,7 +154,7 @@ pub(super) fn streamed(obj: Object, engine: &Engine<'_>) -> Result<Source, Box<O
 
 /// A local file: uploaded straight from the root (its MD5 read first), typed as the proxy serves it.
 pub(super) async fn from_local(roots: &Roots, key: &Key) -> Result<Source, CopyError> {
-    let Some(Object { meta, body }) = roots.open(key) else {
+    let Some(Object { meta, body }) = roots.open(key, false) else {
         return Err(CopyError::SourceGone);
     };
     let (Body::File(file), Some(len)) = (body, meta.len) else {

@@ -62,12 +62,15 @@ impl Conn {
     ) {
         let client = stream.peer_addr().ok();
         let result = match self.tls.clone() {
-            None => self.drive(stream, client, shared, stop).await,
+            None => {
+                let stream = super::sendfile::SendfileStream::new(stream);
+                self.drive(stream, client, shared, stop, true).await
+            }
             Some(acceptor) => {
                 let accepted =
                     tokio::time::timeout(self.header_read_timeout, acceptor.accept(stream)).await;
                 match accepted {
-                    Ok(Ok(tls)) => self.drive(tls, client, shared, stop).await,
+                    Ok(Ok(tls)) => self.drive(tls, client, shared, stop, false).await,
                     Ok(Err(e)) => return tracing::debug!(error = %e, "TLS handshake failed"),
                     Err(_) => return tracing::debug!("TLS handshake timed out"),
                 }
@@ -84,6 +87,7 @@ impl Conn {
         client: Option<std::net::SocketAddr>,
         shared: Arc<arc_swap::ArcSwap<Runtime>>,
         mut stop: watch::Receiver<bool>,
+        plain: bool,
     ) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
     where
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -91,10 +95,14 @@ impl Conn {
         let streams = Streams::new();
         let on_conn = streams.clone();
         let stopping = stop.clone();
-        let service = service_fn(move |req| {
+        let service = service_fn(move |mut req: http::Request<hyper::body::Incoming>| {
             let rt = shared.load_full();
             let clock = on_conn.opened();
             let timed = req.version() == http::Version::HTTP_2;
+            if plain && !timed {
+                // Its file bodies go to the socket with sendfile (see `zerocopy`).
+                req.extensions_mut().insert(crate::zerocopy::Sendfile);
+            }
             let stopping = stopping.clone();
             let log = rt
                 .config

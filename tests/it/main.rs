@@ -17,4 +17,5 @@ mod misses;
 mod privacy;
 mod readiness;
 mod restart;
+mod sendfile;
 mod upstreams;

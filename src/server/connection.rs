@@ -127,7 +127,7 @@ impl Conn {
                 Ok::<_, Infallible>(resp.map(|body| Watched::new(body, clock, timed, log, metrics)))
             }
         });
-        let io = TokioIo::new(StallGuard::new(io, self.send_timeout));
+        let io = TokioIo::new(StallGuard::new(io, self.send_timeout, streams.clone()));
         let conn = self.builder.serve_connection(io, service).into_owned();
         tokio::pin!(conn);
         let (send_timeout, idle) = (self.send_timeout, self.header_read_timeout);

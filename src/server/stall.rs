@@ -4,24 +4,30 @@
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Sleep;
 
+use super::streams::Streams;
+
 pub struct StallGuard<T> {
     inner: T,
     timeout: Duration,
+    /// Told of every write that moved bytes, for the connection's watchdog.
+    streams: Arc<Streams>,
     /// Armed while a write is blocked; cleared by any progress.
     deadline: Option<Pin<Box<Sleep>>>,
 }
 
 impl<T> StallGuard<T> {
-    pub fn new(inner: T, timeout: Duration) -> StallGuard<T> {
+    pub fn new(inner: T, timeout: Duration, streams: Arc<Streams>) -> StallGuard<T> {
         StallGuard {
             inner,
             timeout,
+            streams,
             deadline: None,
         }
     }
@@ -70,6 +76,9 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for StallGuard<T> {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         let poll = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if matches!(poll, Poll::Ready(Ok(n)) if n > 0) {
+            self.streams.wrote();
+        }
         self.stalled(cx, poll)
     }
 
@@ -79,6 +88,9 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for StallGuard<T> {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let poll = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        if matches!(poll, Poll::Ready(Ok(n)) if n > 0) {
+            self.streams.wrote();
+        }
         self.stalled(cx, poll)
     }
 

@@ -67,6 +67,13 @@ impl Streams {
         self.start.elapsed().as_millis() as u64
     }
 
+    /// Bytes reached the socket: the client is reading this connection. (Body polls alone miss it
+    /// while every stream's last step sits in HTTP/2's flow-control buffers.)
+    pub fn wrote(&self) {
+        self.last_progress_ms
+            .fetch_max(self.now_ms(), Ordering::Relaxed);
+    }
+
     /// Returns once a request is in progress on the connection (at once if one is).
     pub async fn busy(&self) {
         loop {

@@ -148,6 +148,18 @@ pub struct FileSlice {
 }
 
 static NEXT: AtomicU64 = AtomicU64::new(0);
+static SHRINKS: AtomicU64 = AtomicU64::new(0);
+
+/// How many times a file was found shorter than its body while being sent: kept files are checked
+/// again whenever this changes.
+pub fn shrinks() -> u64 {
+    SHRINKS.load(Ordering::Relaxed)
+}
+
+/// A `sendfile` found the file shorter than the body being sent.
+pub fn shrank() {
+    SHRINKS.fetch_add(1, Ordering::Relaxed);
+}
 static REGIONS: Mutex<BTreeMap<(usize, u64), Region>> = Mutex::new(BTreeMap::new());
 
 fn regions() -> std::sync::MutexGuard<'static, BTreeMap<(usize, u64), Region>> {

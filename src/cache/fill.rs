@@ -210,6 +210,31 @@ impl Drop for FillGuard {
     }
 }
 
+/// What a trip to the blocking pool with a batch left behind.
+enum Written {
+    More(EntryWriter),
+    /// The last batch: the entry was sealed and published (`true`), or that failed (logged).
+    Published(bool),
+}
+
+/// Seals the entry and renames it into place, unless a bust voided the fill (waiting followers then
+/// find no entry and ask the upstreams anew). Blocking.
+fn seal_and_publish(
+    cache: &Cache,
+    w: EntryWriter,
+    hash: KeyHash,
+    shared: &Shared,
+    entry: &EntryMeta,
+) -> bool {
+    let stored = w
+        .seal(cache.store(), entry)
+        .and_then(|sealed| cache.index.publish(hash, sealed, false, || shared.voided()));
+    if let Err(e) = &stored {
+        cache.write_failed(&entry.key, e);
+    }
+    stored.is_ok()
+}
+
 /// How a batch of the upstream's body ended.
 enum Next {
     More,
@@ -236,9 +261,12 @@ async fn run(
     } = p;
     let cache = guard.cache.clone();
     let mut guard = Some(guard);
+    let mut reserved = Some(reserved);
     let mut writer = Some(writer);
     let mut left_at = client.is_none().then(Instant::now);
     let mut pos = 0u64;
+    // Set once the last batch's trip sealed and published the entry (whether it was stored).
+    let mut published: Option<bool> = None;
     let complete = loop {
         // One chunk, then whatever else the upstream already has, up to one CHUNK: one trip to the
         // blocking pool per batch.
@@ -272,18 +300,39 @@ async fn run(
         }
         if let Some(w) = writer.take() {
             let chunks = batch.clone();
+            // The last batch of a complete body is sealed and published in the same trip to the
+            // blocking pool: a cold miss of a small object then costs two trips, not three.
+            let last = matches!(next, Next::End) && pos + size as u64 == entry.len;
+            let publish = match (&guard, last) {
+                (Some(g), true) => Some((cache.clone(), g.hash, g.shared.clone(), entry.clone())),
+                _ => None,
+            };
+            // Released before the entry is published, which counts its real size.
+            let release = reserved.take_if(|_| publish.is_some());
             let written = tokio::task::spawn_blocking(move || {
                 let mut w = w;
-                match chunks.iter().try_for_each(|c| w.write(c)) {
-                    Ok(()) => Ok(w),
-                    Err(e) => Err(e), // dropping `w` deletes the partial file, here off the workers
-                }
+                chunks.iter().try_for_each(|c| w.write(c))?;
+                drop(release);
+                // Dropping `w` on an error deletes the partial file, here off the workers.
+                Ok(match publish {
+                    Some((c, hash, shared, entry)) => {
+                        Written::Published(seal_and_publish(&c, w, hash, &shared, &entry))
+                    }
+                    None => Written::More(w),
+                })
             })
             .await
             .unwrap_or_else(|e| Err(std::io::Error::other(e)));
             match written {
-                Ok(w) => {
+                Ok(Written::More(w)) => {
                     writer = Some(w);
+                    if let Some(g) = &guard {
+                        let end = pos + size as u64;
+                        g.shared.progress.send_modify(|p| p.written = end);
+                    }
+                }
+                Ok(Written::Published(stored)) => {
+                    published = Some(stored);
                     if let Some(g) = &guard {
                         let end = pos + size as u64;
                         g.shared.progress.send_modify(|p| p.written = end);
@@ -313,6 +362,9 @@ async fn run(
                 client = None;
                 left_at = Some(Instant::now());
             }
+        }
+        if published.is_some() {
+            break true;
         }
         if let Some(left) = left_at {
             if writer.is_none() {
@@ -350,26 +402,24 @@ async fn run(
     };
     // Released before the entry is published, which counts its real size.
     drop(reserved);
-    if !complete || writer.is_none() {
+    if !complete || (writer.is_none() && published.is_none()) {
         cache.counters.fill("failed");
     }
     if complete {
-        if let (Some(w), Some(g)) = (writer.take(), guard.as_mut()) {
-            let (c, hash, shared) = (cache.clone(), g.hash, g.shared.clone());
-            let entry = entry.clone();
-            let stored = tokio::task::spawn_blocking(move || {
-                let cache = c;
-                // Voided: waiting followers find no entry and ask the upstreams anew.
-                let stored = w.seal(cache.store(), &entry).and_then(|sealed| {
-                    cache.index.publish(hash, sealed, false, || shared.voided())
-                });
-                if let Err(e) = &stored {
-                    cache.write_failed(&entry.key, e);
-                }
-                stored.is_ok()
-            })
-            .await;
-            let stored = stored.unwrap_or(false);
+        let stored = match (published, writer.take(), guard.as_ref()) {
+            (Some(stored), _, _) => Some(stored),
+            (None, Some(w), Some(g)) => {
+                let (c, hash, shared) = (cache.clone(), g.hash, g.shared.clone());
+                let entry = entry.clone();
+                let stored = tokio::task::spawn_blocking(move || {
+                    seal_and_publish(&c, w, hash, &shared, &entry)
+                })
+                .await;
+                Some(stored.unwrap_or(false))
+            }
+            _ => None,
+        };
+        if let (Some(stored), Some(g)) = (stored, guard.as_mut()) {
             if stored && g.shared.voided() {
                 cache.counters.fill("voided");
             } else if stored {

@@ -3,13 +3,16 @@
 //! walking half a dozen directories with their permission checks), a `mmap` and the metadata.
 //!
 //! Only for responses sent with `sendfile` (see [`crate::zerocopy`]): the mapping is never read by this
-//! process, so a file Mastodon rewrites in place cannot raise SIGBUS here. Each use is checked with one
-//! `fstat`: a file deleted or renamed over has no links left, a rewritten one a new size or mtime; then
-//! the path is resolved again. An entry is also resolved again once it is [`VALID`] old, so that a file
-//! appearing in an earlier root, or a permission change, is seen within that time (nginx's
-//! `open_file_cache_valid`, 60 s by default).
+//! process, so a file Mastodon rewrites in place cannot raise SIGBUS here. A kept file is checked with
+//! one `fstat` at most every [`CHECK_EVERY`] (and at once after any file shrank under a `sendfile`): a
+//! file deleted or renamed over has no links left, a
+//! rewritten one a new size or mtime; then the path is resolved again. So a file deleted is served for
+//! at most that long after (nginx keeps serving from its `open_file_cache` for `open_file_cache_valid`,
+//! 60 s by default). An entry is also resolved again once it is [`VALID`] old, so that a file appearing
+//! in an earlier root, or a permission change, is seen within that time.
 
 use std::os::unix::fs::MetadataExt;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -19,6 +22,8 @@ use crate::object::{Body, Meta, Object};
 use crate::zerocopy::Mapping;
 
 pub const VALID: Duration = Duration::from_secs(10);
+/// A syscall per hit is a tenth of a hit's CPU: one check a second per file is enough.
+pub const CHECK_EVERY: Duration = Duration::from_secs(1);
 
 struct Kept {
     map: Arc<Mapping>,
@@ -26,6 +31,10 @@ struct Kept {
     /// (inode, size, mtime in ns) when opened.
     stamp: (u64, u64, i64),
     at: Instant,
+    /// When it was last checked, in ms after `at`.
+    checked_ms: AtomicU64,
+    /// [`crate::zerocopy::shrinks`] when opened.
+    shrinks: u64,
 }
 
 pub struct KeptFiles {
@@ -56,12 +65,19 @@ impl KeptFiles {
     /// The kept file for `key`, if it is still the one kept; a stale one is dropped.
     pub fn get(&self, key: &str) -> Option<Object> {
         let kept = self.lock()?.get(key).cloned()?;
-        let current = kept.at.elapsed() < VALID
-            && kept
-                .map
-                .file()
-                .metadata()
-                .is_ok_and(|md| md.nlink() > 0 && stamp(&md) == kept.stamp);
+        let age = kept.at.elapsed();
+        let age_ms = age.as_millis() as u64;
+        // A file that shrank under a `sendfile` anywhere makes every kept file checked again at once,
+        // so its next request sees the new length instead of failing the same way.
+        let fresh = age_ms.saturating_sub(kept.checked_ms.load(Ordering::Relaxed))
+            < CHECK_EVERY.as_millis() as u64
+            && kept.shrinks == crate::zerocopy::shrinks();
+        let current = age < VALID
+            && (fresh
+                || kept.map.file().metadata().is_ok_and(|md| {
+                    kept.checked_ms.store(age_ms, Ordering::Relaxed);
+                    md.nlink() > 0 && stamp(&md) == kept.stamp
+                }));
         if !current {
             // Closed once the last response using it is done.
             let _dropped = self.lock().and_then(|mut lru| lru.pop(key));
@@ -79,6 +95,8 @@ impl KeptFiles {
             meta,
             stamp: stamp(md),
             at: Instant::now(),
+            checked_ms: AtomicU64::new(0),
+            shrinks: crate::zerocopy::shrinks(),
         });
         // A displaced entry is closed after the lock is released.
         let displaced = self.lock().and_then(|mut lru| lru.push(key.into(), kept));

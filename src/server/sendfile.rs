@@ -44,10 +44,13 @@ impl SendfileStream {
             return match sent {
                 // Past the end of the file: it shrank after its length was sent in the head. An error
                 // aborts the connection, so no short body passes for a whole one.
-                Ok(0) => Poll::Ready(Err(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    "file shrank while being sent",
-                ))),
+                Ok(0) => {
+                    zerocopy::shrank();
+                    Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "file shrank while being sent",
+                    )))
+                }
                 Ok(n) => Poll::Ready(Ok(n)),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                 Err(e) => Poll::Ready(Err(e)),

@@ -59,6 +59,36 @@ impl SendfileStream {
     }
 }
 
+impl SendfileStream {
+    /// Writes the slices before a file slice (the response head) with `MSG_MORE`: the kernel holds
+    /// them for the `sendfile` that follows at once, so head and body leave in the same packets
+    /// (nginx's `tcp_nopush`): one packet less per response, and on loopback one delivery less.
+    fn poll_write_more(
+        &self,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        use rustix::net::{sendmsg, SendAncillaryBuffer, SendFlags};
+        loop {
+            ready!(self.inner.poll_write_ready(cx))?;
+            let sent = self.inner.try_io(Interest::WRITABLE, || {
+                let mut control = SendAncillaryBuffer::default();
+                sendmsg(
+                    &self.inner,
+                    bufs,
+                    &mut control,
+                    SendFlags::MORE | SendFlags::NOSIGNAL,
+                )
+                .map_err(io::Error::from)
+            });
+            match sent {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                other => return Poll::Ready(other),
+            }
+        }
+    }
+}
+
 impl AsyncRead for SendfileStream {
     fn poll_read(
         mut self: Pin<&mut Self>,
@@ -95,7 +125,7 @@ impl AsyncWrite for SendfileStream {
         match first {
             None => Pin::new(&mut self.inner).poll_write_vectored(cx, bufs),
             Some((0, slice)) => self.poll_sendfile(cx, slice),
-            Some((i, _)) => Pin::new(&mut self.inner).poll_write_vectored(cx, &bufs[..i]),
+            Some((i, _)) => self.poll_write_more(cx, &bufs[..i]),
         }
     }
 

@@ -83,7 +83,7 @@ make(w + "/local", "", files, w + "/paths.txt")
 make(w + "/s3/media", "cache/", hits, w + "/hit-paths.txt")
 for who in ("direct", "nginx", "mediaproxy"):
     make(w + "/s3/media", "cache/", misses, w + "/miss-" + who + ".txt")
-for who in ("nginx", "mediaproxy"):
+for who in ("nginx", "mediaproxy", "profile"):
     make(w + "/s3/media", "cache/", cold, w + "/conc-" + who + ".txt")
 PY
 
@@ -175,7 +175,7 @@ start_mediaproxy() {
 }
 start_mediaproxy
 
-for list in conc-nginx conc-mediaproxy; do
+for list in conc-nginx conc-mediaproxy conc-profile; do
   # Each key once: past the end of the list the run is no longer all misses, and says so.
   cat > "$W/$list.lua" <<EOF
 local paths = {}
@@ -208,6 +208,7 @@ done
 # mediaproxy's one process) before and after each run: CPU microseconds per request do not depend on
 # how fast the load generator is, req/s do. wrk's own CPU share is reported too: at ~100 % the client,
 # not the server, set the pace, and a req/s ratio says nothing.
+cpu_ticks() { local t=0 p; for p in "$@"; do t=$((t + $(awk '{print $14+$15}' "/proc/$p/stat"))); done; echo $t; }
 ng_pids() { echo "$(cat "$W/nginx.pid") $(pgrep -P "$(cat "$W/nginx.pid")" | tr '\n' ' ')"; }
 
 # run_wrk URL LIST PIDS → "req/s p50_ms p99_ms server_us_per_req client_cpu_pct"
@@ -353,20 +354,25 @@ PY
 
 echo "== cold misses, concurrent: wrk -c$CONNS -d$COLD_DURATION over $COLD_KEYS distinct keys each (every request a miss)"
 NGC=$(DURATION=$COLD_DURATION run_wrk "http://127.0.0.1:$NGPORT" conc-nginx "$(ng_pids)")
-MPC=$(DURATION=$COLD_DURATION profiled cold-misses run_wrk "http://127.0.0.1:$MPPORT" conc-mediaproxy "$MPPID")
+MPC=$(DURATION=$COLD_DURATION run_wrk "http://127.0.0.1:$MPPORT" conc-mediaproxy "$MPPID")
 echo "nginx: $NGC   mediaproxy: $MPC   (req/s p50_ms p99_ms server_cpu_us/req client_cpu_%)"
 summarize "cold misses" "$NGC" -- "$MPC"
+# The profile runs on keys of its own (perf's sampling must not count in the numbers above).
+[ -n "$PROFILE" ] && DURATION=$COLD_DURATION profiled cold-misses run_wrk "http://127.0.0.1:$MPPORT" conc-profile "$MPPID" >/dev/null
 
 echo "== 8 clients streaming a 50 MiB object at once (first pass fills the caches, second pass hits)"
 for pass in cold warm; do
   for who in nginx mediaproxy; do
     p=$NGPORT; [ "$who" = mediaproxy ] && p=$MPPORT
+    spids=$MPPID; [ "$who" = nginx ] && spids=$(ng_pids)
+    c0=$(cpu_ticks $spids)
     start=$(date +%s.%N)
     cpids=()
     for _ in $(seq 1 8); do curl -sf -o /dev/null "http://127.0.0.1:$p/$VIDKEY" & cpids+=($!); done
     wait "${cpids[@]}"
     end=$(date +%s.%N)
-    python3 -c "print(f'stream 8x50 {\"$pass\":4} {\"$who\":10}: {$end-$start:.2f} s = {400/($end-$start):.0f} MiB/s')"
+    c1=$(cpu_ticks $spids)
+    python3 -c "print(f'stream 8x50 {\"$pass\":4} {\"$who\":10}: {$end-$start:.2f} s = {400/($end-$start):.0f} MiB/s, server CPU {($c1-$c0)*1e6/$(getconf CLK_TCK)/400:.0f} us per MiB')"
   done
 done
 echo "mediaproxy peak RSS after 8 streams: $(hwm_kib "$MPPID") KiB; nginx worker $(hwm_kib "$NGWORKER") KiB"

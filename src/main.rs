@@ -7,6 +7,11 @@ use anyhow::Context;
 use clap::Parser;
 use mediaproxy::config::Config;
 
+/// mimalloc, not glibc's malloc: measured 16.8 against 20-21 CPU microseconds per local hit (glibc kept
+/// growing and trimming its heap, an `mprotect` every few dozen requests), the same per cold miss.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 mod args;
 use args::{CacheAction, Cli, Command};
 

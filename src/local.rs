@@ -181,11 +181,16 @@ fn to_object(file: File, key: &Key, kept: Option<&kept::KeptFiles>) -> io::Resul
         content_disposition: None,
     };
     let body = match kept {
-        Some(kept) if md.len() > 0 => {
-            let map = crate::zerocopy::Mapping::new(file, md.len() as usize)?;
-            kept.keep(key.as_str(), map.clone(), meta.clone(), &md);
-            Body::Bytes(map.bytes(0, map.len()))
-        }
+        // SAFETY: the caller sends this body with `sendfile` only (a plain HTTP/1.1 GET), so this
+        // process never reads the mapping of a file Mastodon may rewrite in place.
+        Some(kept) => match unsafe { crate::zerocopy::Mapping::new(file, md.len() as usize) } {
+            Ok(map) => {
+                kept.keep(key.as_str(), map.clone(), meta.clone(), &md);
+                Body::Bytes(map.bytes(0, map.len()))
+            }
+            // Empty, or a file system that cannot map it: read as before.
+            Err((_, file)) => Body::File(file),
+        },
         _ => Body::File(file),
     };
     Ok(Some(Object { meta, body }))

@@ -174,6 +174,11 @@ impl Metrics {
             "When the config in force was loaded (Unix time)",
             reload_at.clone(),
         );
+        registry.register(
+            "sendfile_bytes",
+            "Response body bytes sent with sendfile, straight from the page cache (plain HTTP/1.1 file bodies)",
+            crate::zerocopy::SENT.clone(),
+        );
         let sent_bytes = Counter::default();
         registry.register(
             "sent_bytes",

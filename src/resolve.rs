@@ -70,10 +70,11 @@ async fn find(
     range: Option<&HeaderValue>,
     sendfile: bool,
 ) -> Outcome {
-    if let Some(obj) = rt.roots.open(key, sendfile && method == Method::Get) {
+    let sendfile = sendfile && method == Method::Get;
+    if let Some(obj) = rt.roots.open(key, sendfile) {
         return Outcome::Found(obj);
     }
-    let stale = match rt.cache.lookup(key.as_str(), rt.policy()).await {
+    let stale = match rt.cache.lookup(key.as_str(), rt.policy(), sendfile).await {
         Lookup::Fresh(cached) => return from_cache(cached, Source::Hit),
         Lookup::Stale(cached) => Some(cached),
         Lookup::Miss => None,
@@ -138,7 +139,7 @@ async fn find(
                     Joined::Streaming(obj) => return Outcome::Found(obj),
                     Joined::Finished => {
                         if let Lookup::Fresh(cached) =
-                            rt.cache.lookup(key.as_str(), rt.policy()).await
+                            rt.cache.lookup(key.as_str(), rt.policy(), sendfile).await
                         {
                             return from_cache(cached, Source::Hit);
                         }

@@ -43,23 +43,39 @@ unsafe impl Send for Mapping {}
 unsafe impl Sync for Mapping {}
 
 impl Mapping {
-    /// Maps the first `len` bytes of `file` (which must hold at least that many). Pages are not faulted
-    /// in: `sendfile` never touches them, so a kept mapping costs address space, not memory (nor RSS).
-    pub fn new(file: File, len: usize) -> io::Result<Arc<Mapping>> {
+    /// Maps the first `len` bytes of `file`; on failure (an empty file, a file system that cannot map,
+    /// `vm.max_map_count` reached) the file comes back, to be read instead. Pages are not faulted in:
+    /// `sendfile` never touches them.
+    ///
+    /// # Safety
+    /// Reading the returned bodies in this process (anything but `sendfile`) raises SIGBUS if the file
+    /// is truncated below `len` meanwhile, and sees its bytes change if it is written in place: map only
+    /// files nobody writes in place, or bodies that only `sendfile` sends (see the module's text).
+    pub unsafe fn new(file: File, len: usize) -> Result<Arc<Mapping>, (io::Error, File)> {
         if len == 0 {
-            return Err(io::Error::new(io::ErrorKind::InvalidInput, "empty file"));
+            let e = io::Error::new(io::ErrorKind::InvalidInput, "empty file");
+            return Err((e, file));
         }
-        let flags = MapFlags::SHARED;
-        // SAFETY: a fresh mapping chosen by the kernel (null hint), of a file we hold open; unmapped
-        // exactly once, in Drop.
-        let ptr = unsafe {
-            rustix::mm::mmap(std::ptr::null_mut(), len, ProtFlags::READ, flags, &file, 0)
-        }?;
-        Ok(Arc::new(Mapping {
-            ptr: ptr as *const u8,
-            len,
-            file,
-        }))
+        // SAFETY: a fresh mapping chosen by the kernel (null hint), of a file held open for as long as
+        // it lives; unmapped exactly once, in Drop.
+        let mapped = unsafe {
+            rustix::mm::mmap(
+                std::ptr::null_mut(),
+                len,
+                ProtFlags::READ,
+                MapFlags::SHARED,
+                &file,
+                0,
+            )
+        };
+        match mapped {
+            Ok(ptr) => Ok(Arc::new(Mapping {
+                ptr: ptr as *const u8,
+                len,
+                file,
+            })),
+            Err(e) => Err((e.into(), file)),
+        }
     }
 
     pub fn len(&self) -> usize {
@@ -148,6 +164,10 @@ pub struct FileSlice {
 }
 
 static NEXT: AtomicU64 = AtomicU64::new(0);
+
+/// Body bytes sent with `sendfile` (`mediaproxy_sendfile_bytes_total`).
+pub static SENT: std::sync::LazyLock<prometheus_client::metrics::counter::Counter> =
+    std::sync::LazyLock::new(Default::default);
 static SHRINKS: AtomicU64 = AtomicU64::new(0);
 
 /// How many times a file was found shorter than its body while being sent: kept files are checked
@@ -200,7 +220,10 @@ mod tests {
         let mut f = tempfile::tempfile().unwrap();
         let data: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
         f.write_all(&data).unwrap();
-        let map = Mapping::new(f, data.len()).unwrap();
+        // SAFETY: nobody else has this file.
+        let map = unsafe { Mapping::new(f, data.len()) }
+            .map_err(|(e, _)| e)
+            .unwrap();
         let body = map.bytes(1000, 50_000);
         assert_eq!(&body[..], &data[1000..51_000]);
         let part = body.slice(20_000..);

@@ -348,7 +348,7 @@ async fn run(
             let offset = pos;
             pos += chunk.len() as u64;
             let Some(tx) = &client else { continue };
-            let gone = if writer.is_some() {
+            let gone = if writer.is_some() || published.is_some() {
                 // Behind is fine: what the queue cannot take, the client reads back from the file.
                 matches!(
                     tx.try_send((offset, chunk)),

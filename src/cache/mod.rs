@@ -178,11 +178,14 @@ impl Cache {
     }
 
     /// Reads an entry; a corrupt one is dropped (and counted) so it is refetched.
-    pub async fn lookup(&self, key: &str, policy: Policy) -> Lookup {
+    /// `sendfile`: the body will go out with `sendfile` (a plain HTTP/1.1 GET), so it may be a mapping
+    /// of the entry; otherwise it is read as before (no worker faults in a file's pages, and a disk
+    /// error fails one response, not the process).
+    pub async fn lookup(&self, key: &str, policy: Policy, sendfile: bool) -> Lookup {
         let hash = hash_key(key);
         if let Some(opened) = self.index.opened(hash) {
             // Collisions of 128-bit hashes aside, the key check keeps a file from serving another key.
-            match opened.read_current() {
+            match opened.read_current(sendfile) {
                 Some(bytes) if opened.meta.key == key => {
                     self.index.touch(hash, opened.size, None);
                     return classify(opened.meta.clone(), Body::Bytes(bytes), policy);
@@ -250,18 +253,15 @@ impl Cache {
                 self.index.keep_open(hash, opened);
                 classify(meta, Body::Bytes(bytes), policy)
             }
-            // Mapped, so a plain HTTP/1.1 response goes out with `sendfile` (safe: entries are never
-            // written in place, see `zerocopy`); read in chunks if mapping fails.
-            Loaded::File(meta, file) => {
-                let body = match file.try_clone() {
-                    Ok(dup) if meta.len > 0 => match Mapping::new(dup, meta.len as usize) {
-                        Ok(map) => Body::Bytes(map.bytes(0, map.len())),
-                        Err(_) => Body::File(file),
-                    },
-                    _ => Body::File(file),
+            Loaded::File(meta, file) if sendfile => {
+                // SAFETY: the cache never writes an entry in place (see `zerocopy`).
+                let body = match unsafe { Mapping::new(file, meta.len as usize) } {
+                    Ok(map) => Body::Bytes(map.bytes(0, map.len())),
+                    Err((_, file)) => Body::File(file),
                 };
                 classify(meta, body, policy)
             }
+            Loaded::File(meta, file) => classify(meta, Body::File(file), policy),
         }
     }
 
@@ -318,7 +318,7 @@ impl Cache {
     /// again: a fill may have committed between the caller's lookup and its taking the lead.
     pub async fn lead(self: &Arc<Cache>, key: &str, policy: Policy) -> Flight {
         match self.flights.join(self.clone(), key) {
-            Flight::Leader(guard) => match self.lookup(key, policy).await {
+            Flight::Leader(guard) => match self.lookup(key, policy, false).await {
                 Lookup::Fresh(cached) => {
                     guard.found_cached();
                     Flight::Cached(cached)

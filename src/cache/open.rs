@@ -31,9 +31,8 @@ pub struct Opened {
     stamp: i64,
 }
 
-/// The body mapped (its bytes then reach a plain HTTP/1.1 socket with `sendfile`, and every other
-/// connection without a copy into a buffer first), or, where mapping failed, the file to read it from.
-/// Mapping an entry is safe: the cache never writes one in place (see [`crate::zerocopy`]).
+/// The body mapped (its bytes then reach a plain HTTP/1.1 socket with `sendfile`; other connections
+/// read it), or, where mapping failed, the file to read it from.
 enum Kept {
     Mapped(Arc<Mapping>),
     File(File),
@@ -41,13 +40,10 @@ enum Kept {
 
 impl Opened {
     pub fn new(file: File, meta: EntryMeta, size: u64, stamp: i64) -> Opened {
-        let len = meta.len as usize;
-        let body = match file.try_clone() {
-            Ok(dup) if len > 0 => match Mapping::new(dup, len) {
-                Ok(map) => Kept::Mapped(map),
-                Err(_) => Kept::File(file),
-            },
-            _ => Kept::File(file),
+        // SAFETY: the cache never writes an entry in place (see `zerocopy`).
+        let body = match unsafe { Mapping::new(file, meta.len as usize) } {
+            Ok(map) => Kept::Mapped(map),
+            Err((_, file)) => Kept::File(file),
         };
         Opened {
             body,
@@ -65,15 +61,17 @@ impl Opened {
     }
 
     /// The body, if the file is still the one verified (linked, unwritten since).
-    pub fn read_current(&self) -> Option<Bytes> {
+    /// `sendfile`: the body goes out with `sendfile` (see [`crate::zerocopy`]), so the mapping itself is
+    /// the body; otherwise it is read into memory, so no worker faults in pages of the file.
+    pub fn read_current(&self, sendfile: bool) -> Option<Bytes> {
         let md = self.file().metadata().ok()?;
         if md.nlink() == 0 || mtime_stamp(&md) != self.stamp || md.len() != self.size {
             return None;
         }
         note_read(self.file(), md.atime());
         match &self.body {
-            Kept::Mapped(map) => Some(map.bytes(0, map.len())),
-            Kept::File(file) => read_at(file, 0, self.meta.len as usize).ok(),
+            Kept::Mapped(map) if sendfile => Some(map.bytes(0, map.len())),
+            _ => read_at(self.file(), 0, self.meta.len as usize).ok(),
         }
     }
 }

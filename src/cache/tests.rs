@@ -20,7 +20,10 @@ async fn a_leader_looks_again_after_taking_the_lead() {
     let dir = tempfile::tempdir().unwrap();
     let cache = cache(dir.path());
     let key = "media_attachments/files/1/original/a.mp4";
-    assert!(matches!(cache.lookup(key, policy()).await, Lookup::Miss));
+    assert!(matches!(
+        cache.lookup(key, policy(), false).await,
+        Lookup::Miss
+    ));
     let meta = EntryMeta {
         key: key.into(),
         status: 200,

@@ -33,8 +33,8 @@ struct Kept {
     at: Instant,
     /// When it was last checked, in ms after `at`.
     checked_ms: AtomicU64,
-    /// [`crate::zerocopy::shrinks`] when opened.
-    shrinks: u64,
+    /// [`crate::zerocopy::shrinks`] at the last check.
+    shrinks: AtomicU64,
 }
 
 pub struct KeptFiles {
@@ -56,10 +56,21 @@ impl KeptFiles {
         }
     }
 
+    /// The LRU, with the least recently used entries older than [`VALID`] closed first: a file deleted
+    /// and never asked for again must not stay open (its blocks pinned) until thousands of others push
+    /// it out.
     fn lock(&self) -> Option<std::sync::MutexGuard<'_, LruCache<Box<str>, Arc<Kept>>>> {
-        self.lru
+        let mut lru = self
+            .lru
             .as_ref()
-            .map(|m| m.lock().unwrap_or_else(|p| p.into_inner()))
+            .map(|m| m.lock().unwrap_or_else(|p| p.into_inner()))?;
+        for _ in 0..4 {
+            match lru.peek_lru() {
+                Some((_, k)) if k.at.elapsed() >= VALID => drop(lru.pop_lru()),
+                _ => break,
+            }
+        }
+        Some(lru)
     }
 
     /// The kept file for `key`, if it is still the one kept; a stale one is dropped.
@@ -69,14 +80,19 @@ impl KeptFiles {
         let age_ms = age.as_millis() as u64;
         // A file that shrank under a `sendfile` anywhere makes every kept file checked again at once,
         // so its next request sees the new length instead of failing the same way.
+        let shrinks = crate::zerocopy::shrinks();
         let fresh = age_ms.saturating_sub(kept.checked_ms.load(Ordering::Relaxed))
             < CHECK_EVERY.as_millis() as u64
-            && kept.shrinks == crate::zerocopy::shrinks();
+            && kept.shrinks.load(Ordering::Relaxed) == shrinks;
         let current = age < VALID
             && (fresh
                 || kept.map.file().metadata().is_ok_and(|md| {
-                    kept.checked_ms.store(age_ms, Ordering::Relaxed);
-                    md.nlink() > 0 && stamp(&md) == kept.stamp
+                    let same = md.nlink() > 0 && stamp(&md) == kept.stamp;
+                    if same {
+                        kept.checked_ms.store(age_ms, Ordering::Relaxed);
+                        kept.shrinks.store(shrinks, Ordering::Relaxed);
+                    }
+                    same
                 }));
         if !current {
             // Closed once the last response using it is done.
@@ -96,7 +112,7 @@ impl KeptFiles {
             stamp: stamp(md),
             at: Instant::now(),
             checked_ms: AtomicU64::new(0),
-            shrinks: crate::zerocopy::shrinks(),
+            shrinks: AtomicU64::new(crate::zerocopy::shrinks()),
         });
         // A displaced entry is closed after the lock is released.
         let displaced = self.lock().and_then(|mut lru| lru.push(key.into(), kept));

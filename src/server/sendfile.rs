@@ -51,7 +51,10 @@ impl SendfileStream {
                         "file shrank while being sent",
                     )))
                 }
-                Ok(n) => Poll::Ready(Ok(n)),
+                Ok(n) => {
+                    zerocopy::SENT.inc_by(n as u64);
+                    Poll::Ready(Ok(n))
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                 Err(e) => Poll::Ready(Err(e)),
             };

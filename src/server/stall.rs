@@ -16,18 +16,34 @@ use super::streams::Streams;
 pub struct StallGuard<T> {
     inner: T,
     timeout: Duration,
-    /// Told of every write that moved bytes, for the connection's watchdog.
+    /// Told of writes that moved bytes, for the connection's watchdog: once per [`PROGRESS`] bytes, so
+    /// HTTP/2's own PINGs and SETTINGS acks (a few dozen bytes) never count as a client reading.
     streams: Arc<Streams>,
+    written: usize,
     /// Armed while a write is blocked; cleared by any progress.
     deadline: Option<Pin<Box<Sleep>>>,
 }
 
+/// Bytes written that count as a client reading the connection.
+const PROGRESS: usize = 16 * 1024;
+
 impl<T> StallGuard<T> {
+    fn progress(&mut self, poll: &Poll<io::Result<usize>>) {
+        if let Poll::Ready(Ok(n)) = poll {
+            self.written += n;
+            if self.written >= PROGRESS {
+                self.written = 0;
+                self.streams.wrote();
+            }
+        }
+    }
+
     pub fn new(inner: T, timeout: Duration, streams: Arc<Streams>) -> StallGuard<T> {
         StallGuard {
             inner,
             timeout,
             streams,
+            written: 0,
             deadline: None,
         }
     }
@@ -76,9 +92,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for StallGuard<T> {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         let poll = Pin::new(&mut self.inner).poll_write(cx, buf);
-        if matches!(poll, Poll::Ready(Ok(n)) if n > 0) {
-            self.streams.wrote();
-        }
+        self.progress(&poll);
         self.stalled(cx, poll)
     }
 
@@ -88,9 +102,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for StallGuard<T> {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let poll = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
-        if matches!(poll, Poll::Ready(Ok(n)) if n > 0) {
-            self.streams.wrote();
-        }
+        self.progress(&poll);
         self.stalled(cx, poll)
     }
 

@@ -25,44 +25,55 @@ impl SendfileStream {
         SendfileStream { inner }
     }
 
-    fn poll_sendfile(&self, cx: &mut Context<'_>, slice: FileSlice) -> Poll<io::Result<usize>> {
+    /// Runs the non-blocking `syscall` once the socket is writable, again after each `WouldBlock`.
+    fn poll_syscall(
+        &self,
+        cx: &mut Context<'_>,
+        mut syscall: impl FnMut() -> rustix::io::Result<usize>,
+    ) -> Poll<io::Result<usize>> {
         loop {
             ready!(self.inner.poll_write_ready(cx))?;
-            let sent = self.inner.try_io(Interest::WRITABLE, || {
-                // SAFETY: the descriptor belongs to the body this slice is part of, which hyper holds
-                // until the write returns.
-                let file = unsafe { BorrowedFd::borrow_raw(slice.fd) };
-                let mut offset = slice.offset;
-                rustix::fs::sendfile(
-                    &self.inner,
-                    file,
-                    Some(&mut offset),
-                    slice.len.min(MAX_SEND),
-                )
-                .map_err(io::Error::from)
-            });
-            return match sent {
-                // Past the end of the file: it shrank after its length was sent in the head. An error
-                // aborts the connection, so no short body passes for a whole one.
-                Ok(0) => {
-                    zerocopy::shrank();
-                    Poll::Ready(Err(io::Error::new(
-                        io::ErrorKind::UnexpectedEof,
-                        "file shrank while being sent",
-                    )))
-                }
-                Ok(n) => {
-                    zerocopy::SENT.inc_by(n as u64);
-                    Poll::Ready(Ok(n))
-                }
+            match self
+                .inner
+                .try_io(Interest::WRITABLE, || syscall().map_err(io::Error::from))
+            {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                Err(e) => Poll::Ready(Err(e)),
-            };
+                other => return Poll::Ready(other),
+            }
         }
     }
-}
 
-impl SendfileStream {
+    fn poll_sendfile(&self, cx: &mut Context<'_>, slice: FileSlice) -> Poll<io::Result<usize>> {
+        // SAFETY: the descriptor belongs to the body this slice is part of, which hyper holds until
+        // the write returns.
+        let file = unsafe { BorrowedFd::borrow_raw(slice.fd) };
+        let sent = ready!(self.poll_syscall(cx, || {
+            let mut offset = slice.offset;
+            rustix::fs::sendfile(
+                &self.inner,
+                file,
+                Some(&mut offset),
+                slice.len.min(MAX_SEND),
+            )
+        }));
+        Poll::Ready(match sent {
+            // Past the end of the file: it shrank after its length was sent in the head. An error
+            // aborts the connection, so no short body passes for a whole one.
+            Ok(0) => {
+                zerocopy::shrank();
+                Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "file shrank while being sent",
+                ))
+            }
+            Ok(n) => {
+                zerocopy::SENT.inc_by(n as u64);
+                Ok(n)
+            }
+            Err(e) => Err(e),
+        })
+    }
+
     /// Writes the slices before a file slice (the response head) with `MSG_MORE`: the kernel holds
     /// them for the `sendfile` that follows at once, so head and body leave in the same packets
     /// (nginx's `tcp_nopush`): one packet less per response, and on loopback one delivery less.
@@ -72,23 +83,15 @@ impl SendfileStream {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         use rustix::net::{sendmsg, SendAncillaryBuffer, SendFlags};
-        loop {
-            ready!(self.inner.poll_write_ready(cx))?;
-            let sent = self.inner.try_io(Interest::WRITABLE, || {
-                let mut control = SendAncillaryBuffer::default();
-                sendmsg(
-                    &self.inner,
-                    bufs,
-                    &mut control,
-                    SendFlags::MORE | SendFlags::NOSIGNAL,
-                )
-                .map_err(io::Error::from)
-            });
-            match sent {
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                other => return Poll::Ready(other),
-            }
-        }
+        self.poll_syscall(cx, || {
+            let mut control = SendAncillaryBuffer::default();
+            sendmsg(
+                &self.inner,
+                bufs,
+                &mut control,
+                SendFlags::MORE | SendFlags::NOSIGNAL,
+            )
+        })
     }
 }
 

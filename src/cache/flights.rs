@@ -12,6 +12,7 @@ use tokio::sync::watch;
 
 use super::fill::FillGuard;
 use super::follow::Follower;
+use super::memfill::MemBody;
 use super::store::{hash_key, KeyHash};
 use super::{Cache, Cached};
 use crate::object::Meta;
@@ -44,7 +45,14 @@ pub(super) struct Shared {
 /// The entry being written, as a follower reads it.
 pub(super) struct Growing {
     pub meta: Meta,
-    pub file: File,
+    pub body: GrowingBody,
+}
+
+pub(super) enum GrowingBody {
+    /// The file being written.
+    File(File),
+    /// A small body, in memory until it is whole ([`super::memfill`]).
+    Memory(Arc<MemBody>),
 }
 
 #[derive(Default)]

@@ -10,8 +10,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::flights::{Progress, Shared, Status};
+use super::flights::{GrowingBody, Progress, Shared, Status};
 use super::growing;
+use super::memfill;
 use crate::object::{Body, Object};
 
 pub struct Follower(Arc<Shared>);
@@ -62,15 +63,15 @@ impl Follower {
 
     fn stream(self) -> Option<Object> {
         let growing = self.0.body.get()?;
-        let file = growing.file.try_clone().ok()?;
         let len = growing.meta.len?;
         let meta = growing.meta.clone();
+        let stream = match &growing.body {
+            GrowingBody::File(file) => growing::stream(file.try_clone().ok()?, len, self.0, None),
+            GrowingBody::Memory(body) => memfill::stream(body.clone(), len, self.0),
+        };
         Some(Object {
             meta,
-            body: Body::Stream {
-                stream: growing::stream(file, len, self.0, None),
-                offset: 0,
-            },
+            body: Body::Stream { stream, offset: 0 },
         })
     }
 }

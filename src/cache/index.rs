@@ -175,6 +175,11 @@ impl Index {
         inner.bytes += size;
     }
 
+    /// Whether an entry for `hash` is counted (published by this process, or found by the load).
+    pub fn knows(&self, hash: KeyHash) -> bool {
+        self.lock().lru.contains(&hash)
+    }
+
     /// The kept-open entry for `hash`, if any (still to be checked with [`Opened::read_current`]).
     pub fn opened(&self, hash: KeyHash) -> Option<Arc<Opened>> {
         self.open.get(hash)
@@ -334,7 +339,8 @@ impl Index {
     /// a fill has just published a new one.
     pub fn forget(&self, hash: KeyHash) {
         let mut inner = self.lock();
-        if !self.store.path(hash).exists() {
+        // Nothing to forget for a key never counted: a cold miss costs no `stat` here.
+        if inner.lru.contains(&hash) && !self.store.path(hash).exists() {
             inner.take(hash);
         }
         drop(inner);

@@ -4,7 +4,8 @@
 //! - `store`: one file per entry, atomic rename, checksummed (crash and corruption safety).
 //! - `index`: in-memory LRU/size/inactivity accounting over the files; eviction deletes files.
 //! - `flights`: one fill per key (cache lock); a bust voids the fill in flight.
-//! - `fill`: the fill itself, run at the upstream's pace, streamed to its first client.
+//! - `fill`: how a fill starts, run at the upstream's pace, streamed to its first client;
+//!   `memfill` holds a small body in memory until whole, `filefill` writes a large one as it arrives.
 //! - `follow`: requests that arrive during a fill stream the body from the file being written.
 //! - `growing`: the one reader of an entry being written, for the fill's client and its followers.
 //! - `lead`: the fill policy (fills that outlive their client, background fills, resume), over an
@@ -16,12 +17,14 @@
 //! A lookup reads the file directly (its path derives from the key), so the cache serves at once after
 //! a restart while the index is still loading in the background.
 
+mod filefill;
 mod fill;
 mod flights;
 mod follow;
 mod growing;
 mod index;
 mod lead;
+mod memfill;
 mod notices;
 mod offline;
 mod open;
@@ -85,6 +88,8 @@ pub struct Cache {
     max_object: u64,
     /// Fills that no client reads (a seek's, or one whose client left): `cache.background_fills`.
     background: Arc<tokio::sync::Semaphore>,
+    /// Bytes of small fills held in memory until whole ([`memfill::BUDGET`]).
+    memory_fills: Arc<tokio::sync::Semaphore>,
     /// One checksum pass per large entry at a time: concurrent first hits after a restart wait for
     /// the first one's verdict instead of each reading the whole file.
     verifying: Mutex<HashMap<KeyHash, Arc<tokio::sync::Mutex<()>>>>,
@@ -118,6 +123,7 @@ impl Cache {
             tombstones,
             max_object: cfg.max_object_size,
             background: Arc::new(tokio::sync::Semaphore::new(cfg.background_fills)),
+            memory_fills: Arc::new(tokio::sync::Semaphore::new(memfill::BUDGET)),
             verifying: Mutex::default(),
         }))
     }
@@ -315,9 +321,11 @@ impl Cache {
     }
 
     /// Joins or leads the one fill for `key` (nginx's `proxy_cache_lock`). A leader first looks
-    /// again: a fill may have committed between the caller's lookup and its taking the lead.
+    /// again if a fill may have committed between the caller's lookup and its taking the lead (the
+    /// index counts every entry this process publishes; a cold miss skips the second look).
     pub async fn lead(self: &Arc<Cache>, key: &str, policy: Policy) -> Flight {
         match self.flights.join(self.clone(), key) {
+            Flight::Leader(guard) if !self.index.knows(guard.hash) => Flight::Leader(guard),
             Flight::Leader(guard) => match self.lookup(key, policy, false).await {
                 Lookup::Fresh(cached) => {
                     guard.found_cached();

@@ -36,9 +36,14 @@ async fn a_leader_looks_again_after_taking_the_lead() {
         cache_control: None,
         content_disposition: None,
     };
+    // Committed as a fill of this process commits: sealed, then published through the index.
     let mut w = cache.store().writer().unwrap();
     w.write(b"hello").unwrap();
-    w.commit(cache.store(), &meta).unwrap();
+    let sealed = w.seal(cache.store(), &meta).unwrap();
+    cache
+        .index
+        .publish(hash_key(key), sealed, false, || false)
+        .unwrap();
     match cache.lead(key, policy()).await {
         Flight::Cached(Cached::Found(obj)) => assert_eq!(obj.meta.len, Some(5)),
         Flight::Cached(Cached::NotFound) => panic!("a negative entry?"),

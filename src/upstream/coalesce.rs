@@ -16,7 +16,9 @@ pub const COALESCE: usize = 64 * 1024;
 
 pub struct Coalesce {
     inner: ByteStream,
-    buf: BytesMut,
+    /// A chunk that arrived while merging but would have taken the merged one past [`COALESCE`]: the
+    /// next chunk starts with it.
+    held: Option<Bytes>,
     error: Option<io::Error>,
     done: bool,
 }
@@ -25,44 +27,112 @@ impl Coalesce {
     pub fn new(inner: ByteStream) -> Coalesce {
         Coalesce {
             inner,
-            buf: BytesMut::new(),
+            held: None,
             error: None,
             done: false,
         }
+    }
+
+    /// The next chunk of the inner stream, skipping empty ones; `None` at its end or error.
+    fn poll_inner(&mut self, cx: &mut Context<'_>) -> Poll<Option<Bytes>> {
+        while !self.done {
+            match self.inner.as_mut().poll_next(cx) {
+                Poll::Ready(Some(Ok(chunk))) if chunk.is_empty() => {}
+                Poll::Ready(Some(Ok(chunk))) => return Poll::Ready(Some(chunk)),
+                Poll::Ready(Some(Err(e))) => {
+                    self.done = true;
+                    self.error = Some(e);
+                }
+                Poll::Ready(None) => self.done = true,
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+        Poll::Ready(None)
     }
 }
 
 impl Stream for Coalesce {
     type Item = io::Result<Bytes>;
 
+    /// A chunk that arrives alone goes on as it is; only chunks already there together are copied
+    /// into one, in a buffer of the right size from the start (no reallocation, so one copy).
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        if let Some(e) = self.error.take() {
-            return Poll::Ready(Some(Err(e)));
+        let first = match self.held.take() {
+            Some(held) => held,
+            None => match self.poll_inner(cx) {
+                Poll::Ready(Some(chunk)) => chunk,
+                Poll::Ready(None) => return Poll::Ready(self.error.take().map(Err)),
+                Poll::Pending => return Poll::Pending,
+            },
+        };
+        if first.len() >= COALESCE {
+            return Poll::Ready(Some(Ok(first)));
         }
-        while !self.done && self.buf.len() < COALESCE {
-            match self.inner.as_mut().poll_next(cx) {
-                Poll::Ready(Some(Ok(chunk))) => {
-                    if self.buf.is_empty() && chunk.len() >= COALESCE {
-                        return Poll::Ready(Some(Ok(chunk)));
-                    }
-                    self.buf.extend_from_slice(&chunk);
-                }
-                Poll::Ready(Some(Err(e))) => {
-                    self.done = true;
-                    if self.buf.is_empty() {
-                        return Poll::Ready(Some(Err(e)));
-                    }
-                    self.error = Some(e);
-                }
-                Poll::Ready(None) => self.done = true,
-                Poll::Pending if self.buf.is_empty() => return Poll::Pending,
-                Poll::Pending => break,
+        let mut merged: Option<BytesMut> = None;
+        let mut len = first.len();
+        while let Poll::Ready(Some(chunk)) = self.poll_inner(cx) {
+            if len + chunk.len() > COALESCE {
+                self.held = Some(chunk);
+                break;
+            }
+            len += chunk.len();
+            merged
+                .get_or_insert_with(|| {
+                    let mut buf = BytesMut::with_capacity(COALESCE);
+                    buf.extend_from_slice(&first);
+                    buf
+                })
+                .extend_from_slice(&chunk);
+            if len == COALESCE {
+                break;
             }
         }
-        if self.buf.is_empty() {
-            return Poll::Ready(None);
-        }
-        let chunk = self.buf.split().freeze();
-        Poll::Ready(Some(Ok(chunk)))
+        Poll::Ready(Some(Ok(merged.map_or(first, BytesMut::freeze))))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures_util::StreamExt;
+
+    fn stream_of(items: Vec<io::Result<Bytes>>) -> Coalesce {
+        Coalesce::new(Box::pin(futures_util::stream::iter(items)))
+    }
+
+    #[tokio::test]
+    async fn chunks_ready_together_merge_up_to_the_limit_and_never_past_it() {
+        let piece = Bytes::from(vec![7u8; 24 * 1024]);
+        let items = (0..5).map(|_| Ok(piece.clone())).collect();
+        let lens: Vec<usize> = stream_of(items)
+            .map(|c| c.expect("no error").len())
+            .collect()
+            .await;
+        // 24 + 24 KiB fit in 64 KiB; a third would not, so it starts the next chunk.
+        assert_eq!(lens, vec![48 * 1024, 48 * 1024, 24 * 1024]);
+    }
+
+    #[tokio::test]
+    async fn a_chunk_that_arrives_alone_is_passed_on_without_a_copy() {
+        let only = Bytes::from(vec![1u8; 1000]);
+        let ptr = only.as_ptr();
+        let mut s = stream_of(vec![Ok(only)]);
+        let got = s.next().await.expect("a chunk").expect("no error");
+        assert_eq!(got.as_ptr(), ptr);
+        assert!(s.next().await.is_none());
+    }
+
+    #[tokio::test]
+    async fn an_error_comes_after_the_bytes_that_preceded_it() {
+        let items = vec![
+            Ok(Bytes::from_static(b"abc")),
+            Ok(Bytes::new()),
+            Ok(Bytes::from_static(b"def")),
+            Err(io::Error::other("reset")),
+        ];
+        let mut s = stream_of(items);
+        assert_eq!(&s.next().await.unwrap().unwrap()[..], b"abcdef");
+        assert!(s.next().await.unwrap().is_err());
+        assert!(s.next().await.is_none());
     }
 }

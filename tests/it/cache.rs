@@ -903,3 +903,94 @@ async fn fills_nobody_reads_are_bounded_by_background_fills() {
         .count();
     assert!(tmp <= 2, "{tmp} fills still running");
 }
+
+/// A slow upstream for a small body (under 512 KiB, so the fill holds it in memory until whole):
+/// 64 KiB every 100 ms; a full GET dies after `die_after` bytes when set.
+async fn paced_small(body: &[u8], die_after: Option<usize>) -> RawUpstream {
+    RawUpstream::start(Behaviour::Paced {
+        body: body.to_vec(),
+        chunk: 64 << 10,
+        pace: Duration::from_millis(100),
+        die_after,
+        etag: Some("\"small\"".into()),
+        replaced_by: None,
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn followers_stream_a_small_fill_from_memory_as_it_arrives() {
+    // 448 KiB over about 700 ms, with a 200 ms lock timeout: followers that waited for the end
+    // would each give up and ask the upstream. They stream what has arrived instead.
+    let body = pattern(448 << 10, 63);
+    let up = paced_small(&body, None).await;
+    let proxy = Proxy::start(&format!(
+        "[cache]\ndir = \"{{dir}}/cache\"\nlock_timeout = \"200ms\"\n\n{}",
+        up.http_upstream("slow")
+    ));
+    let key = "media_attachments/files/1/original/small.png";
+    let results = burst(&proxy, key, 8).await;
+    for (st, _, b) in &results {
+        assert_eq!(*st, 200);
+        assert!(*b == body, "a client got different bytes");
+    }
+    assert_eq!(results.iter().filter(|r| r.1 == "MISS").count(), 1);
+    assert_eq!(
+        up.hits.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "one upstream GET for the leader and its seven followers"
+    );
+    wait_hit(&proxy, key).await;
+    assert_eq!(get(&proxy, key).await.2, body);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_small_fill_that_dies_part_way_is_resumed_and_not_cached() {
+    let body = pattern(448 << 10, 64);
+    let up = paced_small(&body, Some(128 << 10)).await;
+    let proxy = Proxy::start(&format!(
+        "[cache]\ndir = \"{{dir}}/cache\"\n\n{}",
+        up.http_upstream("flaky")
+    ));
+    for (st, _, b) in burst(&proxy, "media_attachments/files/1/original/cut.png", 4).await {
+        assert_eq!(st, 200);
+        assert_eq!(b.len(), body.len(), "a client was cut off");
+        assert!(b == body, "a resumed body differs");
+    }
+    assert!(
+        cache_files(&proxy.dir.path().join("cache")).is_empty(),
+        "a failed fill is never cached"
+    );
+    assert!(proxy.log().contains("the rest comes from the upstreams"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_small_fill_goes_on_when_its_only_client_leaves() {
+    let body = pattern(448 << 10, 65);
+    let up = paced_small(&body, None).await;
+    let proxy = Proxy::start(&format!(
+        "[cache]\ndir = \"{{dir}}/cache\"\n\n{}",
+        up.http_upstream("paced")
+    ));
+    let key = "media_attachments/files/1/original/left.png";
+    let mut resp = client()
+        .get(proxy.url(&format!("/{key}")))
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        resp.chunk().await.unwrap().is_some(),
+        "the first bytes came"
+    );
+    drop(resp); // leaves with most of the body still to come
+                // No request meanwhile: one would follow the fill and keep it going for its own sake.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let (st, xc, got) = get(&proxy, key).await;
+    assert_eq!(
+        (st, xc.as_str()),
+        (200, "HIT"),
+        "the fill went on and was stored"
+    );
+    assert!(got == body);
+    assert_eq!(up.hits.load(std::sync::atomic::Ordering::SeqCst), 1);
+}

@@ -21,7 +21,8 @@ use crate::object::CHUNK;
 /// What a trip to the blocking pool with a batch left behind.
 enum Written {
     More(EntryWriter),
-    /// The last batch: the entry was sealed and published (`true`), or that failed (logged).
+    /// The last batch, written with the trailer: the entry was sealed and published (`true`), or
+    /// that failed (logged).
     Published(bool),
 }
 
@@ -100,14 +101,17 @@ pub(super) async fn run(
             let release = reserved.take_if(|_| publish.is_some());
             let written = tokio::task::spawn_blocking(move || {
                 let mut w = w;
-                chunks.iter().try_for_each(|c| w.write(c))?;
-                drop(release);
                 // Dropping `w` on an error deletes the partial file, here off the workers.
                 Ok(match publish {
                     Some((c, hash, shared, entry)) => {
-                        Written::Published(seal_and_publish(&c, w, hash, &shared, &entry))
+                        drop(release);
+                        // The batch goes with the trailer, in one write.
+                        Written::Published(seal_and_publish(&c, w, &chunks, hash, &shared, &entry))
                     }
-                    None => Written::More(w),
+                    None => {
+                        chunks.iter().try_for_each(|c| w.write(c))?;
+                        Written::More(w)
+                    }
                 })
             })
             .await
@@ -120,13 +124,16 @@ pub(super) async fn run(
                         g.shared.progress.send_modify(|p| p.written = end);
                     }
                 }
-                Ok(Written::Published(stored)) => {
-                    published = Some(stored);
+                Ok(Written::Published(true)) => {
+                    published = Some(true);
                     if let Some(g) = &guard {
                         let end = pos + size as u64;
                         g.shared.progress.send_modify(|p| p.written = end);
                     }
                 }
+                // The last write or the rename failed (logged): as for any failed write, followers
+                // resume from the upstreams and the client gets this batch from memory.
+                Ok(Written::Published(false)) => guard = None,
                 Err(e) => {
                     cache.write_failed(&entry.key, &e);
                     guard = None; // followers: failed; they resume from the upstreams themselves
@@ -201,7 +208,7 @@ pub(super) async fn run(
                 let (c, hash, shared) = (cache.clone(), g.hash, g.shared.clone());
                 let entry = entry.clone();
                 let stored = tokio::task::spawn_blocking(move || {
-                    seal_and_publish(&c, w, hash, &shared, &entry)
+                    seal_and_publish(&c, w, &[], hash, &shared, &entry)
                 })
                 .await;
                 Some(stored.unwrap_or(false))

@@ -11,6 +11,8 @@
 //! `cache.background_fills` and [`BACKGROUND_FILL_LIMIT`]), so the bytes already paid for are kept.
 
 use std::fs::File;
+
+use bytes::Bytes;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -242,15 +244,17 @@ impl Drop for FillGuard {
 
 /// Seals the entry and renames it into place, unless a bust voided the fill (waiting followers then
 /// find no entry and ask the upstreams anew). Blocking.
+/// `rest`: the last of the body, written with the trailer.
 pub(super) fn seal_and_publish(
     cache: &Cache,
     w: EntryWriter,
+    rest: &[Bytes],
     hash: KeyHash,
     shared: &Shared,
     entry: &EntryMeta,
 ) -> bool {
     let stored = w
-        .seal(cache.store(), entry)
+        .seal_with(cache.store(), entry, rest)
         .and_then(|sealed| cache.index.publish(hash, sealed, false, || shared.voided()));
     if let Err(e) = &stored {
         cache.write_failed(&entry.key, e);

@@ -167,14 +167,12 @@ pub(super) async fn run(p: Prepared, body: Arc<MemBody>, mut permit: Option<Owne
     let chunks = body.lock().clone();
     let (c, hash, s) = (cache.clone(), guard.hash, shared.clone());
     let stored = tokio::task::spawn_blocking(move || {
-        let written = c.store().writer().and_then(|mut w| {
-            chunks.iter().try_for_each(|chunk| w.write(chunk))?;
-            Ok(w)
-        });
+        let writer = c.store().writer();
         // Released before the entry is published, which counts its real size.
         drop(reserved);
-        match written {
-            Ok(w) => seal_and_publish(&c, w, hash, &s, &entry),
+        match writer {
+            // The whole body and the trailer in one write.
+            Ok(w) => seal_and_publish(&c, w, &chunks, hash, &s, &entry),
             Err(e) => {
                 c.write_failed(&entry.key, &e);
                 false

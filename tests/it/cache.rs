@@ -994,3 +994,59 @@ async fn a_small_fill_goes_on_when_its_only_client_leaves() {
     assert!(got == body);
     assert_eq!(up.hits.load(std::sync::atomic::Ordering::SeqCst), 1);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn disk_full_still_serves_a_small_object_and_its_followers() {
+    // A small fill is held in memory and written once whole: when that write finds the disk full,
+    // the leader and the followers already have every byte, and nothing partial stays behind.
+    let body = pattern(448 << 10, 66);
+    let up = paced_small(&body, None).await;
+    let mnt = tempfile::tempdir().unwrap();
+    let mounted = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=1m", "tmpfs"])
+        .arg(mnt.path())
+        .status()
+        .unwrap();
+    assert!(
+        mounted.success(),
+        "this test needs root to mount a 1 MiB tmpfs"
+    );
+    struct Unmount<'a>(&'a Path);
+    impl Drop for Unmount<'_> {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg("-l").arg(self.0).status();
+        }
+    }
+    let _guard = Unmount(mnt.path());
+    // Leaves less room than the body needs.
+    std::fs::write(mnt.path().join("ballast"), vec![0u8; 800 << 10]).unwrap();
+    let admin = closed_port();
+    let cfg = format!(
+        "[cache]\ndir = \"{}/cache\"\n\n{}",
+        mnt.path().display(),
+        up.http_upstream("paced")
+    );
+    let proxy = Proxy::start_with_server(&cfg, &format!("admin_listen = \"127.0.0.1:{admin}\""));
+    let key = "media_attachments/files/1/original/full.png";
+    for (st, _, b) in burst(&proxy, key, 4).await {
+        assert_eq!(st, 200);
+        assert!(b == body, "every client gets the whole body");
+    }
+    let (st, xc, b) = get(&proxy, key).await;
+    assert_eq!((st, xc.as_str()), (200, "MISS"), "nothing was stored");
+    assert!(b == body);
+    assert_eq!(
+        up.hits.load(std::sync::atomic::Ordering::SeqCst),
+        2,
+        "one GET per fill"
+    );
+    let errors = metric_value(&metrics(admin).await, "mediaproxy_cache_write_errors_total");
+    assert!(errors >= 2, "write errors counted: {errors}");
+    assert_eq!(
+        std::fs::read_dir(mnt.path().join("cache/tmp"))
+            .unwrap()
+            .count(),
+        0,
+        "no partial files"
+    );
+}

@@ -1,7 +1,9 @@
 //! Writing one entry: body chunks as they stream, then the trailer, then the atomic rename.
 
 use std::fs::{self, File};
-use std::io::{self, Write};
+use std::io::{self, IoSlice, Write};
+
+use bytes::Bytes;
 use std::path::PathBuf;
 
 use super::{hash_key, EntryMeta, Store, MAGIC};
@@ -42,7 +44,22 @@ impl EntryWriter {
     }
 
     /// Appends the trailer: the entry is complete but not yet visible.
-    pub fn seal(mut self, store: &Store, meta: &EntryMeta) -> io::Result<Sealed> {
+    pub fn seal(self, store: &Store, meta: &EntryMeta) -> io::Result<Sealed> {
+        self.seal_with(store, meta, &[])
+    }
+
+    /// Writes `rest`, the last of the body (for a small fill held in memory, all of it), and the
+    /// trailer in one vectored write, then is sealed as by [`EntryWriter::seal`].
+    pub fn seal_with(
+        mut self,
+        store: &Store,
+        meta: &EntryMeta,
+        rest: &[Bytes],
+    ) -> io::Result<Sealed> {
+        for chunk in rest {
+            self.crc = crc32c::crc32c_append(self.crc, chunk);
+            self.written += chunk.len() as u64;
+        }
         if meta.len != self.written {
             return Err(io::Error::other("body length differs from the metadata"));
         }
@@ -56,7 +73,9 @@ impl EntryWriter {
         trailer.extend_from_slice(&(trailer.len() as u32).to_le_bytes());
         trailer.extend_from_slice(&crc.to_le_bytes());
         trailer.extend_from_slice(MAGIC);
-        file.write_all(&trailer)?;
+        let mut slices: Vec<IoSlice<'_>> = rest.iter().map(|c| IoSlice::new(c)).collect();
+        slices.push(IoSlice::new(&trailer));
+        write_all_vectored(&mut file, &mut slices)?;
         Ok(Sealed {
             path: std::mem::take(&mut self.path),
             dest: store.path(hash_key(&meta.key)),
@@ -64,6 +83,20 @@ impl EntryWriter {
             published: false,
         })
     }
+}
+
+/// `write_all` for several buffers: as few `writev` calls as the kernel allows (std caps each at
+/// `IOV_MAX` buffers).
+fn write_all_vectored(file: &mut File, mut slices: &mut [IoSlice<'_>]) -> io::Result<()> {
+    while !slices.is_empty() {
+        match file.write_vectored(slices) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => IoSlice::advance_slices(&mut slices, n),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 /// A complete entry in `tmp/`, one rename away from being served. Dropping it deletes the file.

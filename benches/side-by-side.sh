@@ -368,7 +368,8 @@ for pass in cold warm; do
     c0=$(cpu_ticks $spids)
     start=$(date +%s.%N)
     cpids=()
-    for _ in $(seq 1 8); do curl -sf -o /dev/null "http://127.0.0.1:$p/$VIDKEY" & cpids+=($!); done
+    # On the client core, like wrk: unpinned, the curls took turns on the server's core too.
+    for _ in $(seq 1 8); do taskset -c 1 curl -sf -o /dev/null "http://127.0.0.1:$p/$VIDKEY" & cpids+=($!); done
     wait "${cpids[@]}"
     end=$(date +%s.%N)
     c1=$(cpu_ticks $spids)
@@ -381,12 +382,12 @@ echo "== ${BIG_MB} MiB object streamed through from the bucket (a fresh mediapro
 kill "$MPPID"; wait "$MPPID" 2>/dev/null || true
 start_mediaproxy
 before=$(hwm_kib "$MPPID")
-mp_t=$(curl -sf -o /dev/null -w '%{time_total} %{size_download}' "http://127.0.0.1:$MPPORT/$BIGKEY")
+mp_t=$(taskset -c 1 curl -sf -o /dev/null -w '%{time_total} %{size_download}' "http://127.0.0.1:$MPPORT/$BIGKEY")
 after=$(hwm_kib "$MPPID")
 ng_before=$(hwm_kib "$NGWORKER")
-ng_t=$(curl -sf -o /dev/null -w '%{time_total} %{size_download}' "http://127.0.0.1:$NGPORT/$BIGKEY")
+ng_t=$(taskset -c 1 curl -sf -o /dev/null -w '%{time_total} %{size_download}' "http://127.0.0.1:$NGPORT/$BIGKEY")
 ng_after=$(hwm_kib "$NGWORKER")
-direct_t=$(curl -sf -o /dev/null -w '%{time_total} %{size_download}' "http://127.0.0.1:$S3PORT/media/$BIGKEY")
+direct_t=$(taskset -c 1 curl -sf -o /dev/null -w '%{time_total} %{size_download}' "http://127.0.0.1:$S3PORT/media/$BIGKEY")
 python3 - "$mp_t" "$ng_t" "$direct_t" "$before" "$after" "$ng_before" "$ng_after" <<'PY'
 import sys
 mp, ng, d = (list(map(float, a.split())) for a in sys.argv[1:4])

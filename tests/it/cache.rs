@@ -1050,3 +1050,36 @@ async fn disk_full_still_serves_a_small_object_and_its_followers() {
         "no partial files"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_that_has_a_small_body_finds_its_entry_on_disk() {
+    // A small fill is written once whole; its last bytes reach the client only after that write, so a
+    // restart (or `mediaproxy cache stats`) right after a response never misses the entry.
+    let s3 = S3Server::start(&["media"], true).await;
+    let keys: Vec<String> = (0..20)
+        .map(|i| format!("media_attachments/files/{i}/original/at-once.png"))
+        .collect();
+    for (i, k) in keys.iter().enumerate() {
+        s3.put(
+            "media",
+            k,
+            pattern(30_000 + i * 1000, 70 + i as u64),
+            "image/png",
+        )
+        .await;
+    }
+    let proxy = Proxy::start(&format!(
+        "[cache]\ndir = \"{{dir}}/cache\"\n\n{}",
+        s3.s3_upstream("b", "media")
+    ));
+    let cache_dir = proxy.dir.path().join("cache");
+    for (i, k) in keys.iter().enumerate() {
+        let (st, xc, _) = get(&proxy, k).await;
+        assert_eq!((st, xc.as_str()), (200, "MISS"));
+        assert_eq!(
+            cache_files(&cache_dir).len(),
+            i + 1,
+            "the entry for {k} was on disk when its client had the body"
+        );
+    }
+}

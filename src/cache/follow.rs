@@ -10,12 +10,16 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::sync::watch;
+
 use super::flights::{GrowingBody, Progress, Shared, Status};
 use super::growing;
 use super::memfill;
 use crate::object::{Body, Object};
 
-pub struct Follower(Arc<Shared>);
+/// Subscribed to the fill's progress from the moment it joins (under the flights lock): a fill whose
+/// own client left counts it as a reader at once, and does not cancel itself in the instant between.
+pub struct Follower(Arc<Shared>, watch::Receiver<Progress>);
 
 /// What a follower found.
 pub enum Joined {
@@ -29,20 +33,20 @@ pub enum Joined {
 
 impl Follower {
     pub(super) fn new(shared: Arc<Shared>) -> Follower {
-        Follower(shared)
+        let rx = shared.progress.subscribe();
+        Follower(shared, rx)
     }
 
     /// Waits (up to `timeout`) until the fill either streams a body or ends.
-    pub async fn join(self, timeout: Duration) -> Joined {
-        let mut rx = self.0.progress.subscribe();
+    pub async fn join(mut self, timeout: Duration) -> Joined {
         let waited = tokio::time::timeout(
             timeout,
-            rx.wait_for(|p| p.streaming || p.status != Status::Running),
+            self.1
+                .wait_for(|p| p.streaming || p.status != Status::Running),
         )
         .await;
-        let progress = match waited {
-            Ok(Ok(p)) => *p,
-            _ => return Joined::GaveUp,
+        let Some(progress) = waited.ok().and_then(|r| r.ok().map(|p| *p)) else {
+            return Joined::GaveUp;
         };
         match progress {
             Progress {

@@ -12,14 +12,15 @@
 //! follower streams a small object as it does a large one. The chunk that completes the body is held
 //! back until the entry is stored (or failed to be): a client that has the whole body finds the entry
 //! on disk, as after a large fill. The bytes held this way are bounded by
-//! [`BUDGET`] across all fills: past it, small fills write as they go like large ones. A reader that is
+//! [`BUDGET`] across all fills (each body is one allocation of its exact length): past it, small fills
+//! write as they go like large ones. A reader that is
 //! slow keeps its object's memory (at most [`super::store::SMALL`]) until it is done with it.
 
 use std::io;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use futures_util::StreamExt;
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 
@@ -129,6 +130,10 @@ pub(super) async fn run(p: Prepared, body: Arc<MemBody>, mut permit: Option<Owne
     let shared = guard.shared.clone();
     let mut left_at = permit.is_some().then(Instant::now);
     let mut pos = 0u64;
+    // The body's one allocation, of its exact length: each chunk is copied in once and handed on as a
+    // slice of it, so the memory held is what the budget counts (an upstream chunk can be a slice of a
+    // much larger read buffer, which holding it would keep alive).
+    let mut buf = BytesMut::with_capacity(entry.len as usize);
     // The chunk that completes the body: readers get it only once the entry is stored (or failed to
     // be), so a client that has the whole body finds the entry on disk, as with a large fill.
     let mut last = None;
@@ -136,6 +141,8 @@ pub(super) async fn run(p: Prepared, body: Arc<MemBody>, mut permit: Option<Owne
         match upstream.next().await {
             Some(Ok(chunk)) if pos + chunk.len() as u64 <= entry.len => {
                 pos += chunk.len() as u64;
+                buf.extend_from_slice(&chunk);
+                let chunk = buf.split().freeze();
                 if pos == entry.len {
                     // The Content-Length is reached: hyper's framing ends the body here.
                     last = Some(chunk);

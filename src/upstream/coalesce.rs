@@ -55,7 +55,8 @@ impl Stream for Coalesce {
     type Item = io::Result<Bytes>;
 
     /// A chunk that arrives alone goes on as it is; only chunks already there together are copied
-    /// into one, in a buffer of the right size from the start (no reallocation, so one copy).
+    /// into one, in a buffer of exactly their size (no reallocation, one copy, and nothing held beyond
+    /// the bytes: a queue of merged chunks costs what it holds).
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let first = match self.held.take() {
             Some(held) => held,
@@ -68,7 +69,7 @@ impl Stream for Coalesce {
         if first.len() >= COALESCE {
             return Poll::Ready(Some(Ok(first)));
         }
-        let mut merged: Option<BytesMut> = None;
+        let mut more: Vec<Bytes> = Vec::new();
         let mut len = first.len();
         while let Poll::Ready(Some(chunk)) = self.poll_inner(cx) {
             if len + chunk.len() > COALESCE {
@@ -76,18 +77,18 @@ impl Stream for Coalesce {
                 break;
             }
             len += chunk.len();
-            merged
-                .get_or_insert_with(|| {
-                    let mut buf = BytesMut::with_capacity(COALESCE);
-                    buf.extend_from_slice(&first);
-                    buf
-                })
-                .extend_from_slice(&chunk);
+            more.push(chunk);
             if len == COALESCE {
                 break;
             }
         }
-        Poll::Ready(Some(Ok(merged.map_or(first, BytesMut::freeze))))
+        if more.is_empty() {
+            return Poll::Ready(Some(Ok(first)));
+        }
+        let mut merged = BytesMut::with_capacity(len);
+        merged.extend_from_slice(&first);
+        more.iter().for_each(|c| merged.extend_from_slice(c));
+        Poll::Ready(Some(Ok(merged.freeze())))
     }
 }
 
@@ -110,6 +111,15 @@ mod tests {
             .await;
         // 24 + 24 KiB fit in 64 KiB; a third would not, so it starts the next chunk.
         assert_eq!(lens, vec![48 * 1024, 48 * 1024, 24 * 1024]);
+    }
+
+    #[tokio::test]
+    async fn a_merged_chunk_holds_no_more_memory_than_its_bytes() {
+        let items = (0..3).map(|_| Ok(Bytes::from(vec![3u8; 100]))).collect();
+        let merged = stream_of(items).next().await.unwrap().unwrap();
+        assert_eq!(merged.len(), 300);
+        let owned = merged.try_into_mut().expect("the only handle");
+        assert_eq!(owned.capacity(), 300, "sized to the bytes, not to COALESCE");
     }
 
     #[tokio::test]

@@ -13,7 +13,7 @@ use bytes::Bytes;
 use futures_util::{FutureExt, StreamExt};
 use tokio::sync::{mpsc, OwnedSemaphorePermit};
 
-use super::fill::{seal_and_publish, Prepared, BACKGROUND_FILL_LIMIT};
+use super::fill::{may_go_on_unread, seal_and_publish, Prepared};
 use super::flights::Status;
 use super::store::EntryWriter;
 use crate::object::CHUNK;
@@ -172,22 +172,8 @@ pub(super) async fn run(
                 .is_some_and(|g| g.shared.progress.receiver_count() > 0)
             {
                 left_at = Some(Instant::now());
-            } else {
-                // Nobody reads this fill any more: it goes on only within `cache.background_fills`.
-                if permit.is_none() {
-                    match cache.background_permit() {
-                        Some(p) => permit = Some(p),
-                        None => {
-                            cache.counters.fills_cancelled.inc();
-                            tracing::debug!(key = %entry.key, "fill cancelled: its client left and cache.background_fills are in use");
-                            break false;
-                        }
-                    }
-                }
-                if left.elapsed() > BACKGROUND_FILL_LIMIT {
-                    tracing::warn!(key = %entry.key, "fill abandoned {BACKGROUND_FILL_LIMIT:?} after its client left");
-                    break false;
-                }
+            } else if !may_go_on_unread(&cache, &entry.key, left, &mut permit) {
+                break false;
             }
         }
         match next {

@@ -14,7 +14,7 @@ use std::fs::File;
 
 use bytes::Bytes;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, OwnedSemaphorePermit};
 
@@ -260,4 +260,30 @@ pub(super) fn seal_and_publish(
         cache.write_failed(&entry.key, e);
     }
     stored.is_ok()
+}
+
+/// A fill nobody reads any more (its client left and no follower streams it) goes on only within
+/// `cache.background_fills`, taking a permit if it holds none, and for [`BACKGROUND_FILL_LIMIT`] after
+/// `left`. False when it must stop now (counted, logged).
+pub(super) fn may_go_on_unread(
+    cache: &Cache,
+    key: &str,
+    left: Instant,
+    permit: &mut Option<OwnedSemaphorePermit>,
+) -> bool {
+    if permit.is_none() {
+        match cache.background_permit() {
+            Some(p) => *permit = Some(p),
+            None => {
+                cache.counters.fills_cancelled.inc();
+                tracing::debug!(%key, "fill cancelled: its client left and cache.background_fills are in use");
+                return false;
+            }
+        }
+    }
+    if left.elapsed() > BACKGROUND_FILL_LIMIT {
+        tracing::warn!(%key, "fill abandoned {BACKGROUND_FILL_LIMIT:?} after its client left");
+        return false;
+    }
+    true
 }

@@ -24,7 +24,7 @@ use bytes::{Bytes, BytesMut};
 use futures_util::StreamExt;
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 
-use super::fill::{seal_and_publish, Prepared, BACKGROUND_FILL_LIMIT};
+use super::fill::{may_go_on_unread, seal_and_publish, Prepared};
 use super::flights::{Progress, Shared, Status};
 use super::growing::FillFailed;
 use crate::object::ByteStream;
@@ -159,20 +159,8 @@ pub(super) async fn run(p: Prepared, body: Arc<MemBody>, mut permit: Option<Owne
             left_at = None;
             continue;
         }
-        // Nobody reads this fill any more: it goes on only within `cache.background_fills`.
         let left = *left_at.get_or_insert_with(Instant::now);
-        if permit.is_none() {
-            match cache.background_permit() {
-                Some(p) => permit = Some(p),
-                None => {
-                    cache.counters.fills_cancelled.inc();
-                    tracing::debug!(key = %entry.key, "fill cancelled: its client left and cache.background_fills are in use");
-                    break false;
-                }
-            }
-        }
-        if left.elapsed() > BACKGROUND_FILL_LIMIT {
-            tracing::warn!(key = %entry.key, "fill abandoned {BACKGROUND_FILL_LIMIT:?} after its client left");
+        if !may_go_on_unread(&cache, &entry.key, left, &mut permit) {
             break false;
         }
     };

@@ -391,23 +391,7 @@ async fn disk_full_still_serves_the_client() {
     let s3 = S3Server::start(&["media"], true).await;
     let data = pattern(3_000_000, 29);
     s3.put("media", KEY, data.clone(), "video/mp4").await;
-    let mnt = tempfile::tempdir().unwrap();
-    let mounted = Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=1m", "tmpfs"])
-        .arg(mnt.path())
-        .status()
-        .unwrap();
-    assert!(
-        mounted.success(),
-        "this test needs root to mount a 1 MiB tmpfs"
-    );
-    struct Unmount<'a>(&'a Path);
-    impl Drop for Unmount<'_> {
-        fn drop(&mut self) {
-            let _ = Command::new("umount").arg("-l").arg(self.0).status();
-        }
-    }
-    let _guard = Unmount(mnt.path());
+    let mnt = Tmpfs::mount("1m");
     let admin = closed_port();
     let cfg = format!(
         "[cache]\ndir = \"{}/cache\"\n\n{}",
@@ -1001,23 +985,7 @@ async fn disk_full_still_serves_a_small_object_and_its_followers() {
     // the leader and the followers already have every byte, and nothing partial stays behind.
     let body = pattern(448 << 10, 66);
     let up = paced_small(&body, None).await;
-    let mnt = tempfile::tempdir().unwrap();
-    let mounted = Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=1m", "tmpfs"])
-        .arg(mnt.path())
-        .status()
-        .unwrap();
-    assert!(
-        mounted.success(),
-        "this test needs root to mount a 1 MiB tmpfs"
-    );
-    struct Unmount<'a>(&'a Path);
-    impl Drop for Unmount<'_> {
-        fn drop(&mut self) {
-            let _ = Command::new("umount").arg("-l").arg(self.0).status();
-        }
-    }
-    let _guard = Unmount(mnt.path());
+    let mnt = Tmpfs::mount("1m");
     // Leaves less room than the body needs.
     std::fs::write(mnt.path().join("ballast"), vec![0u8; 800 << 10]).unwrap();
     let admin = closed_port();
@@ -1081,5 +1049,34 @@ async fn a_client_that_has_a_small_body_finds_its_entry_on_disk() {
             i + 1,
             "the entry for {k} was on disk when its client had the body"
         );
+    }
+}
+
+/// A small tmpfs (needs root), for a disk that fills up; unmounted on drop.
+struct Tmpfs(tempfile::TempDir);
+
+impl Tmpfs {
+    fn mount(size: &str) -> Tmpfs {
+        let dir = tempfile::tempdir().unwrap();
+        let mounted = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir.path())
+            .status()
+            .unwrap();
+        assert!(
+            mounted.success(),
+            "this test needs root to mount a {size} tmpfs"
+        );
+        Tmpfs(dir)
+    }
+
+    fn path(&self) -> &Path {
+        self.0.path()
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(self.0.path()).status();
     }
 }

@@ -506,6 +506,8 @@ async fn five_reloads_switching_the_upstream_order_under_load_lose_no_request() 
     );
     assert!(
         new.count("GET") > 0 && old.count("GET") > 0,
-        "both orders served"
+        "both orders served: {} GETs at new, {} at old, {ok} responses\n{logs}",
+        new.count("GET"),
+        old.count("GET")
     );
 }

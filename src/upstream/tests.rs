@@ -119,3 +119,27 @@ fn clients_build_with_ring_and_the_bundled_roots() {
     http_client().build().unwrap();
     assert!(rustls::crypto::CryptoProvider::get_default().is_some());
 }
+
+#[test]
+fn a_read_asks_for_the_path_and_query_of_the_url_it_would_sign_or_join() {
+    let http = "[[upstream]]\nname = \"h\"\ntype = \"http\"\nurl = \"https://cdn.example.org/media\"\nprefix = \"m\"\n";
+    let s3 = "[[upstream]]\nname = \"s\"\ntype = \"s3\"\nendpoint = \"https://s3.example.org\"\nbucket = \"media\"\naccess_key_id = \"AK\"\nsecret_access_key = \"SK\"\n";
+    for toml in [http, s3] {
+        let up = upstream(toml);
+        for k in [
+            "accounts/a b.png",
+            "x/%C3%A9:%3F%23.png",
+            "cache/1/original/x.jpg",
+        ] {
+            let url = up.url(Method::Get, &key(k));
+            let target = up.target(Method::Get, &key(k));
+            let path = &url[url::Position::BeforePath..url::Position::AfterPath];
+            assert!(target.starts_with(path), "{target} / {url}");
+            if toml == http {
+                assert_eq!(target, path);
+            } else {
+                assert!(target.contains("X-Amz-Signature="), "{target}");
+            }
+        }
+    }
+}

@@ -1,0 +1,358 @@
+//! An answer's head, parsed with httparse, and its body, framed by Content-Length, chunked coding or
+//! the end of the connection (RFC 9112 §6.3), read from the socket only as the caller asks for it.
+//!
+//! A body read to its end gives its connection back to the client's pool at once, before the last
+//! chunk is handed over, so a reader that stops at the length it was told still leaves a reusable
+//! connection. A body dropped before its end closes the connection, as nginx does: draining an unknown
+//! remainder could cost more than a new connection.
+
+use std::io;
+use std::sync::Weak;
+use std::time::Duration;
+
+use bytes::{Buf, Bytes, BytesMut};
+use futures_util::Stream;
+use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
+use tokio::io::AsyncReadExt;
+
+use super::{Client, Conn, Exchange};
+
+/// Bytes asked of the socket per read: a 30–80 KB object comes in one or two reads.
+const READ: usize = 64 * 1024;
+/// A head larger than this is not an object's: nginx's default `proxy_buffer_size` is 4–8 KiB.
+const MAX_HEAD: usize = 64 * 1024;
+/// Headers parsed per answer; S3 sends ~15, and user metadata adds a few.
+const MAX_HEADERS: usize = 128;
+/// A chunk-size line or a trailer line longer than this is not HTTP.
+const MAX_LINE: usize = 4096;
+
+pub struct Response {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    body: Body,
+}
+
+struct Body {
+    conn: Option<Conn>,
+    buf: BytesMut,
+    framing: Framing,
+    keep_alive: bool,
+    read_timeout: Duration,
+    client: Weak<Client>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Framing {
+    Length(u64),
+    Chunked(Chunk),
+    UntilClose,
+    Done,
+    /// A read failed: the stream has ended with that error.
+    Failed,
+}
+
+/// What one step of chunked decoding made of the buffer.
+enum Step {
+    Data(Bytes),
+    /// A line or CRLF consumed: decode on.
+    Moved,
+    /// A line not all here yet: read more.
+    NeedMore,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Chunk {
+    Size,
+    Data(u64),
+    /// The CRLF after a chunk's data.
+    DataEnd,
+    Trailers,
+}
+
+/// Reads the head of the answer to a request just written on `conn`.
+pub(super) async fn read_head(
+    mut conn: Conn,
+    head_request: bool,
+    read_timeout: Duration,
+    client: Weak<Client>,
+) -> Result<Response, Exchange> {
+    let mut buf = BytesMut::with_capacity(READ);
+    loop {
+        if !buf.is_empty() {
+            let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+            let mut parsed = httparse::Response::new(&mut headers);
+            match parsed.parse(&buf) {
+                Ok(httparse::Status::Complete(len)) => {
+                    let code = parsed.code.unwrap_or(0);
+                    // An interim answer (100 Continue, 103 Early Hints): the real one follows.
+                    if (100..200).contains(&code) && code != 101 {
+                        buf.advance(len);
+                        continue;
+                    }
+                    let status = StatusCode::from_u16(code)
+                        .map_err(|_| Exchange::Failed(format!("unusable status {code}")))?;
+                    let mut map = HeaderMap::with_capacity(parsed.headers.len());
+                    for h in parsed.headers.iter() {
+                        let name = HeaderName::from_bytes(h.name.as_bytes());
+                        let value = HeaderValue::from_bytes(h.value);
+                        if let (Ok(name), Ok(value)) = (name, value) {
+                            map.append(name, value);
+                        }
+                    }
+                    let http11 = parsed.version == Some(1);
+                    buf.advance(len);
+                    let framing = framing(status, head_request, &map)?;
+                    let keep_alive = http11 && framing != Framing::UntilClose && !closes(&map);
+                    let mut body = Body {
+                        conn: Some(conn),
+                        buf,
+                        framing,
+                        keep_alive,
+                        read_timeout,
+                        client,
+                    };
+                    if body.framing == Framing::Length(0) {
+                        body.framing = Framing::Done;
+                    }
+                    if body.framing == Framing::Done {
+                        body.finish();
+                    }
+                    return Ok(Response {
+                        status,
+                        headers: map,
+                        body,
+                    });
+                }
+                Ok(httparse::Status::Partial) if buf.len() < MAX_HEAD => {}
+                Ok(httparse::Status::Partial) => {
+                    return Err(Exchange::Failed("a response head over 64 KiB".into()))
+                }
+                Err(e) => return Err(Exchange::Failed(format!("unusable response head: {e}"))),
+            }
+        }
+        let empty = buf.is_empty();
+        if buf.capacity() - buf.len() < READ / 4 {
+            buf.reserve(READ);
+        }
+        match tokio::time::timeout(read_timeout, conn.read_buf(&mut buf)).await {
+            Ok(Ok(0)) if empty => {
+                return Err(Exchange::Unanswered(
+                    "connection closed before an answer".into(),
+                ))
+            }
+            Ok(Ok(0)) => return Err(Exchange::Failed("connection closed in the answer".into())),
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) if empty => {
+                return Err(Exchange::Unanswered(format!("connection error: {e}")))
+            }
+            Ok(Err(e)) => return Err(Exchange::Failed(format!("connection error: {e}"))),
+            Err(_) => return Err(Exchange::Failed("timed out waiting for the answer".into())),
+        }
+    }
+}
+
+/// How the body's end is known (RFC 9112 §6.3).
+fn framing(status: StatusCode, head: bool, h: &HeaderMap) -> Result<Framing, Exchange> {
+    if head
+        || status.is_informational()
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED
+    {
+        return Ok(Framing::Done);
+    }
+    if let Some(te) = h.get(http::header::TRANSFER_ENCODING) {
+        let last = te.to_str().unwrap_or("").rsplit(',').next().unwrap_or("");
+        return Ok(if last.trim().eq_ignore_ascii_case("chunked") {
+            Framing::Chunked(Chunk::Size)
+        } else {
+            Framing::UntilClose
+        });
+    }
+    let mut lengths = h.get_all(http::header::CONTENT_LENGTH).iter();
+    match lengths.next() {
+        None => Ok(Framing::UntilClose),
+        Some(v) => {
+            let n = v.to_str().ok().and_then(|s| s.trim().parse::<u64>().ok());
+            match n {
+                // Two different lengths would make the body's end a guess (a smuggling shape).
+                Some(n) if lengths.all(|o| o == v) => Ok(Framing::Length(n)),
+                _ => Err(Exchange::Failed("an unusable Content-Length".into())),
+            }
+        }
+    }
+}
+
+fn closes(h: &HeaderMap) -> bool {
+    h.get_all(http::header::CONNECTION).iter().any(|v| {
+        v.to_str()
+            .unwrap_or("")
+            .split(',')
+            .any(|t| t.trim().eq_ignore_ascii_case("close"))
+    })
+}
+
+impl Response {
+    /// The body as chunks, each as large as what one read brought (up to 64 KiB).
+    pub fn into_stream(self) -> impl Stream<Item = io::Result<Bytes>> + Send + 'static {
+        futures_util::stream::unfold(self.body, |mut body| async move {
+            body.next_chunk().await.map(|chunk| (chunk, body))
+        })
+    }
+
+    /// Up to about `max` bytes of the body (an error document), lossily as text.
+    pub async fn text_prefix(mut self, max: usize) -> String {
+        let mut text = Vec::new();
+        while text.len() < max {
+            match self.body.next_chunk().await {
+                Some(Ok(chunk)) => text.extend_from_slice(&chunk),
+                _ => break,
+            }
+        }
+        String::from_utf8_lossy(&text).into_owned()
+    }
+}
+
+impl Body {
+    async fn next_chunk(&mut self) -> Option<io::Result<Bytes>> {
+        loop {
+            match self.framing {
+                Framing::Done | Framing::Failed => return None,
+                Framing::Length(n) if !self.buf.is_empty() => {
+                    let take = n.min(self.buf.len() as u64);
+                    let chunk = self.buf.split_to(take as usize).freeze();
+                    self.framing = Framing::Length(n - take);
+                    if n == take {
+                        self.framing = Framing::Done;
+                        self.finish();
+                    }
+                    return Some(Ok(chunk));
+                }
+                Framing::UntilClose if !self.buf.is_empty() => {
+                    return Some(Ok(self.buf.split().freeze()));
+                }
+                Framing::Chunked(state) if !self.buf.is_empty() => match self.chunked(state) {
+                    Ok(Step::Data(chunk)) => return Some(Ok(chunk)),
+                    Ok(Step::Moved) => continue,
+                    Ok(Step::NeedMore) => {}
+                    Err(e) => return Some(Err(self.fail(e))),
+                },
+                _ => {}
+            }
+            if let Err(e) = self.read().await {
+                return Some(Err(self.fail(e)));
+            }
+        }
+    }
+
+    /// One step of chunked decoding over what is buffered.
+    fn chunked(&mut self, state: Chunk) -> io::Result<Step> {
+        match state {
+            Chunk::Data(n) => {
+                let take = n.min(self.buf.len() as u64);
+                let chunk = self.buf.split_to(take as usize).freeze();
+                self.framing = Framing::Chunked(if n == take {
+                    Chunk::DataEnd
+                } else {
+                    Chunk::Data(n - take)
+                });
+                Ok(Step::Data(chunk))
+            }
+            Chunk::DataEnd => {
+                if self.buf.len() < 2 {
+                    return Ok(Step::NeedMore);
+                }
+                if &self.buf[..2] != b"\r\n" {
+                    return Err(bad("no CRLF after a chunk"));
+                }
+                self.buf.advance(2);
+                self.framing = Framing::Chunked(Chunk::Size);
+                Ok(Step::Moved)
+            }
+            Chunk::Size | Chunk::Trailers => {
+                let Some(end) = self.buf.windows(2).position(|w| w == b"\r\n") else {
+                    return if self.buf.len() > MAX_LINE {
+                        Err(bad("a chunk line over 4 KiB"))
+                    } else {
+                        Ok(Step::NeedMore)
+                    };
+                };
+                let line = self.buf.split_to(end + 2);
+                let line = &line[..end];
+                self.framing = if state == Chunk::Trailers {
+                    if line.is_empty() {
+                        Framing::Done
+                    } else {
+                        Framing::Chunked(Chunk::Trailers)
+                    }
+                } else {
+                    let hex = line.split(|&b| b == b';').next().unwrap_or_default();
+                    let hex = std::str::from_utf8(hex).map_err(|_| bad("a chunk size"))?;
+                    let size = u64::from_str_radix(hex.trim(), 16)
+                        .map_err(|_| bad("an unusable chunk size"))?;
+                    Framing::Chunked(if size == 0 {
+                        Chunk::Trailers
+                    } else {
+                        Chunk::Data(size)
+                    })
+                };
+                if self.framing == Framing::Done {
+                    self.finish();
+                }
+                Ok(Step::Moved)
+            }
+        }
+    }
+
+    async fn read(&mut self) -> io::Result<()> {
+        let conn = self
+            .conn
+            .as_mut()
+            .ok_or_else(|| bad("the connection is gone"))?;
+        if self.buf.capacity() - self.buf.len() < READ / 4 {
+            let want = match self.framing {
+                Framing::Length(n) => (n as usize).clamp(READ / 4, READ),
+                _ => READ,
+            };
+            self.buf.reserve(want);
+        }
+        match tokio::time::timeout(self.read_timeout, conn.read_buf(&mut self.buf)).await {
+            Err(_) => Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("timed out: no body bytes for {:?}", self.read_timeout),
+            )),
+            Ok(Err(e)) => Err(e),
+            Ok(Ok(0)) if self.framing == Framing::UntilClose => {
+                self.keep_alive = false;
+                self.framing = Framing::Done;
+                self.conn = None;
+                Ok(())
+            }
+            Ok(Ok(0)) => Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "the connection closed before the body's end",
+            )),
+            Ok(Ok(_)) => Ok(()),
+        }
+    }
+
+    fn fail(&mut self, e: io::Error) -> io::Error {
+        self.framing = Framing::Failed;
+        self.conn = None;
+        e
+    }
+
+    /// The body is read to its end: the connection goes back to the pool if it may be reused.
+    fn finish(&mut self) {
+        let conn = self.conn.take();
+        // Bytes past the body's end mean the bucket and we disagree on where it ended.
+        if let (Some(conn), true, true) = (conn, self.keep_alive, self.buf.is_empty()) {
+            if let Some(client) = self.client.upgrade() {
+                client.checkin(conn);
+            }
+        }
+    }
+}
+
+fn bad(what: &str) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, what.to_string())
+}

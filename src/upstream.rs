@@ -257,8 +257,15 @@ impl Upstream {
         range: Option<&HeaderValue>,
         if_match: Option<&str>,
     ) -> Result<Fetched, UpstreamError> {
+        let if_match = match if_match.map(HeaderValue::from_str).transpose() {
+            Ok(v) => v,
+            Err(_) => return Err(UpstreamError::Protocol("an ETag unfit for If-Match".into())),
+        };
         let target = self.target(method, key);
-        let extra = h1::Extra { range, if_match };
+        let extra = h1::Extra {
+            range,
+            if_match: if_match.as_ref(),
+        };
         let send = self.reader.send(method == Method::Head, &target, extra);
         let resp = match tokio::time::timeout(self.first_byte_timeout, send).await {
             Err(_) => return Err(UpstreamError::Timeout(self.first_byte_timeout)),
@@ -273,7 +280,11 @@ impl Upstream {
                 if !resp.headers.contains_key(http::header::CONTENT_RANGE) =>
             {
                 match method {
-                    Method::Get => Box::pin(self.fetch(Method::Head, key, None)).await,
+                    Method::Get => {
+                        // Read the short error document: its connection is then free for the HEAD.
+                        drop(resp.text_prefix(8192).await);
+                        Box::pin(self.fetch(Method::Head, key, None)).await
+                    }
                     // A HEAD has no range to be unsatisfiable: asking again would never end.
                     Method::Head => Err(UpstreamError::Protocol(
                         "416 to a HEAD, without the object's length".into(),

@@ -69,7 +69,7 @@ pub(crate) enum Conn {
 #[derive(Default)]
 pub struct Extra<'a> {
     pub range: Option<&'a HeaderValue>,
-    pub if_match: Option<&'a str>,
+    pub if_match: Option<&'a HeaderValue>,
 }
 
 impl Client {
@@ -172,7 +172,7 @@ impl Client {
     /// The most recently used idle connection still open, if any.
     fn checkout(&self) -> Option<Conn> {
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
-        while let Some(Idle { conn, since }) = idle.pop() {
+        while let Some(Idle { mut conn, since }) = idle.pop() {
             if since.elapsed() < IDLE && conn.is_idle_and_open() {
                 return Some(conn);
             }
@@ -194,8 +194,9 @@ impl Client {
 
     async fn connect(&self) -> Result<Conn, String> {
         let connect = async {
-            let tcp = self.address.connect().await?;
+            let tcp = self.address.connect(self.connect_timeout).await?;
             let _ = tcp.set_nodelay(true);
+            keep_alive(&tcp);
             match &self.scheme {
                 Scheme::Http => Ok(Conn::Plain(tcp)),
                 Scheme::Https(tls, name) => tls
@@ -239,8 +240,9 @@ impl Address {
         })
     }
 
-    /// Tries each address the name resolves to, in order, as a browser or reqwest does.
-    async fn connect(&self) -> Result<TcpStream, String> {
+    /// Tries each address the name resolves to, in order, each with its share of `timeout`: an IPv6
+    /// address whose route drops packets must not use it all before the IPv4 one is tried.
+    async fn connect(&self, timeout: Duration) -> Result<TcpStream, String> {
         let addrs: Vec<SocketAddr> = match self {
             Address::Ip(a) => vec![*a],
             Address::Name(name, port) => tokio::net::lookup_host((name.as_str(), *port))
@@ -248,18 +250,28 @@ impl Address {
                 .map_err(|e| format!("dns error: {e}"))?
                 .collect(),
         };
+        let share = timeout / addrs.len().max(1) as u32;
         let mut last = None;
         for a in addrs {
-            match TcpStream::connect(a).await {
-                Ok(s) => return Ok(s),
-                Err(e) => last = Some(e),
+            match tokio::time::timeout(share, TcpStream::connect(a)).await {
+                Ok(Ok(s)) => return Ok(s),
+                Ok(Err(e)) => last = Some(format!("tcp connect error: {e}")),
+                Err(_) => last = Some(format!("connect timed out after {share:?}")),
             }
         }
-        Err(match last {
-            Some(e) => format!("tcp connect error: {e}"),
-            None => "dns error: no addresses".into(),
-        })
+        Err(last.unwrap_or_else(|| "dns error: no addresses".into()))
     }
+}
+
+/// TCP keepalive as reqwest set it (15 s idle, 15 s apart, 3 probes) and a 30 s limit on unacknowledged
+/// data: a connection a firewall dropped while pooled is found dead instead of waited on.
+fn keep_alive(tcp: &TcpStream) {
+    use rustix::net::sockopt;
+    let _ = sockopt::set_socket_keepalive(tcp, true);
+    let _ = sockopt::set_tcp_keepidle(tcp, Duration::from_secs(15));
+    let _ = sockopt::set_tcp_keepintvl(tcp, Duration::from_secs(15));
+    let _ = sockopt::set_tcp_keepcnt(tcp, 3);
+    let _ = sockopt::set_tcp_user_timeout(tcp, 30_000);
 }
 
 /// TLS as reqwest had it here: the bundled Mozilla roots, *ring*, TLS 1.2 and 1.3; HTTP/1.1 by ALPN.
@@ -303,16 +315,19 @@ impl Client {
 
 impl Conn {
     /// True when the bucket has neither closed nor written anything since the connection went idle:
-    /// a readable idle connection is either closed or out of step, and not to be used.
-    fn is_idle_and_open(&self) -> bool {
-        let tcp = match self {
-            Conn::Plain(s) => s,
-            Conn::Tls(s) => s.get_ref().0,
-        };
+    /// a readable idle connection is either closed or out of step, and not to be used. A TLS stream is
+    /// asked itself, not its socket: bytes rustls already took off the socket count too.
+    fn is_idle_and_open(&mut self) -> bool {
         let mut byte = [0u8; 1];
         let mut buf = ReadBuf::new(&mut byte);
         let mut cx = Context::from_waker(std::task::Waker::noop());
-        matches!(tcp.poll_peek(&mut cx, &mut buf), Poll::Pending)
+        match self {
+            Conn::Plain(s) => matches!(s.poll_peek(&mut cx, &mut buf), Poll::Pending),
+            Conn::Tls(s) => matches!(
+                Pin::new(s.as_mut()).poll_read(&mut cx, &mut buf),
+                Poll::Pending
+            ),
+        }
     }
 }
 

@@ -39,6 +39,8 @@ struct Body {
     keep_alive: bool,
     read_timeout: Duration,
     client: Weak<Client>,
+    /// Bytes of trailer lines seen, bounded like a head.
+    trailers: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -77,6 +79,9 @@ pub(super) async fn read_head(
     client: Weak<Client>,
 ) -> Result<Response, Exchange> {
     let mut buf = BytesMut::with_capacity(READ);
+    // Whether any byte of an answer came (an interim one counts): only a request that got none may be
+    // sent again.
+    let mut answered = false;
     loop {
         if !buf.is_empty() {
             let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
@@ -88,6 +93,10 @@ pub(super) async fn read_head(
                     if (100..200).contains(&code) && code != 101 {
                         buf.advance(len);
                         continue;
+                    }
+                    if code == 101 {
+                        // Nobody asked to switch protocols: the connection is no longer HTTP.
+                        return Err(Exchange::Failed("an unasked-for 101".into()));
                     }
                     let status = StatusCode::from_u16(code)
                         .map_err(|_| Exchange::Failed(format!("unusable status {code}")))?;
@@ -101,7 +110,7 @@ pub(super) async fn read_head(
                     }
                     let http11 = parsed.version == Some(1);
                     buf.advance(len);
-                    let framing = framing(status, head_request, &map)?;
+                    let framing = framing(status, head_request, http11, &map)?;
                     let keep_alive = http11 && framing != Framing::UntilClose && !closes(&map);
                     let mut body = Body {
                         conn: Some(conn),
@@ -110,6 +119,7 @@ pub(super) async fn read_head(
                         keep_alive,
                         read_timeout,
                         client,
+                        trailers: 0,
                     };
                     if body.framing == Framing::Length(0) {
                         body.framing = Framing::Done;
@@ -130,7 +140,7 @@ pub(super) async fn read_head(
                 Err(e) => return Err(Exchange::Failed(format!("unusable response head: {e}"))),
             }
         }
-        let empty = buf.is_empty();
+        let empty = !answered && buf.is_empty();
         if buf.capacity() - buf.len() < READ / 4 {
             buf.reserve(READ);
         }
@@ -141,7 +151,7 @@ pub(super) async fn read_head(
                 ))
             }
             Ok(Ok(0)) => return Err(Exchange::Failed("connection closed in the answer".into())),
-            Ok(Ok(_)) => {}
+            Ok(Ok(_)) => answered = true,
             Ok(Err(e)) if empty => {
                 return Err(Exchange::Unanswered(format!("connection error: {e}")))
             }
@@ -151,8 +161,14 @@ pub(super) async fn read_head(
     }
 }
 
-/// How the body's end is known (RFC 9112 §6.3).
-fn framing(status: StatusCode, head: bool, h: &HeaderMap) -> Result<Framing, Exchange> {
+/// How the body's end is known (RFC 9112 §6.3), as strictly as hyper reads it: the last coding of all
+/// `Transfer-Encoding` lines, none on HTTP/1.0, one Content-Length of digits only.
+fn framing(
+    status: StatusCode,
+    head: bool,
+    http11: bool,
+    h: &HeaderMap,
+) -> Result<Framing, Exchange> {
     if head
         || status.is_informational()
         || status == StatusCode::NO_CONTENT
@@ -160,8 +176,15 @@ fn framing(status: StatusCode, head: bool, h: &HeaderMap) -> Result<Framing, Exc
     {
         return Ok(Framing::Done);
     }
-    if let Some(te) = h.get(http::header::TRANSFER_ENCODING) {
-        let last = te.to_str().unwrap_or("").rsplit(',').next().unwrap_or("");
+    if let Some(last) = h
+        .get_all(http::header::TRANSFER_ENCODING)
+        .iter()
+        .next_back()
+    {
+        if !http11 {
+            return Err(Exchange::Failed("Transfer-Encoding on HTTP/1.0".into()));
+        }
+        let last = last.to_str().unwrap_or("").rsplit(',').next().unwrap_or("");
         return Ok(if last.trim().eq_ignore_ascii_case("chunked") {
             Framing::Chunked(Chunk::Size)
         } else {
@@ -172,7 +195,7 @@ fn framing(status: StatusCode, head: bool, h: &HeaderMap) -> Result<Framing, Exc
     match lengths.next() {
         None => Ok(Framing::UntilClose),
         Some(v) => {
-            let n = v.to_str().ok().and_then(|s| s.trim().parse::<u64>().ok());
+            let n = digits(v.as_bytes().trim_ascii(), 10);
             match n {
                 // Two different lengths would make the body's end a guess (a smuggling shape).
                 Some(n) if lengths.all(|o| o == v) => Ok(Framing::Length(n)),
@@ -180,6 +203,17 @@ fn framing(status: StatusCode, head: bool, h: &HeaderMap) -> Result<Framing, Exc
             }
         }
     }
+}
+
+/// A number of ASCII digits only (no sign, no space inside), in `radix` 10 or 16, that fits a u64.
+fn digits(s: &[u8], radix: u32) -> Option<u64> {
+    let ok = !s.is_empty()
+        && s.iter().all(|&b| match radix {
+            16 => b.is_ascii_hexdigit(),
+            _ => b.is_ascii_digit(),
+        });
+    ok.then(|| u64::from_str_radix(std::str::from_utf8(s).ok()?, radix).ok())
+        .flatten()
 }
 
 fn closes(h: &HeaderMap) -> bool {
@@ -276,9 +310,16 @@ impl Body {
                         Ok(Step::NeedMore)
                     };
                 };
+                if end > MAX_LINE {
+                    return Err(bad("a chunk line over 4 KiB"));
+                }
                 let line = self.buf.split_to(end + 2);
                 let line = &line[..end];
                 self.framing = if state == Chunk::Trailers {
+                    self.trailers += line.len() + 2;
+                    if self.trailers > MAX_HEAD {
+                        return Err(bad("trailers over 64 KiB"));
+                    }
                     if line.is_empty() {
                         Framing::Done
                     } else {
@@ -286,9 +327,8 @@ impl Body {
                     }
                 } else {
                     let hex = line.split(|&b| b == b';').next().unwrap_or_default();
-                    let hex = std::str::from_utf8(hex).map_err(|_| bad("a chunk size"))?;
-                    let size = u64::from_str_radix(hex.trim(), 16)
-                        .map_err(|_| bad("an unusable chunk size"))?;
+                    let size = digits(hex.trim_ascii(), 16)
+                        .ok_or_else(|| bad("an unusable chunk size"))?;
                     Framing::Chunked(if size == 0 {
                         Chunk::Trailers
                     } else {

@@ -22,6 +22,7 @@ async fn scripted(answers: Vec<Option<Vec<&'static [u8]>>>) -> (Url, Arc<AtomicU
     tokio::spawn(async move {
         let mut answers = answers.into_iter();
         'conns: while let Ok((mut s, _)) = listener.accept().await {
+            s.set_nodelay(true).unwrap();
             count.fetch_add(1, Ordering::SeqCst);
             loop {
                 if !read_request(&mut s).await {
@@ -266,7 +267,7 @@ async fn head_answers_have_no_body_and_interim_answers_are_skipped() {
             "/k",
             Extra {
                 range: Some(&range),
-                if_match: Some("\"e\""),
+                if_match: Some(&HeaderValue::from_static("\"e\"")),
             },
         )
         .await
@@ -393,7 +394,7 @@ async fn https_checks_the_certificate_and_reuses_its_connection() {
 async fn an_idle_connection_is_known_closed_or_out_of_step_without_a_request() {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let open = Conn::Plain(TcpStream::connect(addr).await.unwrap());
+    let mut open = Conn::Plain(TcpStream::connect(addr).await.unwrap());
     let (mut server_side, _) = listener.accept().await.unwrap();
     assert!(open.is_idle_and_open());
     // The bucket wrote something nobody asked for: out of step, not to be reused.
@@ -404,8 +405,139 @@ async fn an_idle_connection_is_known_closed_or_out_of_step_without_a_request() {
     tokio::time::sleep(Duration::from_millis(50)).await;
     assert!(!open.is_idle_and_open());
 
-    let closed = Conn::Plain(TcpStream::connect(addr).await.unwrap());
+    let mut closed = Conn::Plain(TcpStream::connect(addr).await.unwrap());
     drop(listener.accept().await.unwrap());
     tokio::time::sleep(Duration::from_millis(50)).await;
     assert!(!closed.is_idle_and_open());
+}
+
+#[tokio::test]
+async fn a_chunked_body_split_at_every_byte_is_decoded_the_same() {
+    const MSG: &[u8] = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n3;a=b\r\nabc\r\n0000a\r\n0123456789\r\n0\r\nt: 1\r\n\r\n";
+    let head = MSG.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = Url::parse(&format!("http://{}/", listener.local_addr().unwrap())).unwrap();
+    tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await.unwrap();
+        s.set_nodelay(true).unwrap();
+        for at in head..MSG.len() {
+            if !read_request(&mut s).await {
+                return;
+            }
+            s.write_all(&MSG[..at]).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(2)).await;
+            s.write_all(&MSG[at..]).await.unwrap();
+        }
+    });
+    let c = client(&url);
+    for at in head..MSG.len() {
+        let got = body(get(&c).await).await;
+        assert_eq!(got.unwrap(), b"abc0123456789", "split at byte {at}");
+    }
+    assert_eq!(c.idle_connections(), 1, "one connection throughout");
+}
+
+#[tokio::test]
+async fn framing_is_read_as_strictly_as_hyper_reads_it() {
+    let refused = [
+        &b"HTTP/1.1 200 OK\r\ncontent-length: +5\r\n\r\nhello"[..],
+        b"HTTP/1.1 200 OK\r\ncontent-length: 5 5\r\n\r\nhello",
+        b"HTTP/1.0 200 OK\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\n",
+        b"HTTP/1.1 101 Switching Protocols\r\nupgrade: x\r\n\r\n",
+    ];
+    for answer in refused {
+        let (url, _) = scripted(vec![Some(vec![answer])]).await;
+        let c = client(&url);
+        assert!(
+            c.send(false, "/k", Extra::default()).await.is_err(),
+            "{}",
+            String::from_utf8_lossy(answer)
+        );
+        assert_eq!(c.idle_connections(), 0);
+    }
+    let bad_bodies = [
+        &b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n10000000000000001\r\n"[..],
+        b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n+5\r\nhello\r\n0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhelloXX0\r\n\r\n",
+    ];
+    for answer in bad_bodies {
+        let (url, _) = scripted(vec![Some(vec![answer])]).await;
+        let c = client(&url);
+        let e = body(get(&c).await).await.unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::InvalidData, "{e}");
+    }
+    // The last coding of all lines decides: chunked then gzip is not chunked, and ends with the
+    // connection (which is then not kept).
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = Url::parse(&format!("http://{}/", listener.local_addr().unwrap())).unwrap();
+    tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await.unwrap();
+        read_request(&mut s).await;
+        let answer = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ntransfer-encoding: gzip\r\n\r\n0\r\n\r\nmore";
+        let _ = s.write_all(answer).await;
+    });
+    let c = client(&url);
+    assert_eq!(body(get(&c).await).await.unwrap(), b"0\r\n\r\nmore");
+    assert_eq!(c.idle_connections(), 0);
+}
+
+#[tokio::test]
+async fn endless_trailers_are_an_error_not_a_hang() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = Url::parse(&format!("http://{}/", listener.local_addr().unwrap())).unwrap();
+    tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await.unwrap();
+        read_request(&mut s).await;
+        let _ = s
+            .write_all(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n1\r\nx\r\n0\r\n")
+            .await;
+        for _ in 0..100_000 {
+            if s.write_all(b"x-t: 1\r\n").await.is_err() {
+                return;
+            }
+        }
+    });
+    let c = client(&url);
+    let e = tokio::time::timeout(T, body(get(&c).await))
+        .await
+        .expect("bounded")
+        .unwrap_err();
+    assert!(e.to_string().contains("trailers"), "{e}");
+}
+
+#[tokio::test]
+async fn a_reused_connection_that_began_an_answer_is_not_asked_again() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = Url::parse(&format!("http://{}/", listener.local_addr().unwrap())).unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let count = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            if count.fetch_add(1, Ordering::SeqCst) == 0 {
+                read_request(&mut s).await;
+                let _ = s
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nab")
+                    .await;
+                read_request(&mut s).await;
+                let _ = s.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").await;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            } else {
+                read_request(&mut s).await;
+                let _ = s
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\ncd")
+                    .await;
+            }
+        }
+    });
+    let c = client(&url);
+    assert_eq!(body(get(&c).await).await.unwrap(), b"ab");
+    // A 100 came, then the connection closed: an answer had begun, so the GET is not sent again
+    // behind the caller's back.
+    let sent = tokio::time::timeout(T, c.send(false, "/k", Extra::default())).await;
+    assert!(
+        matches!(sent, Ok(Err(_))),
+        "{:?}",
+        sent.map(|r| r.map(|r| r.status))
+    );
+    assert_eq!(accepted.load(Ordering::SeqCst), 1);
 }

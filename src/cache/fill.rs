@@ -49,6 +49,22 @@ pub(super) struct Prepared {
     pub reserved: Reserved,
 }
 
+/// A fill whose client has its body: run it to the end (it goes on if the client leaves, within
+/// `cache.background_fills`).
+pub(super) enum Running {
+    Memory(Prepared, Arc<MemBody>),
+    File(Prepared, EntryWriter, mpsc::Sender<(u64, Bytes)>),
+}
+
+impl Running {
+    pub async fn run(self) {
+        match self {
+            Running::Memory(p, body) => memfill::run(p, body, None).await,
+            Running::File(p, writer, tx) => filefill::run(p, writer, Some(tx), None).await,
+        }
+    }
+}
+
 /// Where a fill puts the body until it is whole.
 enum Sink {
     /// Written as it arrives; `reader`: a descriptor of the file being written, for the client.
@@ -100,33 +116,34 @@ impl FillGuard {
         }
     }
 
-    /// Starts filling from a full upstream response and returns what the client reads: the same bytes,
-    /// from memory while it keeps up, from the entry's file when it falls behind (its body may end in
-    /// [`growing::FillFailed`]). Anything that cannot be cached as a whole (unknown length, a partial
-    /// body, too large, no room) passes through untouched.
-    pub async fn tee(self, obj: Object) -> Object {
+    /// Starts filling from a full upstream response: what the client reads, the same bytes from memory
+    /// while it keeps up, from the entry's file when it falls behind (its body may end in
+    /// [`growing::FillFailed`]), and the fill itself, for the caller to run (in the task that fetched:
+    /// a task spawned per miss costs more than the fill's own bookkeeping). Anything that cannot be
+    /// cached as a whole (unknown length, a partial body, too large, no room) passes through untouched,
+    /// with no fill.
+    pub(super) async fn tee(self, obj: Object) -> (Object, Option<Running>) {
         let (p, sink, meta) = match self.prepare(obj).await {
             Ok(prepared) => prepared,
-            Err(passed) => return passed,
+            Err(passed) => return (passed, None),
         };
         let (len, shared) = (p.entry.len, p.guard.shared.clone());
-        let stream = match sink {
-            Sink::Memory(body) => {
-                let stream = memfill::stream(body.clone(), len, shared);
-                tokio::spawn(memfill::run(p, body, None));
-                stream
-            }
+        let (stream, running) = match sink {
+            Sink::Memory(body) => (
+                memfill::stream(body.clone(), len, shared),
+                Running::Memory(p, body),
+            ),
             Sink::File { writer, reader } => {
                 let (tx, rx) = mpsc::channel(CLIENT_QUEUE);
                 let stream = growing::stream(reader, len, shared, Some(rx));
-                tokio::spawn(filefill::run(p, writer, Some(tx), None));
-                stream
+                (stream, Running::File(p, writer, tx))
             }
         };
-        Object {
+        let obj = Object {
             meta,
             body: Body::Stream { stream, offset: 0 },
-        }
+        };
+        (obj, Some(running))
     }
 
     /// Fills from a full upstream response with no client reading it (a seek was answered with a

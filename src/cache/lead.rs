@@ -41,18 +41,26 @@ impl FillGuard {
     /// upstreams if the fill fails part-way. The fill goes on if the client leaves, before the
     /// upstream's headers as after them (then within `cache.background_fills`).
     pub async fn fill_for_client(self, origin: Arc<dyn Origin>) -> Answer {
-        let task = tokio::spawn(async move {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        // The task that asks the upstream then runs the fill. If this request goes away the task does
+        // not: the answer it sends is dropped, and the fill goes on by its own rules.
+        tokio::spawn(async move {
             match origin.fetch().await {
-                Answer::Found(obj) => Answer::Found(resumable(self.tee(obj).await, origin.clone())),
+                Answer::Found(obj) => {
+                    let (obj, fill) = self.tee(obj).await;
+                    let _ = tx.send(Answer::Found(resumable(obj, origin.clone())));
+                    if let Some(fill) = fill {
+                        fill.run().await;
+                    }
+                }
                 Answer::NotFound => {
                     self.not_found().await;
-                    Answer::NotFound
+                    let _ = tx.send(Answer::NotFound);
                 }
-                Answer::Failed => Answer::Failed,
+                Answer::Failed => drop(tx.send(Answer::Failed)),
             }
         });
-        // If this request goes away, the task does not: dropping its handle only detaches it.
-        task.await.unwrap_or(Answer::Failed)
+        rx.await.unwrap_or(Answer::Failed)
     }
 
     /// A HEAD on a miss, filled like a GET (nginx turns the HEAD into a GET upstream too), so the next

@@ -491,6 +491,24 @@ async fn five_reloads_switching_the_upstream_order_under_load_lose_no_request() 
         &[3, 6, 9, 12, 15],
     )
     .await;
+    // The last reload put `old` first. The load may not have asked a bucket while `old` was first (on a
+    // loaded machine all 32 clients can spend those seconds on the 50 MiB object a fill under the
+    // previous order brings in), so a key nobody asked yet says which order is in force now.
+    let probe = "media_attachments/files/000/000/777/small/probe.jpg";
+    let body = pattern(31_000, 777);
+    new.put("new", probe, body.clone(), "image/jpeg").await;
+    old.put("old", probe, body.clone(), "image/jpeg").await;
+    let (new_before, old_before) = (new.count("GET"), old.count("GET"));
+    let got = reqwest::get(format!("http://{}/{probe}", a.addr))
+        .await
+        .unwrap();
+    assert_eq!(got.status(), 200);
+    assert_eq!(got.bytes().await.unwrap(), body);
+    assert_eq!(
+        (new.count("GET") - new_before, old.count("GET") - old_before),
+        (0, 1),
+        "after the last reload `old` is asked first"
+    );
     let ok = tally.ok.load(Ordering::Relaxed);
     eprintln!(
         "five reloads: {ok} complete responses, {} failed, {} retried",

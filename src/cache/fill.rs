@@ -102,16 +102,17 @@ impl FillGuard {
     pub async fn not_found(mut self) {
         let cache = self.cache.clone();
         let (key, hash, shared) = (self.key.clone(), self.hash, self.shared.clone());
-        let stored = tokio::task::spawn_blocking(move || {
-            let stored = cache
+        let c = cache.clone();
+        let stored = super::pace::run(&cache, move || {
+            let stored = c
                 .sealed_not_found(&key)
-                .and_then(|sealed| cache.index.publish(hash, sealed, true, || shared.voided()));
+                .and_then(|sealed| c.index.publish(hash, sealed, true, || shared.voided()));
             if let Err(e) = stored {
-                cache.write_failed(&key, &e);
+                c.write_failed(&key, &e);
             }
         })
         .await;
-        if stored.is_ok() {
+        if stored.is_some() {
             self.status = Status::Done;
         }
     }

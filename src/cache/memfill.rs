@@ -27,6 +27,7 @@ use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use super::fill::{may_go_on_unread, seal_and_publish, Prepared};
 use super::flights::{Progress, Shared, Status};
 use super::growing::FillFailed;
+use super::pace;
 use crate::object::ByteStream;
 
 /// Bytes of small fills held in memory at once, across all fills. A burst of cold misses beyond it
@@ -173,7 +174,7 @@ pub(super) async fn run(p: Prepared, body: Arc<MemBody>, mut permit: Option<Owne
     let mut chunks = body.lock().clone();
     chunks.extend(last.clone());
     let (c, hash, s) = (cache.clone(), guard.hash, shared.clone());
-    let stored = tokio::task::spawn_blocking(move || {
+    let stored = pace::run(&cache, move || {
         let writer = c.store().writer();
         // Released before the entry is published, which counts its real size.
         drop(reserved);

@@ -203,6 +203,12 @@ impl Cache {
                 _ => self.index.close(hash),
             }
         }
+        // Once the index counts every entry on disk, a key it does not know has no file: a cold miss
+        // costs no failed open. (An entry another process wrote since, say the one a restart replaced,
+        // is then fetched again and renamed over the same bytes.)
+        if self.index.loaded() && !self.index.knows(hash) {
+            return Lookup::Miss;
+        }
         // Small entries are one pread and a hardware CRC, done right here like a local file; large ones
         // are checksummed end to end before serving, which is real work for the blocking pool.
         let mut checked = None;

@@ -26,6 +26,20 @@ const MAX_HEADERS: usize = 128;
 /// A chunk-size line or a trailer line longer than this is not HTTP.
 const MAX_LINE: usize = 4096;
 
+/// The headers anything reads from an object's answer (framing, and what `Upstream::to_object` keeps).
+/// The rest (request ids, `Server`, `Date`, user metadata) is dropped: each kept value is an allocation.
+const KEPT: [HeaderName; 9] = [
+    http::header::CONTENT_LENGTH,
+    http::header::TRANSFER_ENCODING,
+    http::header::CONNECTION,
+    http::header::CONTENT_RANGE,
+    http::header::CONTENT_TYPE,
+    http::header::LAST_MODIFIED,
+    http::header::ETAG,
+    http::header::CACHE_CONTROL,
+    http::header::CONTENT_DISPOSITION,
+];
+
 pub struct Response {
     pub status: StatusCode,
     pub headers: HeaderMap,
@@ -100,12 +114,13 @@ pub(super) async fn read_head(
                     }
                     let status = StatusCode::from_u16(code)
                         .map_err(|_| Exchange::Failed(format!("unusable status {code}")))?;
-                    let mut map = HeaderMap::with_capacity(parsed.headers.len());
+                    let mut map = HeaderMap::with_capacity(KEPT.len());
                     for h in parsed.headers.iter() {
-                        let name = HeaderName::from_bytes(h.name.as_bytes());
-                        let value = HeaderValue::from_bytes(h.value);
-                        if let (Ok(name), Ok(value)) = (name, value) {
-                            map.append(name, value);
+                        let kept = KEPT
+                            .iter()
+                            .find(|k| h.name.eq_ignore_ascii_case(k.as_str()));
+                        if let (Some(name), Ok(value)) = (kept, HeaderValue::from_bytes(h.value)) {
+                            map.append(name.clone(), value);
                         }
                     }
                     let http11 = parsed.version == Some(1);

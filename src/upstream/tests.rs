@@ -1,5 +1,7 @@
+use super::read::content_range;
 use super::*;
 use crate::config::{Config, Secret};
+use http::{HeaderMap, HeaderValue};
 use std::path::Path;
 
 fn upstream(toml: &str) -> Upstream {

@@ -67,7 +67,8 @@ pub struct Index {
     inner: Arc<Mutex<Inner>>,
     /// Held while an entry's path is renamed into place or unlinked, so that a publish and an eviction
     /// of the same key never interleave. Separate from `inner`, which hits take: a disk that stops
-    /// answering stalls the holder of this lock (on the blocking pool), never a hit.
+    /// answering stalls the holder of this lock and whoever waits for it (the blocking pool, and at
+    /// most one worker's small store: see `cache::pace`), never a hit's lookup.
     paths: Arc<Mutex<()>>,
     /// Counts the entries evicted (`mediaproxy_cache_evictions_total`).
     evictions: prometheus_client::metrics::counter::Counter,
@@ -78,6 +79,8 @@ pub struct Index {
     inactive: u64,
     /// Set once the load from the directory at start has finished.
     loaded: Arc<std::sync::atomic::AtomicBool>,
+    /// Set once that load has walked the whole directory: then every entry on disk is counted.
+    complete: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// A fill's share of `max_size`, held while it runs.
@@ -116,6 +119,7 @@ impl Index {
             max_size,
             inactive: inactive.as_secs(),
             loaded: Arc::default(),
+            complete: Arc::default(),
         }
     }
 
@@ -138,6 +142,9 @@ impl Index {
                     index.admit_cold(hash, size, stored);
                 }
                 index.enforce();
+                index
+                    .complete
+                    .store(result.is_ok(), std::sync::atomic::Ordering::Release);
                 index
                     .loaded
                     .store(true, std::sync::atomic::Ordering::Release);
@@ -244,7 +251,8 @@ impl Index {
     /// Makes a sealed entry visible and counts it, unless `voided()` says a bust came first: one step
     /// under the path lock, so an eviction of the same key cannot fall between the rename and the count
     /// (it never deletes the fresh file in place of the old one), and a bust's purge either precedes
-    /// the check or follows the rename. Runs on the blocking pool; hits never wait for it.
+    /// the check or follows the rename. Runs on the blocking pool, or for a small fill on at most one
+    /// worker at a time (`cache::pace`); hits never wait for it.
     /// `negative`: a 404 entry (see [`NEGATIVE_SHARE`]).
     pub fn publish(
         &self,
@@ -375,6 +383,12 @@ impl Index {
     /// Whether the load from the directory at start has finished.
     pub fn loaded(&self) -> bool {
         self.loaded.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Whether every entry on disk is counted: the load walked the whole directory (one that stopped
+    /// at an error, say out of descriptors, leaves entries only a lookup of the file finds).
+    pub fn complete(&self) -> bool {
+        self.complete.load(std::sync::atomic::Ordering::Acquire)
     }
 
     fn enforce(&self) {

@@ -48,7 +48,9 @@ impl FillGuard {
             match origin.fetch().await {
                 Answer::Found(obj) => {
                     let (obj, fill) = self.tee(obj).await;
-                    let _ = tx.send(Answer::Found(resumable(obj, origin.clone())));
+                    // Moved: a fill that outlives its client must not keep the config it started
+                    // under (its upstreams and their connections) alive after a reload.
+                    let _ = tx.send(Answer::Found(resumable(obj, origin)));
                     if let Some(fill) = fill {
                         fill.run().await;
                     }

@@ -1,12 +1,12 @@
 //! Fills of small objects (up to [`super::store::SMALL`], which is most of a Mastodon server's media:
 //! thumbnails, avatars, images) held in memory until they are whole, then written, sealed and
-//! published in one trip to the blocking pool.
+//! published in one go.
 //!
 //! A fill that writes as it goes costs a trip to the blocking pool to create its file and one per
 //! batch; on a cold miss of a 30-80 KB image those trips (a thread woken, two context switches, the
-//! worker woken back: four per miss) took about a third of the proxy's CPU. nginx writes its temp file
-//! inline in its event loop; here the disk still never runs on the async workers, but a small fill goes
-//! there once.
+//! worker woken back: four per miss) took about a third of the proxy's CPU. Here the one store runs on
+//! the worker, as nginx writes its temp file in its event loop, unless the disk has lately been slow
+//! ([`super::pace`]): then it goes to the blocking pool.
 //!
 //! Readers (the fill's own client and its followers) take the chunks from memory as they arrive, so a
 //! follower streams a small object as it does a large one. The chunk that completes the body is held
@@ -117,8 +117,8 @@ impl Reader {
     }
 }
 
-/// The fill task of a small body: upstream → memory (readers take it from there), then one trip to
-/// the blocking pool that writes, seals and publishes the entry. `permit`: a background-fill permit
+/// The fill of a small body: upstream → memory (readers take it from there), then one store that
+/// writes, seals and publishes the entry ([`pace`] says where it runs). `permit`: a background-fill permit
 /// taken beforehand (a fill no client reads), or taken here when the last reader leaves.
 pub(super) async fn run(p: Prepared, body: Arc<MemBody>, mut permit: Option<OwnedSemaphorePermit>) {
     let Prepared {

@@ -206,7 +206,7 @@ impl Cache {
         // Once the index counts every entry on disk, a key it does not know has no file: a cold miss
         // costs no failed open. (An entry another process wrote since, say the one a restart replaced,
         // is then fetched again and renamed over the same bytes.)
-        if self.index.loaded() && !self.index.knows(hash) {
+        if self.index.complete() && !self.index.knows(hash) {
             return Lookup::Miss;
         }
         // Small entries are one pread and a hardware CRC, done right here like a local file; large ones

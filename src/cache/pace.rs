@@ -3,13 +3,16 @@
 //!
 //! A small fill is stored in one go (create, one `writev`, rename, publish): on a disk that keeps up,
 //! tens of microseconds. Handing that to the blocking pool and back cost more than the store itself:
-//! a futex wake, two context switches and a runtime wake, ~30 µs of CPU per cold miss (interleaved
-//! A/B medians, 1.57× → 1.18× nginx's CPU per miss). But a worker blocked on a stalled disk stalls
-//! every connection it serves, so one store slower than [`SLOW`] sends the stores that follow to the
-//! pool for [`AWAY`]: a stalling disk costs the workers one slow store per [`AWAY`], not one per miss.
+//! a futex wake, two context switches and a runtime wake, ~15-30 µs of CPU per cold miss. But a worker
+//! blocked on a stalled disk stalls every connection it serves, so:
+//! - one store at a time runs on a worker: while it runs, stores on other workers go to the pool, so a
+//!   device that hangs holds at most one worker, however many workers reach a store;
+//! - a store slower than [`SLOW`] sends the stores that follow to the pool for [`AWAY`]: a disk that
+//!   stalls costs a worker one slow store per [`AWAY`], not one per miss.
+//!
 //! Small cache hits are already read on the worker the same way (one `pread`).
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 /// A store slower than this is the disk not keeping up (page-cache writes of ≤ 512 KiB take well under
@@ -22,6 +25,8 @@ pub struct Pace {
     epoch: Instant,
     /// Milliseconds since `epoch` until which stores go to the blocking pool.
     away_until: AtomicU64,
+    /// A store is running on a worker.
+    busy: AtomicBool,
 }
 
 impl Default for Pace {
@@ -29,14 +34,31 @@ impl Default for Pace {
         Pace {
             epoch: Instant::now(),
             away_until: AtomicU64::new(0),
+            busy: AtomicBool::new(false),
         }
     }
 }
 
+/// The one store allowed on a worker; dropping it lets the next one run there.
+pub struct Inline<'a>(&'a Pace);
+
+impl Drop for Inline<'_> {
+    fn drop(&mut self) {
+        self.0.busy.store(false, Ordering::Release);
+    }
+}
+
 impl Pace {
-    /// Whether the next store may run on the worker.
-    pub fn inline(&self) -> bool {
-        self.now_ms() >= self.away_until.load(Ordering::Relaxed)
+    /// The right to run the next store on this worker: none while the disk is lately slow or another
+    /// worker's store is running.
+    pub fn inline(&self) -> Option<Inline<'_>> {
+        if self.now_ms() < self.away_until.load(Ordering::Relaxed) {
+            return None;
+        }
+        let free = self
+            .busy
+            .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed);
+        free.is_ok().then_some(Inline(self))
     }
 
     /// Notes how long a store took, wherever it ran.
@@ -67,7 +89,7 @@ pub async fn run<T: Send + 'static>(
         let out = store();
         (out, started.elapsed())
     };
-    let (out, elapsed) = if cache.pace.inline() {
+    let (out, elapsed) = if let Some(_inline) = cache.pace.inline() {
         timed()
     } else {
         tokio::task::spawn_blocking(timed).await.ok()?
@@ -83,13 +105,28 @@ mod tests {
     #[test]
     fn one_slow_store_sends_the_next_ones_off_the_worker_for_a_while() {
         let pace = Pace::default();
-        assert!(pace.inline());
+        assert!(pace.inline().is_some());
         pace.took(Duration::from_micros(300));
-        assert!(pace.inline(), "a store at the page cache's pace stays");
+        assert!(
+            pace.inline().is_some(),
+            "a store at the page cache's pace stays"
+        );
         pace.took(SLOW + Duration::from_millis(1));
-        assert!(!pace.inline(), "after a slow store, the pool");
+        assert!(pace.inline().is_none(), "after a slow store, the pool");
         // As if AWAY had passed.
         pace.away_until.store(pace.now_ms(), Ordering::Relaxed);
-        assert!(pace.inline(), "and back once it has passed");
+        assert!(pace.inline().is_some(), "and back once it has passed");
+    }
+
+    #[test]
+    fn one_store_at_a_time_runs_on_a_worker() {
+        let pace = Pace::default();
+        let first = pace.inline().expect("the disk keeps up");
+        assert!(
+            pace.inline().is_none(),
+            "a second worker's store goes to the pool while the first runs (it may be hung)"
+        );
+        drop(first);
+        assert!(pace.inline().is_some());
     }
 }

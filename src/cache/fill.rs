@@ -102,17 +102,16 @@ impl FillGuard {
     pub async fn not_found(mut self) {
         let cache = self.cache.clone();
         let (key, hash, shared) = (self.key.clone(), self.hash, self.shared.clone());
-        let c = cache.clone();
-        let stored = super::pace::run(&cache, move || {
-            let stored = c
+        let stored = tokio::task::spawn_blocking(move || {
+            let stored = cache
                 .sealed_not_found(&key)
-                .and_then(|sealed| c.index.publish(hash, sealed, true, || shared.voided()));
+                .and_then(|sealed| cache.index.publish(hash, sealed, true, || shared.voided()));
             if let Err(e) = stored {
-                c.write_failed(&key, &e);
+                cache.write_failed(&key, &e);
             }
         })
         .await;
-        if stored.is_some() {
+        if stored.is_ok() {
             self.status = Status::Done;
         }
     }

@@ -67,8 +67,7 @@ pub struct Index {
     inner: Arc<Mutex<Inner>>,
     /// Held while an entry's path is renamed into place or unlinked, so that a publish and an eviction
     /// of the same key never interleave. Separate from `inner`, which hits take: a disk that stops
-    /// answering stalls the holder of this lock and whoever waits for it (the blocking pool, and at
-    /// most one worker's small store: see `cache::pace`), never a hit's lookup.
+    /// answering stalls the holder of this lock (on the blocking pool), never a hit.
     paths: Arc<Mutex<()>>,
     /// Counts the entries evicted (`mediaproxy_cache_evictions_total`).
     evictions: prometheus_client::metrics::counter::Counter,
@@ -251,8 +250,7 @@ impl Index {
     /// Makes a sealed entry visible and counts it, unless `voided()` says a bust came first: one step
     /// under the path lock, so an eviction of the same key cannot fall between the rename and the count
     /// (it never deletes the fresh file in place of the old one), and a bust's purge either precedes
-    /// the check or follows the rename. Runs on the blocking pool, or for a small fill on at most one
-    /// worker at a time (`cache::pace`); hits never wait for it.
+    /// the check or follows the rename. Runs on the blocking pool; hits never wait for it.
     /// `negative`: a 404 entry (see [`NEGATIVE_SHARE`]).
     pub fn publish(
         &self,

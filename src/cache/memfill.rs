@@ -1,12 +1,14 @@
 //! Fills of small objects (up to [`super::store::SMALL`], which is most of a Mastodon server's media:
 //! thumbnails, avatars, images) held in memory until they are whole, then written, sealed and
-//! published in one go.
+//! published in one trip to the blocking pool.
 //!
 //! A fill that writes as it goes costs a trip to the blocking pool to create its file and one per
 //! batch; on a cold miss of a 30-80 KB image those trips (a thread woken, two context switches, the
-//! worker woken back: four per miss) took about a third of the proxy's CPU. Here the one store runs on
-//! the worker, as nginx writes its temp file in its event loop, unless the disk has lately been slow
-//! ([`super::pace`]): then it goes to the blocking pool.
+//! worker woken back: four per miss) took about a third of the proxy's CPU. nginx writes its temp file
+//! inline in its event loop; here the disk never runs on the async workers, but a small fill goes
+//! there once. (Stores on the workers were tried: one worker blocked on a frozen disk left the others
+//! parked with nobody polling for I/O, and every request stalled; see
+//! `fills::small_fills_on_a_stalled_cache_disk_hold_up_no_worker`.)
 //!
 //! Readers (the fill's own client and its followers) take the chunks from memory as they arrive, so a
 //! follower streams a small object as it does a large one. The chunk that completes the body is held
@@ -27,7 +29,6 @@ use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use super::fill::{may_go_on_unread, seal_and_publish, Prepared};
 use super::flights::{Progress, Shared, Status};
 use super::growing::FillFailed;
-use super::pace;
 use crate::object::ByteStream;
 
 /// Bytes of small fills held in memory at once, across all fills. A burst of cold misses beyond it
@@ -117,8 +118,8 @@ impl Reader {
     }
 }
 
-/// The fill of a small body: upstream → memory (readers take it from there), then one store that
-/// writes, seals and publishes the entry ([`pace`] says where it runs). `permit`: a background-fill permit
+/// The fill of a small body: upstream → memory (readers take it from there), then one trip to the
+/// blocking pool that writes, seals and publishes the entry. `permit`: a background-fill permit
 /// taken beforehand (a fill no client reads), or taken here when the last reader leaves.
 pub(super) async fn run(p: Prepared, body: Arc<MemBody>, mut permit: Option<OwnedSemaphorePermit>) {
     let Prepared {
@@ -174,7 +175,7 @@ pub(super) async fn run(p: Prepared, body: Arc<MemBody>, mut permit: Option<Owne
     let mut chunks = body.lock().clone();
     chunks.extend(last.clone());
     let (c, hash, s) = (cache.clone(), guard.hash, shared.clone());
-    let stored = pace::run(&cache, move || {
+    let stored = tokio::task::spawn_blocking(move || {
         let writer = c.store().writer();
         // Released before the entry is published, which counts its real size.
         drop(reserved);

@@ -28,7 +28,6 @@ mod memfill;
 mod notices;
 mod offline;
 mod open;
-mod pace;
 pub mod store;
 
 use std::collections::HashMap;
@@ -91,8 +90,6 @@ pub struct Cache {
     background: Arc<tokio::sync::Semaphore>,
     /// Bytes of small fills held in memory until whole ([`memfill::BUDGET`]).
     memory_fills: Arc<tokio::sync::Semaphore>,
-    /// Whether small stores run on the workers ([`pace`]).
-    pace: pace::Pace,
     /// One checksum pass per large entry at a time: concurrent first hits after a restart wait for
     /// the first one's verdict instead of each reading the whole file.
     verifying: Mutex<HashMap<KeyHash, Arc<tokio::sync::Mutex<()>>>>,
@@ -127,7 +124,6 @@ impl Cache {
             max_object: cfg.max_object_size,
             background: Arc::new(tokio::sync::Semaphore::new(cfg.background_fills)),
             memory_fills: Arc::new(tokio::sync::Semaphore::new(memfill::BUDGET)),
-            pace: pace::Pace::default(),
             verifying: Mutex::default(),
         }))
     }

@@ -308,6 +308,73 @@ async fn a_stalled_cache_disk_stalls_neither_local_files_nor_hits() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn small_fills_on_a_stalled_cache_disk_hold_up_no_worker() {
+    let Some(disk) = FreezableDisk::mount() else {
+        eprintln!("SKIPPED: needs root, mkfs.ext4, a loop device and fsfreeze");
+        return;
+    };
+    let body = pattern(40_000, 46);
+    let up = RawUpstream::start(Behaviour::Respond {
+        status: 200,
+        headers: vec![("Content-Type".into(), "image/jpeg".into())],
+        body: body.clone(),
+    })
+    .await;
+    let root = mastodon_root();
+    let local = "accounts/avatars/000/000/001/original/me.png";
+    write_file(root.path(), local, b"local avatar");
+    // Small stores go to the blocking pool, never a worker: with stores on the workers (tried, with
+    // one at a time), the worker blocked in a store had last polled for I/O and the others stayed
+    // parked, so nothing was served at all, with one worker or three.
+    for (workers, n) in [("2", 0), ("1", 1)] {
+        let cache = disk.mnt.join(format!("cache{n}"));
+        let proxy = Proxy::start_with_env(
+            &format!(
+                "[local]\nroots = [\"{}\"]\n\n[cache]\ndir = \"{}\"\n\n{}",
+                root.path().display(),
+                cache.display(),
+                up.http_upstream("bucket")
+            ),
+            "",
+            &[("TOKIO_WORKER_THREADS", workers)],
+        );
+        let key = |i: usize| format!("media_attachments/files/000/00{n}/{i:03}/small/s.jpg");
+        assert_eq!(get(&proxy, &key(999)).await.1, "MISS");
+        let thaw = disk.frozen();
+        // More small misses than workers, each ending in a store the frozen disk does not complete.
+        let fills: Vec<_> = (0..6)
+            .map(|i| {
+                let url = proxy.url(&format!("/{}", key(i)));
+                tokio::spawn(async move {
+                    let r = client().get(url).send().await.unwrap();
+                    r.bytes().await.map(|b| b.to_vec())
+                })
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        for _ in 0..10 {
+            let r = tokio::time::timeout(Duration::from_secs(2), get(&proxy, local)).await;
+            let (status, xc, got) = r.unwrap_or_else(|_| {
+                panic!("with {workers} worker(s), a local file waited more than 2 s on stores to a frozen disk")
+            });
+            assert_eq!(
+                (status, xc.as_str(), &got[..]),
+                (200, "LOCAL", &b"local avatar"[..])
+            );
+        }
+        drop(thaw);
+        for f in fills {
+            let got = tokio::time::timeout(Duration::from_secs(20), f).await;
+            assert!(
+                got.unwrap().unwrap().unwrap() == body,
+                "the small fills finish once the disk is back"
+            );
+        }
+        drop(proxy);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn an_eviction_on_a_stalled_cache_disk_stalls_neither_local_files_nor_hits() {
     let Some(disk) = FreezableDisk::mount() else {
         eprintln!("SKIPPED: needs root, mkfs.ext4, a loop device and fsfreeze");

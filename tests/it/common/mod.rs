@@ -497,6 +497,11 @@ impl Proxy {
 
     /// `server_extra` goes into the `[server]` table.
     pub fn start_with_server(body: &str, server_extra: &str) -> Proxy {
+        Self::start_with_env(body, server_extra, &[])
+    }
+
+    /// With these environment variables set for the proxy (`TOKIO_WORKER_THREADS`…).
+    pub fn start_with_env(body: &str, server_extra: &str, env: &[(&str, &str)]) -> Proxy {
         let mut dir = tempfile::tempdir().unwrap();
         for _ in 0..5 {
             let port = closed_port();
@@ -509,6 +514,7 @@ impl Proxy {
                 .args(["serve", "--config"])
                 .arg(&config_path)
                 .env("MEDIAPROXY_LOG", "info,mediaproxy=debug")
+                .envs(env.iter().copied())
                 .stdout(Stdio::null())
                 .stderr(std::fs::File::create(&log).unwrap())
                 .spawn()

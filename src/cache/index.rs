@@ -5,7 +5,8 @@
 //! stay far under 200 MB; moka, tried first, took ≈ 310 bytes an entry). Since the list is in access
 //! order, its tail is also the entry idle the longest, so `inactive` is enforced by looking at the tail
 //! on every insert and read: no sweeper thread. The index is rebuilt from the directory in a background
-//! thread at start; lookups never wait for it, because they open the entry's file directly.
+//! thread at start ([`load`]); lookups never wait for it, because they open the entry's file directly.
+//! Choosing and deleting victims is [`evict`].
 
 use std::os::unix::fs::MetadataExt;
 use std::sync::{Arc, Mutex};
@@ -122,63 +123,12 @@ impl Index {
         }
     }
 
-    pub fn load_in_background(&self) {
-        let index = self.clone();
-        std::thread::Builder::new()
-            .name("cache-index-load".into())
-            .spawn(move || {
-                let started = std::time::Instant::now();
-                // Admitted most recently read first, each to the cold end, so the longest idle end up coldest: the LRU tail
-                // is then also the longest idle, which is what `inactive` checks. Entries read since
-                // start are already in and stay warmer. (24 bytes per entry while loading.)
-                let mut found: Vec<(u64, KeyHash, u64)> = Vec::new();
-                let result = store::walk(&index.store, |hash, size, _, last_read| {
-                    found.push((crate::unix_time::secs(last_read), hash, size));
-                });
-                found.sort_unstable_by_key(|e| std::cmp::Reverse(e.0));
-                let n = found.len();
-                for (stored, hash, size) in found {
-                    index.admit_cold(hash, size, stored);
-                }
-                index.enforce();
-                index
-                    .complete
-                    .store(result.is_ok(), std::sync::atomic::Ordering::Release);
-                index
-                    .loaded
-                    .store(true, std::sync::atomic::Ordering::Release);
-                match result {
-                    Ok(()) => tracing::info!(entries = n, elapsed = ?started.elapsed(), "cache index loaded"),
-                    Err(e) => tracing::warn!(error = %e, "cache index load stopped early"),
-                }
-            })
-            .expect("spawning a thread");
-    }
-
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn lock_paths(&self) -> std::sync::MutexGuard<'_, ()> {
         self.paths.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn admit_cold(&self, hash: KeyHash, size: u64, last_read: u64) {
-        let size = on_disk(size);
-        let mut inner = self.lock();
-        if inner.lru.contains(&hash) {
-            return;
-        }
-        inner.lru.push(
-            hash,
-            Slot {
-                size,
-                last_read,
-                verified: 0,
-            },
-        );
-        inner.lru.demote(&hash);
-        inner.bytes += size;
     }
 
     /// Whether an entry for `hash` is counted (published by this process, or found by the load).
@@ -378,82 +328,6 @@ impl Index {
             .count()
     }
 
-    /// Whether the load from the directory at start has finished.
-    pub fn loaded(&self) -> bool {
-        self.loaded.load(std::sync::atomic::Ordering::Acquire)
-    }
-
-    /// Whether every entry on disk is counted: the load walked the whole directory (one that stopped
-    /// at an error, say out of descriptors, leaves entries only a lookup of the file finds).
-    pub fn complete(&self) -> bool {
-        self.complete.load(std::sync::atomic::Ordering::Acquire)
-    }
-
-    fn enforce(&self) {
-        let mut inner = self.lock();
-        let victims = self.victims(&mut inner, crate::unix_time::now());
-        drop(inner);
-        self.delete(victims);
-    }
-
-    /// The oldest negative entries while they take more than their share; then from the cold end while
-    /// over `max_size` or idle past `inactive`.
-    fn victims(&self, inner: &mut Inner, now: u64) -> Vec<KeyHash> {
-        let mut out = Vec::new();
-        while inner.negative_bytes > self.max_size / NEGATIVE_SHARE {
-            let Some((hash, ())) = inner.negatives.peek_lru().map(|(h, u)| (*h, *u)) else {
-                break;
-            };
-            inner.take(hash);
-            out.push(hash);
-        }
-        while let Some((_, slot)) = inner.lru.peek_lru() {
-            let idle = now.saturating_sub(slot.last_read) > self.inactive;
-            if inner.bytes <= self.max_size && !idle {
-                break;
-            }
-            let Some((hash, slot)) = inner.lru.pop_lru() else {
-                break;
-            };
-            inner.uncount(hash, slot);
-            out.push(hash);
-        }
-        out
-    }
-
-    /// Each unlink happens under the lock, after checking the key was not published again since it was
-    /// chosen (see [`Index::publish`]); the lock is taken per file, so hits interleave with a long eviction.
-    /// Deletes evicted entries' files: on the blocking pool when called from async code (an eviction
-    /// can follow any hit or fill, and an unlink waits for the disk), at once otherwise.
-    fn delete(&self, victims: Vec<KeyHash>) {
-        if victims.is_empty() {
-            return;
-        }
-        match tokio::runtime::Handle::try_current() {
-            Ok(rt) => {
-                let index = self.clone();
-                drop(rt.spawn_blocking(move || index.delete_now(victims)));
-            }
-            Err(_) => self.delete_now(victims),
-        }
-    }
-
-    fn delete_now(&self, victims: Vec<KeyHash>) {
-        for hash in victims {
-            let paths = self.lock_paths();
-            // Published again since it was chosen: that file is the new entry.
-            if self.lock().lru.contains(&hash) {
-                continue;
-            }
-            if self.store.remove(hash) {
-                self.evictions.inc();
-            }
-            drop(paths);
-            // Closed too, or the unlinked file would keep its blocks until the descriptor is pushed out.
-            self.open.drop_entry(hash);
-        }
-    }
-
     /// Counts evictions into `counter` (the one registered for `/metrics`).
     pub fn count_evictions_in(&mut self, counter: prometheus_client::metrics::counter::Counter) {
         self.evictions = counter;
@@ -468,6 +342,9 @@ impl Index {
         (inner.bytes, inner.lru.len() as u64)
     }
 }
+
+mod evict;
+mod load;
 
 #[cfg(test)]
 mod tests;

@@ -439,3 +439,73 @@ async fn fifo_in_root_does_not_hang_the_proxy() {
     assert_eq!(raw_status(proxy.addr, "/accounts/pipe"), 404);
     assert_eq!(raw_status(proxy.addr, &format!("/{AVATAR}")), 200);
 }
+
+/// Polls `key` until `want` says yes, for at most `within`; returns how long it took.
+async fn seen_within(
+    proxy: &Proxy,
+    key: &str,
+    within: Duration,
+    want: impl Fn(u16, &[u8]) -> bool,
+) -> Option<Duration> {
+    let started = std::time::Instant::now();
+    while started.elapsed() < within {
+        let r = client()
+            .get(proxy.url(&format!("/{key}")))
+            .send()
+            .await
+            .unwrap();
+        let status = r.status().as_u16();
+        // A file shortened in place while it was being sent aborts that one response (as nginx's
+        // "file was truncated"): not an answer, ask again.
+        if let Ok(body) = r.bytes().await {
+            if want(status, &body) {
+                return Some(started.elapsed());
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    None
+}
+
+#[tokio::test]
+async fn a_kept_local_file_replaced_rewritten_or_deleted_is_seen_within_seconds() {
+    // Hits keep a local file open (nginx's open_file_cache); a change on disk must still show within
+    // about a second (nginx: `open_file_cache_valid`, 60 s by default), not after the 10-15 s a kept
+    // file lives.
+    let root = mastodon_root();
+    write_file(root.path(), AVATAR, b"first version");
+    let proxy = Proxy::start(&roots_config(&[root.path()]));
+    for _ in 0..3 {
+        assert_eq!(get(&proxy, AVATAR).await.2, b"first version");
+    }
+    let path = root.path().join(AVATAR);
+    // Replaced the way tools replace files: a new file renamed over the old one.
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, b"second version, longer").unwrap();
+    std::fs::rename(&tmp, &path).unwrap();
+    let took = seen_within(&proxy, AVATAR, Duration::from_secs(4), |s, b| {
+        s == 200 && b == b"second version, longer"
+    })
+    .await;
+    assert!(
+        took.is_some(),
+        "a file renamed over was still served after 4 s"
+    );
+    for _ in 0..3 {
+        assert_eq!(get(&proxy, AVATAR).await.2, b"second version, longer");
+    }
+    // Rewritten in place, same inode, another length.
+    std::fs::write(&path, b"third").unwrap();
+    let took = seen_within(&proxy, AVATAR, Duration::from_secs(4), |s, b| {
+        s == 200 && b == b"third"
+    })
+    .await;
+    assert!(
+        took.is_some(),
+        "a file rewritten in place was still served after 4 s"
+    );
+    // Deleted: with no upstream, a 404.
+    std::fs::remove_file(&path).unwrap();
+    let took = seen_within(&proxy, AVATAR, Duration::from_secs(4), |s, _| s == 404).await;
+    assert!(took.is_some(), "a deleted file was still served after 4 s");
+}

@@ -46,6 +46,25 @@ async fn scripted(answers: Vec<Option<Vec<&'static [u8]>>>) -> (Url, Arc<AtomicU
     (url, accepted)
 }
 
+/// A server that hands each connection it accepts, numbered from 0, to `each` in a task of its own.
+/// Returns its address and the count of connections accepted.
+async fn serve<F, Fut>(each: F) -> (Url, Arc<AtomicUsize>)
+where
+    F: Fn(usize, TcpStream) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = Url::parse(&format!("http://{}/", listener.local_addr().unwrap())).unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let count = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = listener.accept().await {
+            tokio::spawn(each(count.fetch_add(1, Ordering::SeqCst), s));
+        }
+    });
+    (url, accepted)
+}
+
 /// Reads one request head; false when the connection ended first.
 async fn read_request(s: &mut TcpStream) -> bool {
     let mut seen = Vec::new();
@@ -127,19 +146,13 @@ async fn a_chunked_body_split_anywhere_is_decoded_and_its_trailers_skipped() {
 
 #[tokio::test]
 async fn a_body_without_a_length_ends_with_its_connection_and_is_not_reused() {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = Url::parse(&format!("http://{}/", listener.local_addr().unwrap())).unwrap();
-    let accepted = Arc::new(AtomicUsize::new(0));
-    let count = accepted.clone();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = listener.accept().await {
-            count.fetch_add(1, Ordering::SeqCst);
-            read_request(&mut s).await;
-            let _ = s.write_all(b"HTTP/1.1 200 OK\r\n\r\nuntil").await;
-            tokio::time::sleep(Duration::from_millis(20)).await;
-            let _ = s.write_all(b" close").await;
-        }
-    });
+    let (url, accepted) = serve(|_, mut s| async move {
+        read_request(&mut s).await;
+        let _ = s.write_all(b"HTTP/1.1 200 OK\r\n\r\nuntil").await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let _ = s.write_all(b" close").await;
+    })
+    .await;
     let c = client(&url);
     for _ in 0..2 {
         assert_eq!(body(get(&c).await).await.unwrap(), b"until close");
@@ -184,32 +197,24 @@ async fn a_connection_the_bucket_closed_while_idle_is_not_used_again() {
 
 #[tokio::test]
 async fn a_connection_closed_before_idle_check_is_skipped() {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = Url::parse(&format!("http://{}/", listener.local_addr().unwrap())).unwrap();
-    let accepted = Arc::new(AtomicUsize::new(0));
-    let count = accepted.clone();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = listener.accept().await {
-            let n = count.fetch_add(1, Ordering::SeqCst);
-            tokio::spawn(async move {
-                read_request(&mut s).await;
-                if n == 0 {
-                    let _ = s
-                        .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 1\r\n\r\nx")
-                        .await;
-                    return; // as a bucket's keep-alive timeout does: closed while idle
-                }
-                let _ = s
-                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 1\r\n\r\ny")
-                    .await;
-                while read_request(&mut s).await {
-                    let _ = s
-                        .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 1\r\n\r\ny")
-                        .await;
-                }
-            });
+    let (url, accepted) = serve(|n, mut s| async move {
+        read_request(&mut s).await;
+        if n == 0 {
+            let _ = s
+                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 1\r\n\r\nx")
+                .await;
+            return; // as a bucket's keep-alive timeout does: closed while idle
         }
-    });
+        let _ = s
+            .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 1\r\n\r\ny")
+            .await;
+        while read_request(&mut s).await {
+            let _ = s
+                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 1\r\n\r\ny")
+                .await;
+        }
+    })
+    .await;
     let c = client(&url);
     assert_eq!(body(get(&c).await).await.unwrap(), b"x");
     tokio::time::sleep(Duration::from_millis(100)).await;
@@ -419,10 +424,7 @@ async fn an_idle_connection_is_known_closed_or_out_of_step_without_a_request() {
 async fn a_chunked_body_split_at_every_byte_is_decoded_the_same() {
     const MSG: &[u8] = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n3;a=b\r\nabc\r\n0000a\r\n0123456789\r\n0\r\nt: 1\r\n\r\n";
     let head = MSG.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = Url::parse(&format!("http://{}/", listener.local_addr().unwrap())).unwrap();
-    tokio::spawn(async move {
-        let (mut s, _) = listener.accept().await.unwrap();
+    let (url, _) = serve(move |_, mut s| async move {
         s.set_nodelay(true).unwrap();
         for at in head..MSG.len() {
             if !read_request(&mut s).await {
@@ -432,7 +434,8 @@ async fn a_chunked_body_split_at_every_byte_is_decoded_the_same() {
             tokio::time::sleep(Duration::from_millis(2)).await;
             s.write_all(&MSG[at..]).await.unwrap();
         }
-    });
+    })
+    .await;
     let c = client(&url);
     for at in head..MSG.len() {
         let got = body(get(&c).await).await;
@@ -472,14 +475,12 @@ async fn framing_is_read_as_strictly_as_hyper_reads_it() {
     }
     // The last coding of all lines decides: chunked then gzip is not chunked, and ends with the
     // connection (which is then not kept).
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = Url::parse(&format!("http://{}/", listener.local_addr().unwrap())).unwrap();
-    tokio::spawn(async move {
-        let (mut s, _) = listener.accept().await.unwrap();
+    let (url, _) = serve(|_, mut s| async move {
         read_request(&mut s).await;
         let answer = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ntransfer-encoding: gzip\r\n\r\n0\r\n\r\nmore";
         let _ = s.write_all(answer).await;
-    });
+    })
+    .await;
     let c = client(&url);
     assert_eq!(body(get(&c).await).await.unwrap(), b"0\r\n\r\nmore");
     assert_eq!(c.idle_connections(), 0);
@@ -487,10 +488,7 @@ async fn framing_is_read_as_strictly_as_hyper_reads_it() {
 
 #[tokio::test]
 async fn endless_trailers_are_an_error_not_a_hang() {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = Url::parse(&format!("http://{}/", listener.local_addr().unwrap())).unwrap();
-    tokio::spawn(async move {
-        let (mut s, _) = listener.accept().await.unwrap();
+    let (url, _) = serve(|_, mut s| async move {
         read_request(&mut s).await;
         let _ = s
             .write_all(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n1\r\nx\r\n0\r\n")
@@ -500,7 +498,8 @@ async fn endless_trailers_are_an_error_not_a_hang() {
                 return;
             }
         }
-    });
+    })
+    .await;
     let c = client(&url);
     let e = tokio::time::timeout(T, body(get(&c).await))
         .await
@@ -511,28 +510,22 @@ async fn endless_trailers_are_an_error_not_a_hang() {
 
 #[tokio::test]
 async fn a_reused_connection_that_began_an_answer_is_not_asked_again() {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = Url::parse(&format!("http://{}/", listener.local_addr().unwrap())).unwrap();
-    let accepted = Arc::new(AtomicUsize::new(0));
-    let count = accepted.clone();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = listener.accept().await {
-            if count.fetch_add(1, Ordering::SeqCst) == 0 {
-                read_request(&mut s).await;
-                let _ = s
-                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nab")
-                    .await;
-                read_request(&mut s).await;
-                let _ = s.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").await;
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            } else {
-                read_request(&mut s).await;
-                let _ = s
-                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\ncd")
-                    .await;
-            }
+    let (url, accepted) = serve(|n, mut s| async move {
+        read_request(&mut s).await;
+        if n > 0 {
+            let _ = s
+                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\ncd")
+                .await;
+            return;
         }
-    });
+        let _ = s
+            .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nab")
+            .await;
+        read_request(&mut s).await;
+        let _ = s.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    })
+    .await;
     let c = client(&url);
     assert_eq!(body(get(&c).await).await.unwrap(), b"ab");
     // A 100 came, then the connection closed: an answer had begun, so the GET is not sent again

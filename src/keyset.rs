@@ -5,13 +5,9 @@
 //! - on disk: a header, then 16-byte records (key id, time, CRC32C of both), appended and fdatasync'ed
 //!   before `add` returns; a torn last record is ignored at load; the file is rewritten without expired,
 //!   evicted and repeated records when those outnumber the live ones;
-//! - in memory, 12 bytes a key: sorted arrays of 64-bit key ids and times, binary-searched, plus a small
-//!   map of recent additions merged into them every [`MERGE_AT`] additions. Past `max` keys, a merge
-//!   drops the oldest.
+//! - in memory, 12 bytes a key ([`Memory`]); past `max` keys, the oldest are dropped.
 
-use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
-use std::hash::{BuildHasherDefault, Hasher};
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -19,8 +15,6 @@ use std::time::Duration;
 
 const MAGIC: &[u8; 8] = b"MPKEYS1\n";
 const RECORD: usize = 16;
-/// Recent busts kept in a hash map before they are merged into the sorted arrays (an O(n) merge).
-const MERGE_AT: usize = 4096;
 
 /// The first 8 bytes of a SHA-256: a collision among a million keys has a chance of about 3e-8, and
 /// would only make one more key look busted (asked of the write upstream alone) or copied (one copy
@@ -42,131 +36,6 @@ pub struct KeySet {
     /// The append handle and how many records the file holds; separate from `memory` so lookups never
     /// wait for an fdatasync.
     file: Mutex<(File, u64)>,
-}
-
-/// The keys of a set, in memory.
-#[derive(Default)]
-pub struct Memory {
-    ids: Vec<KeyId>,
-    /// Unix seconds of the bust, parallel to `ids`.
-    times: Vec<u32>,
-    recent: HashMap<KeyId, u32, BuildHasherDefault<IdHasher>>,
-}
-
-/// Key ids are already uniform hashes: use them as they are.
-#[derive(Default)]
-struct IdHasher(u64);
-
-impl Hasher for IdHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        for b in bytes {
-            self.0 = self.0.rotate_left(8) ^ u64::from(*b);
-        }
-    }
-    fn write_u64(&mut self, n: u64) {
-        self.0 = n;
-    }
-}
-
-impl Memory {
-    /// Whether `id` is in the set (loaded alive; for a read-only copy of a set).
-    pub fn contains(&self, id: KeyId) -> bool {
-        self.get(id).is_some()
-    }
-
-    fn get(&self, id: KeyId) -> Option<u32> {
-        if let Some(t) = self.recent.get(&id) {
-            return Some(*t);
-        }
-        self.ids.binary_search(&id).ok().map(|i| self.times[i])
-    }
-
-    fn insert(&mut self, id: KeyId, at: u32, ttl: Duration, now: u32, max: usize) {
-        self.recent.insert(id, at);
-        if self.recent.len() >= MERGE_AT.min(max) {
-            self.merge(ttl, now);
-            self.bound(max);
-        }
-    }
-
-    /// Forgets the oldest keys beyond `max`.
-    fn bound(&mut self, max: usize) {
-        if self.ids.len() <= max {
-            return;
-        }
-        let mut times = self.times.clone();
-        let cut = self.ids.len() - max;
-        let (_, oldest_kept, _) = times.select_nth_unstable(cut);
-        let oldest_kept = *oldest_kept;
-        let mut keep = 0;
-        let mut dropped = 0;
-        for i in 0..self.ids.len() {
-            // Ties at the cut keep the set a little over `max` rather than dropping by id order.
-            if self.times[i] < oldest_kept && dropped < cut {
-                dropped += 1;
-                continue;
-            }
-            self.ids[keep] = self.ids[i];
-            self.times[keep] = self.times[i];
-            keep += 1;
-        }
-        self.ids.truncate(keep);
-        self.times.truncate(keep);
-    }
-
-    /// Folds the recent busts into the sorted arrays, dropping expired ones; a key busted again keeps
-    /// its newest time.
-    fn merge(&mut self, ttl: Duration, now: u32) {
-        let mut recent: Vec<(KeyId, u32)> = self.recent.drain().collect();
-        recent.sort_unstable();
-        let old_ids = std::mem::take(&mut self.ids);
-        let old_times = std::mem::take(&mut self.times);
-        let mut ids = Vec::with_capacity(old_ids.len() + recent.len());
-        let mut times = Vec::with_capacity(ids.capacity());
-        let mut old = old_ids.into_iter().zip(old_times).peekable();
-        let mut new = recent.into_iter().peekable();
-        loop {
-            let next = match (old.peek(), new.peek()) {
-                (None, None) => break,
-                (Some(_), None) => old.next(),
-                (None, Some(_)) => new.next(),
-                (Some(o), Some(n)) if o.0 < n.0 => old.next(),
-                (Some(o), Some(n)) if o.0 > n.0 => new.next(),
-                (Some(_), Some(_)) => {
-                    old.next();
-                    new.next()
-                }
-            };
-            let (id, at) = next.expect("peeked");
-            if alive(at, ttl, now) {
-                ids.push(id);
-                times.push(at);
-            }
-        }
-        ids.shrink_to_fit();
-        times.shrink_to_fit();
-        self.ids = ids;
-        self.times = times;
-    }
-
-    fn len(&self) -> usize {
-        self.ids.len() + self.recent.len()
-    }
-
-    fn records(&self) -> impl Iterator<Item = (KeyId, u32)> + '_ {
-        self.ids
-            .iter()
-            .copied()
-            .zip(self.times.iter().copied())
-            .chain(self.recent.iter().map(|(id, at)| (*id, *at)))
-    }
-}
-
-fn alive(at: u32, ttl: Duration, now: u32) -> bool {
-    u64::from(now.saturating_sub(at)) < ttl.as_secs()
 }
 
 fn record(id: KeyId, at: u32) -> [u8; RECORD] {
@@ -207,24 +76,7 @@ impl KeySet {
                 if corrupt > 0 {
                     tracing::warn!(path = %path.display(), corrupt, "records failed their checksum and were skipped");
                 }
-                // Sorted by id then time: the last of each run of one id is its newest addition.
-                all.sort_unstable();
-                let mut i = 0;
-                while i < all.len() {
-                    let id = all[i].0;
-                    while i + 1 < all.len() && all[i + 1].0 == id {
-                        i += 1;
-                    }
-                    if alive(all[i].1, ttl, now) {
-                        memory.ids.push(id);
-                        memory.times.push(all[i].1);
-                    }
-                    i += 1;
-                }
-                drop(all);
-                memory.bound(max);
-                memory.ids.shrink_to_fit();
-                memory.times.shrink_to_fit();
+                memory = Memory::load(all, ttl, now, max);
             }
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => return Err(e),
@@ -243,23 +95,14 @@ impl KeySet {
     /// A missing file is an empty set.
     pub fn read_only(dir: &Path, name: &str, ttl: Duration) -> io::Result<Memory> {
         let path = dir.join(name);
-        let mut memory = Memory::default();
         let f = match File::open(&path) {
             Ok(f) => f,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(memory),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Memory::default()),
             Err(e) => return Err(e),
         };
         let mut all = Vec::new();
         read_records(f, &path, &mut all, &mut 0)?;
-        let now = unix_now();
-        all.sort_unstable();
-        for (id, at) in all {
-            if alive(at, ttl, now) {
-                memory
-                    .recent
-                    .insert(id, at.max(memory.recent.get(&id).copied().unwrap_or(0)));
-            }
-        }
+        let memory = Memory::load(all, ttl, unix_now(), usize::MAX);
         Ok(memory)
     }
 
@@ -327,10 +170,7 @@ impl KeySet {
     #[cfg(test)]
     /// Heap bytes the in-memory set holds (for the size bound the tests and the docs state).
     pub fn heap_bytes(&self) -> usize {
-        let m = self.memory.lock().expect("key set lock");
-        m.ids.capacity() * 8
-            + m.times.capacity() * 4
-            + m.recent.capacity() * (std::mem::size_of::<(KeyId, u32)>() + 1)
+        self.memory.lock().expect("key set lock").heap_bytes()
     }
 
     /// Rewrites the file with only the live records once dead and repeated ones are the majority, so
@@ -443,6 +283,10 @@ fn append(path: &Path) -> io::Result<File> {
     }
     Ok(f)
 }
+
+mod memory;
+pub use memory::Memory;
+use memory::{alive, MERGE_AT};
 
 #[cfg(test)]
 mod tests;

@@ -1,4 +1,5 @@
 use super::*;
+use crate::object::read_at;
 use std::os::unix::fs::FileExt;
 
 fn meta(key: &str, len: u64) -> EntryMeta {

@@ -31,6 +31,27 @@ pub fn fill_failed_at(e: &io::Error) -> Option<u64> {
         .map(|f| f.at)
 }
 
+/// A body being filled, read a chunk at a time (here from the file being written; in [`super::memfill`]
+/// from memory): `None` at its end.
+pub(super) trait ChunkReader: Send + 'static {
+    fn next(&mut self) -> impl std::future::Future<Output = Option<io::Result<Bytes>>> + Send;
+}
+
+/// The body `reader` reads, as a stream; nothing follows an error.
+pub(super) fn stream_of(reader: impl ChunkReader) -> ByteStream {
+    Box::pin(futures_util::stream::unfold(
+        Some(reader),
+        |reader| async move {
+            let mut reader = reader?;
+            match reader.next().await {
+                None => None,
+                Some(Ok(bytes)) => Some((Ok(bytes), Some(reader))),
+                Some(Err(e)) => Some((Err(e), None)),
+            }
+        },
+    ))
+}
+
 /// Chunks the fill hands its own client, with their offsets in the body.
 pub(super) type Queue = mpsc::Receiver<(u64, Bytes)>;
 
@@ -52,18 +73,7 @@ pub(super) fn stream(
         queue,
         ahead: None,
     };
-    Box::pin(futures_util::stream::unfold(
-        Some(reader),
-        |reader| async move {
-            let mut reader = reader?;
-            match reader.next().await {
-                None => None,
-                Some(Ok(bytes)) => Some((Ok(bytes), Some(reader))),
-                // Nothing follows an error.
-                Some(Err(e)) => Some((Err(e), None)),
-            }
-        },
-    ))
+    stream_of(reader)
 }
 
 struct Reader {
@@ -78,7 +88,7 @@ struct Reader {
     ahead: Option<(u64, Bytes)>,
 }
 
-impl Reader {
+impl ChunkReader for Reader {
     async fn next(&mut self) -> Option<io::Result<Bytes>> {
         loop {
             if self.pos >= self.len {
@@ -132,7 +142,9 @@ impl Reader {
             }
         }
     }
+}
 
+impl Reader {
     /// Bytes from `pos` up to `up_to` (at most one chunk), from the file, on the blocking pool.
     async fn read_back(&mut self, up_to: u64) -> io::Result<Bytes> {
         let n = (up_to - self.pos).min(CHUNK as u64) as usize;

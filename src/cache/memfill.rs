@@ -28,7 +28,7 @@ use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 
 use super::fill::{may_go_on_unread, seal_and_publish, Prepared};
 use super::flights::{Progress, Shared, Status};
-use super::growing::FillFailed;
+use super::growing::{stream_of, ChunkReader, FillFailed};
 use crate::object::ByteStream;
 
 /// Bytes of small fills held in memory at once, across all fills. A burst of cold misses beyond it
@@ -73,17 +73,7 @@ pub(super) fn stream(body: Arc<MemBody>, len: u64, shared: Arc<Shared>) -> ByteS
         next: 0,
         pos: 0,
     };
-    Box::pin(futures_util::stream::unfold(
-        Some(reader),
-        |reader| async move {
-            let mut reader = reader?;
-            match reader.next().await {
-                None => None,
-                Some(Ok(bytes)) => Some((Ok(bytes), Some(reader))),
-                Some(Err(e)) => Some((Err(e), None)),
-            }
-        },
-    ))
+    stream_of(reader)
 }
 
 struct Reader {
@@ -97,7 +87,7 @@ struct Reader {
     pos: u64,
 }
 
-impl Reader {
+impl ChunkReader for Reader {
     async fn next(&mut self) -> Option<io::Result<Bytes>> {
         loop {
             if self.pos >= self.len {

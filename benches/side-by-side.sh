@@ -48,6 +48,14 @@ cargo build --release --locked --bin mediaproxy --example s3-server 2>&1 | tail 
 BIN=$PWD/target/release/mediaproxy
 S3BIN=$PWD/target/release/examples/s3-server
 
+# Room on /tmp for the objects (each big one in the bucket and in both caches), the caches and the
+# INDEX_ENTRIES placeholder files (their directories): checked now, not ten minutes in.
+need_mb=$((3 * BIG_MB + 2048 + INDEX_ENTRIES / 1024))
+free_mb=$(df --output=avail -m /tmp | tail -1 | tr -d ' ')
+if [ "$free_mb" -lt "$need_mb" ]; then
+  echo "only $free_mb MiB free on /tmp; this run needs about $need_mb MiB (lower BIG_MB or INDEX_ENTRIES, or free some)" >&2
+  exit 1
+fi
 W=$(mktemp -d /tmp/mediaproxy-bench.XXXXXX)
 chmod 755 "$W" # nginx workers run as an unprivileged user
 pids=()

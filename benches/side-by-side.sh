@@ -33,6 +33,20 @@ ROUNDS=${ROUNDS:-3}
 # hits, cache hits, concurrent cold misses) and print the top of each profile.
 PROFILE=${PROFILE:-}
 
+# Room on /tmp, checked now rather than ten minutes in: every small object once in the bucket or the local
+# root, the ones each proxy caches (hits, misses, up to every cold key) twice, the big objects three
+# times (bucket and both caches), and the INDEX_ENTRIES placeholders (empty files: their 65,536
+# directories and their inodes). 60 KB a small object, with its block slack.
+small=$((FILES + HIT_KEYS + 3 * MISS_KEYS + 3 * COLD_KEYS + 2 * (HIT_KEYS + MISS_KEYS + COLD_KEYS)))
+need_mb=$((small * 60 / 1024 + 3 * BIG_MB + 3 * 50 + 256))
+need_inodes=$((small + INDEX_ENTRIES + 70000))
+free_mb=$(df -Pk /tmp | awk 'NR == 2 {print int($4 / 1024)}')
+free_inodes=$(df -Pi /tmp | awk 'NR == 2 {print $4}')
+if [ "$free_mb" -lt "$need_mb" ] || { [ "$free_inodes" != "-" ] && [ "$free_inodes" -lt "$need_inodes" ]; }; then
+  echo "/tmp has $free_mb MiB and $free_inodes inodes free; this run needs about $need_mb MiB and $need_inodes inodes (lower BIG_MB, INDEX_ENTRIES or the key counts, or free some)" >&2
+  exit 1
+fi
+
 need=()
 command -v nginx >/dev/null || need+=(nginx-light)
 command -v wrk >/dev/null || need+=(wrk)
@@ -48,14 +62,6 @@ cargo build --release --locked --bin mediaproxy --example s3-server 2>&1 | tail 
 BIN=$PWD/target/release/mediaproxy
 S3BIN=$PWD/target/release/examples/s3-server
 
-# Room on /tmp for the objects (each big one in the bucket and in both caches), the caches and the
-# INDEX_ENTRIES placeholder files (their directories): checked now, not ten minutes in.
-need_mb=$((3 * BIG_MB + 2048 + INDEX_ENTRIES / 1024))
-free_mb=$(df --output=avail -m /tmp | tail -1 | tr -d ' ')
-if [ "$free_mb" -lt "$need_mb" ]; then
-  echo "only $free_mb MiB free on /tmp; this run needs about $need_mb MiB (lower BIG_MB or INDEX_ENTRIES, or free some)" >&2
-  exit 1
-fi
 W=$(mktemp -d /tmp/mediaproxy-bench.XXXXXX)
 chmod 755 "$W" # nginx workers run as an unprivileged user
 pids=()

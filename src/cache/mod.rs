@@ -14,9 +14,6 @@
 //! - `offline`: `mediaproxy cache stats|purge|clear`, on the directory, proxy running or not;
 //!   `notices`: how a running proxy learns of them.
 //! - tombstones (a [`KeySet`]): keys Mastodon busted (deleted or made private), beside the entries.
-//!
-//! A lookup reads the file directly (its path derives from the key), so the cache serves at once after
-//! a restart while the index is still loading in the background.
 
 mod filefill;
 mod fill;

@@ -9,8 +9,7 @@
 //!   (`cache.dir/copied`, a [`KeySet`]), so that hits on entries filled from the old bucket stop queueing
 //!   once their copy is done.
 //!
-//! Workers read the runtime in force when they pick a key, so a reload that changes the target or turns
-//! `copy_missing` off applies to queued keys too. Copying never touches a client's response.
+//! Copying never touches a client's response.
 
 mod one;
 mod queue;

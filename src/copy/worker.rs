@@ -16,6 +16,7 @@ use crate::runtime::Runtime;
 /// Pauses between attempts of a copy that failed in a way worth retrying: over two minutes in all, so
 /// a target that is down for a minute loses nothing.
 const BACKOFF: [u64; 7] = [1, 2, 4, 8, 16, 32, 60];
+
 impl Copier {
     pub(super) async fn work(self: Arc<Copier>, runtime: Arc<ArcSwap<Runtime>>) {
         loop {

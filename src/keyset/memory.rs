@@ -15,7 +15,7 @@ pub(super) const MERGE_AT: usize = 4096;
 /// The keys of a set, in memory.
 #[derive(Default)]
 pub struct Memory {
-    pub(super) ids: Vec<KeyId>,
+    ids: Vec<KeyId>,
     /// Unix seconds of the bust, parallel to `ids`.
     times: Vec<u32>,
     recent: HashMap<KeyId, u32, BuildHasherDefault<IdHasher>>,
@@ -143,6 +143,11 @@ impl Memory {
         times.shrink_to_fit();
         self.ids = ids;
         self.times = times;
+    }
+
+    #[cfg(test)]
+    pub(super) fn ids(&self) -> &[KeyId] {
+        &self.ids
     }
 
     /// Heap bytes held (for the size bound the tests and the docs state).

@@ -129,7 +129,7 @@ fn merges_keep_the_newest_time_and_the_order() {
     }
     m.insert(7, 1_050, ttl, 1_050, usize::MAX);
     m.merge(ttl, 1_050);
-    assert!(m.ids.windows(2).all(|w| w[0] < w[1]));
+    assert!(m.ids().windows(2).all(|w| w[0] < w[1]));
     assert_eq!(m.get(7), Some(1_050));
     assert_eq!(m.get(14), Some(1_000));
     assert_eq!(m.get(8), None);

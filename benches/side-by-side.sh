@@ -7,7 +7,8 @@
 #   DURATION=10s FILES=2000 HIT_KEYS=10000 BIG_MB=1024 INDEX_ENTRIES=1000000 bash benches/side-by-side.sh
 #
 # Phases: local hits (try_files); cache hits (HIT_KEYS keys, warm; nginx proxy_cache vs mediaproxy's
-# cache); cold misses (each key once: direct bucket GET vs nginx vs mediaproxy, sequential, p50/p99);
+# cache); cold misses (each key once: direct bucket GET vs nginx vs mediaproxy, sequential, p50/p99; then
+# 32 concurrent, ROUNDS rounds alternating, each over COLD_KEYS keys of its own);
 # 8 clients streaming a 50 MiB object; one BIG_MB object through each with peak RSS; start-up time and
 # RSS with INDEX_ENTRIES cache entries on disk.
 #
@@ -24,7 +25,7 @@ CONNS=${CONNS:-32}
 FILES=${FILES:-2000}
 HIT_KEYS=${HIT_KEYS:-10000}
 MISS_KEYS=${MISS_KEYS:-1000}
-COLD_KEYS=${COLD_KEYS:-12000}   # per server, for the concurrent cold-miss run (each key asked once)
+COLD_KEYS=${COLD_KEYS:-8000}    # per server and round of the concurrent cold-miss run (each key asked once)
 COLD_DURATION=${COLD_DURATION:-2s}
 BIG_MB=${BIG_MB:-1024}
 INDEX_ENTRIES=${INDEX_ENTRIES:-1000000}
@@ -37,7 +38,7 @@ PROFILE=${PROFILE:-}
 # root, the ones each proxy caches (hits, misses, up to every cold key) twice, the big objects three
 # times (bucket and both caches), and the INDEX_ENTRIES placeholders (empty files: their 65,536
 # directories and their inodes). 60 KB a small object, with its block slack.
-small=$((FILES + HIT_KEYS + 3 * MISS_KEYS + 3 * COLD_KEYS + 2 * (HIT_KEYS + MISS_KEYS + COLD_KEYS)))
+small=$((FILES + HIT_KEYS + 3 * MISS_KEYS + (2 * ROUNDS + 1) * COLD_KEYS + 2 * (HIT_KEYS + MISS_KEYS + ROUNDS * COLD_KEYS)))
 need_mb=$((small * 60 / 1024 + 3 * BIG_MB + 3 * 50 + 256))
 need_inodes=$((small + INDEX_ENTRIES + 70000))
 free_mb=$(df -Pk /tmp | awk 'NR == 2 {print int($4 / 1024)}')
@@ -79,9 +80,9 @@ hwm_kib() { awk '/VmHWM/ {print $2}' "/proc/$1/status"; }
 
 echo "== data: $FILES local files, $HIT_KEYS + 3x$MISS_KEYS bucket objects (30-80 KB), 50 MiB and ${BIG_MB} MiB objects ($W)"
 mkdir -p "$W/local" "$W/s3/media" "$W/cache"
-python3 - "$W" "$FILES" "$HIT_KEYS" "$MISS_KEYS" "$COLD_KEYS" <<'PY'
+python3 - "$W" "$FILES" "$HIT_KEYS" "$MISS_KEYS" "$COLD_KEYS" "$ROUNDS" <<'PY'
 import os, random, sys
-w, files, hits, misses, cold = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+w, files, hits, misses, cold, rounds = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6])
 rnd = random.Random(42)
 def make(root, prefix, n, out):
     with open(out, "w") as paths:
@@ -97,8 +98,11 @@ make(w + "/local", "", files, w + "/paths.txt")
 make(w + "/s3/media", "cache/", hits, w + "/hit-paths.txt")
 for who in ("direct", "nginx", "mediaproxy"):
     make(w + "/s3/media", "cache/", misses, w + "/miss-" + who + ".txt")
-for who in ("nginx", "mediaproxy", "profile"):
-    make(w + "/s3/media", "cache/", cold, w + "/conc-" + who + ".txt")
+# Each round of the concurrent cold misses asks keys of its own; the profile one more set.
+for r in range(1, rounds + 1):
+    for who in ("nginx", "mediaproxy"):
+        make(w + "/s3/media", "cache/", cold, w + "/conc-%s-%d.txt" % (who, r))
+make(w + "/s3/media", "cache/", cold, w + "/conc-profile.txt")
 PY
 
 S3PORT=$(port)
@@ -189,7 +193,7 @@ start_mediaproxy() {
 }
 start_mediaproxy
 
-for list in conc-nginx conc-mediaproxy conc-profile; do
+for list in conc-profile $(for r in $(seq 1 "$ROUNDS"); do echo "conc-nginx-$r conc-mediaproxy-$r"; done); do
   # Each key once: past the end of the list the run is no longer all misses, and says so.
   cat > "$W/$list.lua" <<EOF
 local paths = {}
@@ -366,11 +370,14 @@ print(f"cold miss   added at p50 over a direct bucket GET: nginx {n[0]-d[0]:+.2f
       f" sequential rate mediaproxy {m[2]:.0f} req/s vs nginx {n[2]:.0f} req/s ({m[2]/n[2]:.2f}x)")
 PY
 
-echo "== cold misses, concurrent: wrk -c$CONNS -d$COLD_DURATION over $COLD_KEYS distinct keys each (every request a miss)"
-NGC=$(DURATION=$COLD_DURATION run_wrk "http://127.0.0.1:$NGPORT" conc-nginx "$(ng_pids)")
-MPC=$(DURATION=$COLD_DURATION run_wrk "http://127.0.0.1:$MPPORT" conc-mediaproxy "$MPPID")
-echo "nginx: $NGC   mediaproxy: $MPC   (req/s p50_ms p99_ms server_cpu_us/req client_cpu_%)"
-summarize "cold misses" "$NGC" -- "$MPC"
+echo "== cold misses, concurrent: wrk -c$CONNS -d$COLD_DURATION, $ROUNDS rounds alternating, each over $COLD_KEYS keys never asked before (every request a miss)"
+NGC=(); MPC=()
+for r in $(seq 1 "$ROUNDS"); do
+  NGC[r]=$(DURATION=$COLD_DURATION run_wrk "http://127.0.0.1:$NGPORT" "conc-nginx-$r" "$(ng_pids)")
+  MPC[r]=$(DURATION=$COLD_DURATION run_wrk "http://127.0.0.1:$MPPORT" "conc-mediaproxy-$r" "$MPPID")
+  echo "round $r  nginx: ${NGC[r]}   mediaproxy: ${MPC[r]}   (req/s p50_ms p99_ms server_cpu_us/req client_cpu_%)"
+done
+summarize "cold misses" "${NGC[@]}" -- "${MPC[@]}"
 # The profile runs on keys of its own (perf's sampling must not count in the numbers above).
 [ -n "$PROFILE" ] && DURATION=$COLD_DURATION profiled cold-misses run_wrk "http://127.0.0.1:$MPPORT" conc-profile "$MPPID" >/dev/null
 

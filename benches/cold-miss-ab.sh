@@ -5,15 +5,19 @@
 #
 #   bash benches/cold-miss-ab.sh target/release/mediaproxy /tmp/mediaproxy-before
 #   ROUNDS=8 DURATION=3s bash benches/cold-miss-ab.sh A B C
+#   FS=ext4 bash benches/cold-miss-ab.sh A B    # caches on a fresh loop-mounted ext4 each round
 #
 # Each round: a fresh tmpfs for both caches (ext4's inode allocator after a mass delete, up to a fifth of
-# a miss's CPU for both servers, would swamp the difference), nginx (proxy_cache, one pinned worker)
+# a miss's CPU for both servers, would swamp the difference), or with FS=ext4 a freshly made ext4 (what
+# production runs: its creates, renames and mkdirs cost more than tmpfs's, for both servers), nginx (proxy_cache, one pinned worker)
 # then each build (one pinned tokio worker), wrk -c32 on core 1 over keys never asked before. Prints
 # the median CPU per miss of each build and of nginx beside it, and the median of their ratios.
 # Needs root (tmpfs), nginx, wrk, taskset; binds 127.0.0.1 only; every load is bounded by DURATION.
 set -euo pipefail
 [ $# -ge 1 ] || { echo "usage: $0 BINARY [BINARY ...]" >&2; exit 2; }
 ROUNDS=${ROUNDS:-5}
+FS=${FS:-tmpfs}
+case "$FS" in tmpfs|ext4) ;; *) echo "FS is tmpfs or ext4" >&2; exit 2;; esac
 DURATION=${DURATION:-2s}
 KEYS=${KEYS:-12000}
 cd "$(dirname "$0")/.."
@@ -30,6 +34,7 @@ cleanup() {
   sleep 0.3
   mountpoint -q "$W/c" && umount -l "$W/c"
   rm -rf "$W"
+  rm -f "${IMG:-}"
 }
 trap cleanup EXIT
 port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
@@ -68,8 +73,15 @@ measure() {
 
 for r in $(seq 1 "$ROUNDS"); do
   for i in "${!bins[@]}"; do
-    mountpoint -q "$W/c" && umount -l "$W/c"
-    mount -t tmpfs -o size=3g tmpfs "$W/c"; chmod 755 "$W/c"
+    if mountpoint -q "$W/c"; then umount "$W/c" 2>/dev/null || umount -l "$W/c"; fi
+    if [ "$FS" = ext4 ]; then
+      # A sparse image made anew each round: no round inherits another's allocator state.
+      IMG=${IMG:-$(mktemp /var/tmp/cold-miss-ab.XXXXXX.img)}
+      rm -f "$IMG"; truncate -s 4G "$IMG"; mkfs.ext4 -q -F "$IMG"; mount -o loop "$IMG" "$W/c"
+    else
+      mount -t tmpfs -o size=3g tmpfs "$W/c"
+    fi
+    chmod 755 "$W/c"
     NGPORT=$(port); MPPORT=$(port)
     cat > "$W/nginx.conf" <<N
 worker_processes 1;

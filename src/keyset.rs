@@ -42,14 +42,14 @@ fn record(id: KeyId, at: u32) -> [u8; RECORD] {
     let mut r = [0u8; RECORD];
     r[..8].copy_from_slice(&id.to_le_bytes());
     r[8..12].copy_from_slice(&at.to_le_bytes());
-    let crc = crc32c::crc32c(&r[..12]);
+    let crc = crate::checksum::crc32c(&r[..12]);
     r[12..].copy_from_slice(&crc.to_le_bytes());
     r
 }
 
 fn parse(r: &[u8]) -> Option<(KeyId, u32)> {
     let crc = u32::from_le_bytes(r[12..16].try_into().ok()?);
-    (crc32c::crc32c(&r[..12]) == crc).then(|| {
+    (crate::checksum::crc32c(&r[..12]) == crc).then(|| {
         (
             u64::from_le_bytes(r[..8].try_into().expect("8 bytes")),
             u32::from_le_bytes(r[8..12].try_into().expect("4 bytes")),

@@ -6,6 +6,7 @@
 pub mod admin;
 pub mod cache;
 pub mod check;
+pub mod checksum;
 pub mod cmd;
 pub mod config;
 pub mod copy;

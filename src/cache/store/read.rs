@@ -108,7 +108,7 @@ impl Store {
             let t = parse_trailer(&buf[..], size, &file)?;
             check_key(&t.meta, key)?;
             let body = buf.slice(..t.body_len as usize);
-            if verify && t.checksum(crc32c::crc32c(&body)) != t.crc {
+            if verify && t.checksum(crate::checksum::crc32c(&body)) != t.crc {
                 return Err(StoreError::Corrupt("checksum mismatch"));
             }
             let meta = t.meta;
@@ -125,7 +125,7 @@ impl Store {
         while pos < t.body_len {
             let n = (t.body_len - pos).min(crate::object::CHUNK as u64) as usize;
             let chunk = read_at(&file, pos, n)?;
-            sum = crc32c::crc32c_append(sum, &chunk);
+            sum = crate::checksum::crc32c_append(sum, &chunk);
             pos += n as u64;
         }
         if t.checksum(sum) != t.crc {

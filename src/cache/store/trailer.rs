@@ -20,7 +20,7 @@ impl Trailer {
     /// The entry's checksum, given the CRC of its body.
     pub(super) fn checksum(&self, body_crc: u32) -> u32 {
         if self.covers_meta {
-            crc32c::crc32c_append(body_crc, &self.meta_bytes)
+            crate::checksum::crc32c_append(body_crc, &self.meta_bytes)
         } else {
             body_crc
         }

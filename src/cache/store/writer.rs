@@ -23,7 +23,7 @@ impl EntryWriter {
             .as_mut()
             .ok_or_else(|| io::Error::other("writer already failed"))?;
         file.write_all(chunk)?;
-        self.crc = crc32c::crc32c_append(self.crc, chunk);
+        self.crc = crate::checksum::crc32c_append(self.crc, chunk);
         self.written += chunk.len() as u64;
         Ok(())
     }
@@ -57,7 +57,7 @@ impl EntryWriter {
         rest: &[Bytes],
     ) -> io::Result<Sealed> {
         for chunk in rest {
-            self.crc = crc32c::crc32c_append(self.crc, chunk);
+            self.crc = crate::checksum::crc32c_append(self.crc, chunk);
             self.written += chunk.len() as u64;
         }
         if meta.len != self.written {
@@ -68,7 +68,7 @@ impl EntryWriter {
             .take()
             .ok_or_else(|| io::Error::other("writer already failed"))?;
         let json = serde_json::to_vec(meta).map_err(io::Error::other)?;
-        let crc = crc32c::crc32c_append(self.crc, &json);
+        let crc = crate::checksum::crc32c_append(self.crc, &json);
         let mut trailer = json;
         trailer.extend_from_slice(&(trailer.len() as u32).to_le_bytes());
         trailer.extend_from_slice(&crc.to_le_bytes());

@@ -428,7 +428,7 @@ root, n = sys.argv[1], int(sys.argv[2])
 made = set()
 for i in range(n):
     h = hashlib.sha256(b"bench/%d" % i).hexdigest()[:32]
-    d = os.path.join(root, "v1", h[:2], h[2:4])
+    d = os.path.join(root, "v2", h[:2], h[2:3])  # the layout of a cache this release made
     if d not in made:
         os.makedirs(d, exist_ok=True); made.add(d)
     os.close(os.open(os.path.join(d, h), os.O_CREAT | os.O_WRONLY, 0o644))

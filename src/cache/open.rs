@@ -1,5 +1,5 @@
 //! Small entries kept open between hits, with their metadata already parsed: nginx's `open_file_cache`
-//! for the cache directory. Without it a hit walks `ab/cd/<hash>` (dentry lookups and permission
+//! for the cache directory. Without it a hit walks `ab/c/<hash>` (dentry lookups and permission
 //! checks), parses the JSON metadata and closes the file again: measured a sixth of a hit's CPU.
 //!
 //! A kept descriptor is checked with one `fstat` before every use: a file unlinked by eviction, by

@@ -12,7 +12,7 @@ const KEY: &str = "media_attachments/files/109/383/759/229/326/700/original/cach
 
 pub(crate) fn cache_files(dir: &Path) -> Vec<std::path::PathBuf> {
     let mut out = Vec::new();
-    let mut stack = vec![dir.join("v1")];
+    let mut stack = vec![dir.join("v1"), dir.join("v2")];
     while let Some(d) = stack.pop() {
         let Ok(rd) = std::fs::read_dir(&d) else {
             continue;

@@ -164,3 +164,94 @@ async fn a_running_proxy_stops_counting_what_the_cache_command_deleted() {
         "notices are deleted once read"
     );
 }
+
+/// Where `key`'s entry file is under `layout` (`v1/ab/cd/<hash>` or `v2/ab/c/<hash>`).
+fn entry_path(cache: &std::path::Path, layout: &str, key: &str) -> std::path::PathBuf {
+    use sha2::{Digest, Sha256};
+    let hex: String = Sha256::digest(key.as_bytes())[..16]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let second = if layout == "v1" {
+        &hex[2..4]
+    } else {
+        &hex[2..3]
+    };
+    cache.join(layout).join(&hex[..2]).join(second).join(&hex)
+}
+
+/// An upgrade keeps a cache made by a release before the `v2` layout: its entries (under
+/// `v1/ab/cd/`) are served without a GET, new fills go beside them, and the offline tools work on it.
+/// A new cache uses `v2/ab/c/` (4,096 directories instead of 65,536).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_cache_made_by_an_earlier_release_keeps_serving_after_the_upgrade() {
+    let s3 = S3Server::start(&["media"], true).await;
+    let keys = [
+        "media_attachments/l/0.png",
+        "media_attachments/l/1.png",
+        "media_attachments/l/2.png",
+    ];
+    for (i, key) in keys.iter().enumerate() {
+        s3.put("media", key, pattern(20_000, i as u64), "image/png")
+            .await;
+    }
+    let cache = tempfile::tempdir().unwrap();
+    let cfg = format!(
+        "[cache]\ndir = \"{}\"\n\n{}",
+        cache.path().display(),
+        s3.s3_upstream("b", "media")
+    );
+    let proxy = Proxy::start(&cfg);
+    for key in &keys[..2] {
+        assert_eq!(get(&proxy, key).await.1, "MISS");
+        wait_hit(&proxy, key).await;
+        assert!(
+            entry_path(cache.path(), "v2", key).is_file(),
+            "a new cache is v2"
+        );
+    }
+    assert!(!cache.path().join("v1").exists());
+    drop(proxy);
+
+    // Made into what an earlier release left: the same files under v1/ab/cd/, no v2/.
+    for key in &keys[..2] {
+        let to = entry_path(cache.path(), "v1", key);
+        std::fs::create_dir_all(to.parent().unwrap()).unwrap();
+        std::fs::rename(entry_path(cache.path(), "v2", key), to).unwrap();
+    }
+    std::fs::remove_dir_all(cache.path().join("v2")).unwrap();
+    s3.delete("media", keys[0]).await;
+    s3.reset_counts();
+
+    let proxy = Proxy::start(&cfg);
+    let (st, xc, body) = get(&proxy, keys[0]).await;
+    assert_eq!((st, xc.as_str()), (200, "HIT"), "gone from the bucket");
+    assert_eq!(body, pattern(20_000, 0));
+    assert_eq!(s3.count("GET"), 0);
+    assert_eq!(get(&proxy, keys[2]).await.1, "MISS");
+    wait_hit(&proxy, keys[2]).await;
+    assert!(
+        entry_path(cache.path(), "v1", keys[2]).is_file(),
+        "new fills keep the cache's layout"
+    );
+    assert!(!cache.path().join("v2").exists());
+
+    let stats = cache_command(&proxy, &["stats"]);
+    assert!(stats.contains("entries  3"), "{stats}");
+    let purged = cache_command(&proxy, &["purge", keys[0]]);
+    assert!(
+        purged.contains(&format!("purged     {}", keys[0])),
+        "{purged}"
+    );
+    assert!(!entry_path(cache.path(), "v1", keys[0]).exists());
+    let lost = eventually(Duration::from_secs(5), || async {
+        get(&proxy, keys[0]).await.0 == 404
+    })
+    .await;
+    assert!(lost, "a purged entry is not served");
+    // Two entries and the 404 the purged key now has (a negative entry).
+    let cleared = cache_command(&proxy, &["clear"]);
+    assert!(cleared.contains("removed 3"), "{cleared}");
+    assert!(cache_command(&proxy, &["stats"]).contains("entries  0"));
+    assert_eq!(get(&proxy, keys[1]).await.1, "MISS");
+}

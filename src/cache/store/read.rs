@@ -64,7 +64,7 @@ impl Store {
         let opened = match &self.entries {
             Some(dir) => rustix::fs::openat(
                 dir.as_ref(),
-                relative_path(hash).as_str(),
+                relative_path(self.layout, hash).as_str(),
                 OFlags::RDONLY | OFlags::CLOEXEC,
                 Mode::empty(),
             )

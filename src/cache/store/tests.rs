@@ -21,10 +21,63 @@ fn meta(key: &str, len: u64) -> EntryMeta {
 fn relative_path_is_hex_fanned_out() {
     let h: KeyHash = 0xabcd_0123_4567_89ab_cdef_0011_2233_4455;
     assert_eq!(
-        relative_path(h).as_str(),
+        relative_path(Layout::V2, h).as_str(),
+        "ab/c/abcd0123456789abcdef001122334455"
+    );
+    assert_eq!(
+        relative_path(Layout::V1, h).as_str(),
         "ab/cd/abcd0123456789abcdef001122334455"
     );
-    assert_eq!(format!("{h:032x}"), &relative_path(h).as_str()[6..]);
+    assert_eq!(
+        format!("{h:032x}"),
+        &relative_path(Layout::V2, h).as_str()[5..]
+    );
+}
+
+#[test]
+fn a_new_cache_uses_v2_and_one_with_v1_entries_keeps_v1() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    assert_eq!(store.layout(), Layout::V2);
+    let key = "media_attachments/files/1/original/a.png";
+    let mut w = store.writer().unwrap();
+    w.write(b"abc").unwrap();
+    w.commit(&store, &meta(key, 3)).unwrap();
+    let hex = format!("{:032x}", hash_key(key));
+    assert!(dir
+        .path()
+        .join("v2")
+        .join(&hex[..2])
+        .join(&hex[2..3])
+        .join(&hex)
+        .is_file());
+    assert!(
+        !dir.path().join("v1").exists(),
+        "no v1/ made for a new cache"
+    );
+    assert_eq!(
+        Store::open(dir.path()).unwrap().layout(),
+        Layout::V2,
+        "kept on reopen"
+    );
+
+    // A cache an earlier release made: an entry under v1/ab/cd/.
+    let old = tempfile::tempdir().unwrap();
+    let v1 = old.path().join("v1").join(&hex[..2]).join(&hex[2..4]);
+    fs::create_dir_all(&v1).unwrap();
+    fs::copy(store.path(hash_key(key)), v1.join(&hex)).unwrap();
+    let store = Store::open(old.path()).unwrap();
+    assert_eq!(store.layout(), Layout::V1);
+    assert!(
+        store.load(key).unwrap().is_some(),
+        "the earlier release's entry is served"
+    );
+    assert!(!old.path().join("v2").exists());
+    assert_eq!(
+        Store::attach(old.path()).layout(),
+        Layout::V1,
+        "the offline tools agree"
+    );
 }
 
 #[test]

@@ -112,8 +112,8 @@ impl Sealed {
         self.size
     }
 
-    /// The atomic rename into `v1/`; returns the entry's size on disk. The rename is tried first and
-    /// the directories made only if it says they are missing, as nginx does: once `v1/ab/cd/` exist
+    /// The atomic rename into the layout's directory; returns the entry's size on disk. The rename is tried first and
+    /// the directories made only if it says they are missing, as nginx does: once `v2/ab/c/` exist
     /// (after the first few thousand entries), a publish is one syscall instead of three.
     pub fn publish(mut self) -> io::Result<u64> {
         match fs::rename(&self.path, &self.dest) {

@@ -30,6 +30,9 @@ COLD_DURATION=${COLD_DURATION:-2s}
 BIG_MB=${BIG_MB:-1024}
 INDEX_ENTRIES=${INDEX_ENTRIES:-1000000}
 ROUNDS=${ROUNDS:-3}
+# Hits are also measured at this fixed rate (req/s, the same for both servers; 0 skips it): see below.
+FIXED_RATE=${FIXED_RATE:-20000}
+FIXED_DURATION=${FIXED_DURATION:-5}
 # PROFILE=1: also record mediaproxy with `perf record -g` during one more run of each scenario (local
 # hits, cache hits, concurrent cold misses) and print the top of each profile.
 PROFILE=${PROFILE:-}
@@ -59,9 +62,10 @@ if [ ${#need[@]} -gt 0 ]; then
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
 fi
 
-cargo build --release --locked --bin mediaproxy --example s3-server 2>&1 | tail -1
+cargo build --release --locked --bin mediaproxy --example s3-server --example rate-load 2>&1 | tail -1
 BIN=$PWD/target/release/mediaproxy
 S3BIN=$PWD/target/release/examples/s3-server
+RATELOAD=$PWD/target/release/examples/rate-load
 
 W=$(mktemp -d /tmp/mediaproxy-bench.XXXXXX)
 chmod 755 "$W" # nginx workers run as an unprivileged user
@@ -226,7 +230,7 @@ done
 # mediaproxy's one process) before and after each run: CPU microseconds per request do not depend on
 # how fast the load generator is, req/s do. wrk's own CPU share is reported too: at ~100 % the client,
 # not the server, set the pace, and a req/s ratio says nothing.
-cpu_ticks() { local t=0 p; for p in "$@"; do t=$((t + $(awk '{print $14+$15}' "/proc/$p/stat"))); done; echo $t; }
+cpu_ticks() { local t=0 p v; for p in "$@"; do v=$(awk '{print $14+$15}' "/proc/$p/stat" 2>/dev/null) && t=$((t + v)); done; echo $t; }
 ng_pids() { echo "$(cat "$W/nginx.pid") $(pgrep -P "$(cat "$W/nginx.pid")" | tr '\n' ' ')"; }
 
 # run_wrk URL LIST PIDS → "req/s p50_ms p99_ms server_us_per_req client_cpu_pct"
@@ -292,7 +296,61 @@ compare() {
   done
   summarize "$label" "${NG[@]}" -- "${MP[@]}"
   [ -n "$PROFILE" ] && profiled "${label// /-}" run_wrk "http://127.0.0.1:$MPPORT" "$list" "$MPPID" >/dev/null
+  [ "$FIXED_RATE" != 0 ] && fixed_rate "$label" "$list"
   return 0
+}
+
+# fixed_rate LABEL LIST: latency at the same offered load for both. wrk's percentiles above are taken
+# at whatever rate wrk and the server reach together, with wrk near 100 % of its core on hits: a faster
+# server makes a busier client, and the client's queueing is in the percentiles. Here rate-load
+# (examples/rate-load.rs) sends FIXED_RATE requests a second, open loop, over CONNS connections, to
+# each server in turn, ROUNDS rounds; the medians of each percentile are compared.
+fixed_rate() {
+  local label=$1 list=$2 r
+  local -a NG MP
+  echo "-- $label at a fixed $FIXED_RATE req/s, ${FIXED_DURATION}s, $CONNS connections, $ROUNDS rounds alternating (sent errors p50 p90 p99 p99.9 max ms, achieved/s, server us/req)"
+  for r in $(seq 1 "$ROUNDS"); do
+    NG[r]=$(run_fixed "http://127.0.0.1:$NGPORT" "$list" "$(ng_pids)")
+    MP[r]=$(run_fixed "http://127.0.0.1:$MPPORT" "$list" "$MPPID")
+    echo "round $r  nginx: ${NG[r]}   mediaproxy: ${MP[r]}"
+  done
+  python3 - "$label" "${NG[@]}" -- "${MP[@]}" <<'PY'
+import statistics, sys
+label = sys.argv[1]; args = sys.argv[2:]; i = args.index("--")
+ng = [list(map(float, a.split())) for a in args[:i]]; mp = [list(map(float, a.split())) for a in args[i+1:]]
+med = lambda rows, i: statistics.median(r[i] for r in rows)
+cols = (("p50", 2), ("p90", 3), ("p99", 4), ("p99.9", 5))
+print(f"{label} at {sys.argv and ''}fixed rate, medians: " + ", ".join(
+    f"{name} nginx {med(ng, c):.3f} ms mediaproxy {med(mp, c):.3f} ms ({med(mp, c) / max(med(ng, c), 1e-9):.2f}x)" for name, c in cols)
+    + f"; server CPU {med(ng, 8):.1f} vs {med(mp, 8):.1f} us/req")
+if any(r[1] for r in ng + mp):
+    print(f"{label}  WARNING: failed requests at the fixed rate")
+PY
+}
+
+# run_fixed URL LIST PIDS → rate-load's line, then the server's CPU microseconds per request (of the
+# processes alive before and after: nginx's cache loader exits a minute after start)
+run_fixed() {
+  python3 - "$RATELOAD" "$1" "$W/$2.txt" "$FIXED_RATE" "$FIXED_DURATION" "$CONNS" "$3" <<'PY'
+import os, subprocess, sys
+bin, url, paths, rate, secs, conns, pids = sys.argv[1:8]
+tick = os.sysconf("SC_CLK_TCK")
+def cpu():
+    out = {}
+    for p in pids.split():
+        try:
+            f = open(f"/proc/{p}/stat").read().rsplit(")", 1)[1].split()
+            out[p] = int(f[11]) + int(f[12])
+        except FileNotFoundError:
+            pass
+    return out
+c0 = cpu()
+line = subprocess.run(["taskset", "-c", "1", bin, url, paths, rate, secs, conns],
+                      capture_output=True, text=True, check=True).stdout.strip()
+c1 = cpu()
+used = sum(c1[p] - c0[p] for p in c0.keys() & c1.keys()) / tick
+print(f"{line} {used * 1e6 / max(1, int(line.split()[0])):.1f}")
+PY
 }
 
 summarize() {

@@ -308,7 +308,7 @@ compare() {
 fixed_rate() {
   local label=$1 list=$2 r
   local -a NG MP
-  echo "-- $label at a fixed $FIXED_RATE req/s, ${FIXED_DURATION}s, $CONNS connections, $ROUNDS rounds alternating (sent errors p50 p90 p99 p99.9 max ms, achieved/s, server us/req)"
+  echo "-- $label at a fixed $FIXED_RATE req/s, ${FIXED_DURATION}s, $CONNS connections, $ROUNDS rounds alternating (answered failed p50 p90 p99 p99.9 max ms, answered/s, server us/req)"
   for r in $(seq 1 "$ROUNDS"); do
     NG[r]=$(run_fixed "http://127.0.0.1:$NGPORT" "$list" "$(ng_pids)")
     MP[r]=$(run_fixed "http://127.0.0.1:$MPPORT" "$list" "$MPPID")
@@ -320,7 +320,7 @@ label = sys.argv[1]; args = sys.argv[2:]; i = args.index("--")
 ng = [list(map(float, a.split())) for a in args[:i]]; mp = [list(map(float, a.split())) for a in args[i+1:]]
 med = lambda rows, i: statistics.median(r[i] for r in rows)
 cols = (("p50", 2), ("p90", 3), ("p99", 4), ("p99.9", 5))
-print(f"{label} at {sys.argv and ''}fixed rate, medians: " + ", ".join(
+print(f"{label} at a fixed rate, medians: " + ", ".join(
     f"{name} nginx {med(ng, c):.3f} ms mediaproxy {med(mp, c):.3f} ms ({med(mp, c) / max(med(ng, c), 1e-9):.2f}x)" for name, c in cols)
     + f"; server CPU {med(ng, 8):.1f} vs {med(mp, 8):.1f} us/req")
 if any(r[1] for r in ng + mp):
@@ -346,7 +346,7 @@ def cpu():
     return out
 c0 = cpu()
 line = subprocess.run(["taskset", "-c", "1", bin, url, paths, rate, secs, conns],
-                      capture_output=True, text=True, check=True).stdout.strip()
+                      capture_output=True, text=True, check=True, timeout=float(secs) + 30).stdout.strip()
 c1 = cpu()
 used = sum(c1[p] - c0[p] for p in c0.keys() & c1.keys()) / tick
 print(f"{line} {used * 1e6 / max(1, int(line.split()[0])):.1f}")

@@ -196,7 +196,9 @@ fn cache_command(action: CacheAction) -> anyhow::Result<ExitCode> {
                 let key = mediaproxy::keys::to_key(k.trim(), &path_prefix);
                 parsed.push(key.map_err(|e| anyhow::anyhow!("{k:?}: {e}"))?);
             }
-            for (key, found) in parsed.iter().zip(cache::purge(&cache_cfg.dir, &parsed)) {
+            let found = cache::purge(&cache_cfg.dir, &parsed)
+                .with_context(|| format!("reading {}", cache_cfg.dir.display()))?;
+            for (key, found) in parsed.iter().zip(found) {
                 println!("{} {key}", if found { "purged    " } else { "not cached" });
             }
             if let Some(prefix) = prefix {

@@ -9,17 +9,17 @@ use super::notices;
 use super::store::{self, hash_key, Layout, Store};
 
 /// The cache's stores, one per layout that has a directory, the one in use first.
-fn every_layout(dir: &std::path::Path) -> Vec<Store> {
-    let used = Store::attach(dir);
+fn every_layout(dir: &std::path::Path) -> std::io::Result<Vec<Store>> {
+    let used = Store::attach(dir)?;
     let in_use = used.layout();
     let others = Layout::ALL
         .into_iter()
         .filter(|l| *l != in_use)
         .map(|l| Store::attach_as(dir, l));
-    std::iter::once(used)
+    Ok(std::iter::once(used)
         .chain(others)
         .filter(|s| s.entries_dir().exists())
-        .collect()
+        .collect())
 }
 
 /// What `mediaproxy cache stats` prints.
@@ -31,7 +31,7 @@ pub struct Stats {
 
 /// Reads the directory, not a running proxy's memory, so it works whether or not one is running.
 pub fn stats(dir: &std::path::Path) -> std::io::Result<Stats> {
-    let store = Store::attach(dir);
+    let store = Store::attach(dir)?;
     let mut s = Stats {
         entries: 0,
         bytes: 0,
@@ -51,8 +51,8 @@ pub fn stats(dir: &std::path::Path) -> std::io::Result<Stats> {
 /// Deletes the entries for `keys`; a running proxy sees the file gone at its next lookup and refetches,
 /// and stops counting it within a second (a notice, see `notices`).
 /// Returns, per key, whether there was an entry.
-pub fn purge(dir: &std::path::Path, keys: &[crate::key::Key]) -> Vec<bool> {
-    let stores = every_layout(dir);
+pub fn purge(dir: &std::path::Path, keys: &[crate::key::Key]) -> std::io::Result<Vec<bool>> {
+    let stores = every_layout(dir)?;
     let hashes: Vec<_> = keys.iter().map(|k| hash_key(k.as_str())).collect();
     let removed: Vec<bool> = hashes
         .iter()
@@ -64,13 +64,18 @@ pub fn purge(dir: &std::path::Path, keys: &[crate::key::Key]) -> Vec<bool> {
         .filter_map(|(h, r)| r.then_some(*h))
         .collect();
     notices::leave(dir, &gone, false);
-    removed
+    Ok(removed)
 }
 
-/// Deletes every entry (a running proxy keeps serving and refills as media is read).
+/// Deletes every entry (a running proxy keeps serving and refills as media is read). Returns the
+/// number of entry files deleted (a key with an entry in two layouts counts twice).
 pub fn clear(dir: &std::path::Path) -> std::io::Result<u64> {
+    let stores = every_layout(dir)?;
+    if stores.is_empty() {
+        return Ok(0); // no cache here: nothing to tell a running proxy, and nothing to create
+    }
     let mut n = 0;
-    for store in every_layout(dir) {
+    for store in stores {
         let mut hashes = Vec::new();
         store::walk(&store, |hash, _, _, _| hashes.push(hash))?;
         for hash in hashes {
@@ -88,7 +93,7 @@ pub fn clear(dir: &std::path::Path) -> std::io::Result<u64> {
 pub fn purge_prefix(dir: &std::path::Path, prefix: &str) -> std::io::Result<Vec<String>> {
     let mut purged = Vec::new();
     let mut gone = Vec::new();
-    for store in every_layout(dir) {
+    for store in every_layout(dir)? {
         let mut hashes = Vec::new();
         store::walk(&store, |hash, _, _, _| hashes.push(hash))?;
         for hash in hashes {
@@ -143,10 +148,10 @@ mod tests {
         std::fs::create_dir_all(v1.path(hash_key(taken_down)).parent().unwrap()).unwrap();
         put(&v1, taken_down);
         put(&v1, other);
-        assert_eq!(Store::attach(dir.path()).layout(), Layout::V1);
+        assert_eq!(Store::attach(dir.path()).unwrap().layout(), Layout::V1);
 
         let key = crate::key::from_raw(taken_down).unwrap();
-        assert_eq!(purge(dir.path(), &[key]), vec![true]);
+        assert_eq!(purge(dir.path(), &[key]).unwrap(), vec![true]);
         assert!(!v1.path(hash_key(taken_down)).exists());
         assert!(
             !v2.path(hash_key(taken_down)).exists(),

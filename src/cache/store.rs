@@ -1,12 +1,9 @@
 //! One cache entry = one file, written to `tmp/` and renamed into `v2/` only when complete.
 //!
-//! Directory layout: `v2/ab/c/<hash>`, 4,096 leaf directories, nginx's `levels=1:2` count. Caches made by
-//! releases before it use `v1/ab/cd/<hash>`, 65,536 directories, and keep it (see [`Layout`]): on ext4 each
-//! directory costs at least a 4 KiB block (256 MiB of them for a full `v1` cache, against about 16 MiB),
-//! and a young cache made one on 85 % of its stores (`mkdir` 12–17 µs on ext4, plus the failed
-//! `rename` before it) against 7 % for nginx.
+//! Directory layout: `v2/ab/c/<hash>` for new caches, `v1/ab/cd/<hash>` kept for older ones (see
+//! [`Layout`]).
 //!
-//! Layout: `<body><meta JSON><u32 meta_len><u32 crc32c(body ‖ meta JSON)><"MPCACHE2">`. The trailer
+//! An entry file: `<body><meta JSON><u32 meta_len><u32 crc32c(body ‖ meta JSON)><"MPCACHE2">`. The trailer
 //! comes last because the checksum is known only once the body has streamed through. The checksum covers
 //! the metadata too, so a flipped bit cannot change a served `Content-Type` or `ETag`. (Entries written
 //! by the first release end in `MPCACHE1`, with a checksum of the body alone; they are still read.) A rename is atomic, so a
@@ -110,41 +107,6 @@ pub enum Loaded {
     File(EntryMeta, File),
 }
 
-/// How entry files are fanned out into directories. Decided when a cache is opened, from what its
-/// directory holds, so an upgrade neither moves nor loses entries.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Layout {
-    /// `v1/ab/cd/<hash>`: caches made before `v2` existed.
-    V1,
-    /// `v2/ab/c/<hash>`: new caches.
-    V2,
-}
-
-impl Layout {
-    pub const ALL: [Layout; 2] = [Layout::V1, Layout::V2];
-
-    pub fn dir_name(self) -> &'static str {
-        match self {
-            Layout::V1 => "v1",
-            Layout::V2 => "v2",
-        }
-    }
-
-    /// `v1` if the cache has a `v1/` with any shard directory in it (a cache of an earlier release,
-    /// or one an earlier release went back to using), else `v2`.
-    pub fn of(root: &Path) -> Layout {
-        if has_any(&root.join("v1")) {
-            Layout::V1
-        } else {
-            Layout::V2
-        }
-    }
-}
-
-fn has_any(dir: &Path) -> bool {
-    fs::read_dir(dir).is_ok_and(|mut d| d.next().is_some())
-}
-
 #[derive(Clone)]
 pub struct Store {
     root: PathBuf,
@@ -157,19 +119,9 @@ pub struct Store {
 impl Store {
     /// Creates the layout and deletes what a crash left half-written.
     pub fn open(root: &Path) -> io::Result<Store> {
-        let layout = Layout::of(root);
+        let layout = Layout::of(root)?;
         fs::create_dir_all(root.join(layout.dir_name()))?;
-        for other in Layout::ALL.into_iter().filter(|l| *l != layout) {
-            let dir = root.join(other.dir_name());
-            if has_any(&dir) {
-                // Only after going back to an earlier release and forward again; its entries are
-                // neither served nor counted against max_size, and may hold what was purged since.
-                tracing::warn!(
-                    dir = %dir.display(),
-                    "the cache holds entries of a layout it no longer uses; delete that directory to free its space"
-                );
-            }
-        }
+        layout::retire_others(root, layout)?;
         let tmp = root.join("tmp");
         if tmp.exists() {
             for e in fs::read_dir(&tmp)? {
@@ -190,8 +142,8 @@ impl Store {
     }
 
     /// Opens without touching `tmp/` (for `cache stats|purge` next to a running proxy).
-    pub fn attach(root: &Path) -> Store {
-        Store::attach_as(root, Layout::of(root))
+    pub fn attach(root: &Path) -> io::Result<Store> {
+        Ok(Store::attach_as(root, Layout::of(root)?))
     }
 
     /// [`Store::attach`] with a given layout: the offline tools purge from every layout.
@@ -334,9 +286,11 @@ pub fn walk(
     Ok(())
 }
 
+mod layout;
 mod read;
 mod trailer;
 mod writer;
+pub use layout::Layout;
 pub use read::note_read;
 pub use writer::{EntryWriter, Sealed};
 

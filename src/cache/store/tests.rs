@@ -74,10 +74,49 @@ fn a_new_cache_uses_v2_and_one_with_v1_entries_keeps_v1() {
     );
     assert!(!old.path().join("v2").exists());
     assert_eq!(
-        Store::attach(old.path()).layout(),
+        Store::attach(old.path()).unwrap().layout(),
         Layout::V1,
         "the offline tools agree"
     );
+}
+
+/// After going back to an earlier release (which fills `v1/`) and forward again, `v2/` is stale: it
+/// may hold entries purged meanwhile, so it is moved away at once and deleted.
+#[test]
+fn a_stale_v2_beside_a_used_v1_is_moved_away_and_deleted() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let key = "media_attachments/files/1/original/purged.png";
+    let mut w = store.writer().unwrap();
+    w.write(b"abc").unwrap();
+    w.commit(&store, &meta(key, 3)).unwrap();
+    // The earlier release's own entries.
+    fs::create_dir_all(dir.path().join("v1/00/00")).unwrap();
+    drop(store);
+
+    let store = Store::open(dir.path()).unwrap();
+    assert_eq!(store.layout(), Layout::V1);
+    assert!(!dir.path().join("v2").exists(), "moved away at once");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while fs::read_dir(dir.path()).unwrap().any(|e| {
+        e.unwrap()
+            .file_name()
+            .to_string_lossy()
+            .starts_with("stale-")
+    }) {
+        assert!(std::time::Instant::now() < deadline, "never deleted");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    assert!(store.load(key).unwrap().is_none());
+    assert_eq!(Store::open(dir.path()).unwrap().layout(), Layout::V1);
+}
+
+#[test]
+fn an_unreadable_v1_is_an_error_not_an_empty_cache() {
+    let dir = tempfile::tempdir().unwrap();
+    fs::write(dir.path().join("v1"), b"not a directory").unwrap();
+    assert!(Store::open(dir.path()).is_err());
+    assert!(Store::attach(dir.path()).is_err());
 }
 
 #[test]

@@ -18,7 +18,7 @@ fn xs(x: &mut u64) -> u64 {
 fn path_of(root: &std::path::Path, key: &str) -> std::path::PathBuf {
     let d = Sha256::digest(key.as_bytes());
     let hex: String = d[..16].iter().map(|b| format!("{b:02x}")).collect();
-    root.join(&hex[..2]).join(&hex[2..4]).join(&hex)
+    root.join(&hex[..2]).join(&hex[2..3]).join(&hex) // the v2 layout
 }
 
 fn read_own(root: &std::path::Path, key: &str) -> usize {
@@ -34,7 +34,7 @@ fn read_own(root: &std::path::Path, key: &str) -> usize {
     let body_len = len - 16 - ml;
     let meta: serde_json::Value = serde_json::from_slice(&buf[body_len..body_len + ml]).unwrap();
     assert_eq!(meta["key"].as_str().unwrap(), key);
-    assert_eq!(crc32c::crc32c(&buf[..body_len + ml]), crc);
+    assert_eq!(crc_fast::crc32_iscsi(&buf[..body_len + ml]), crc);
     body_len
 }
 
@@ -60,7 +60,7 @@ fn main() {
         let json = serde_json::to_vec(&meta).unwrap();
         let mut file = body.clone();
         file.extend_from_slice(&json);
-        let crc = crc32c::crc32c(&file);
+        let crc = crc_fast::crc32_iscsi(&file);
         file.extend_from_slice(&(json.len() as u32).to_le_bytes());
         file.extend_from_slice(&crc.to_le_bytes());
         file.extend_from_slice(b"MPCACHE2");

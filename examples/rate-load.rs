@@ -43,6 +43,10 @@ fn main() {
     let rate: f64 = args[3].parse().expect("RATE");
     let seconds: f64 = args[4].parse().expect("SECONDS");
     let conns: usize = args[5].parse().expect("CONNECTIONS");
+    assert!(
+        rate >= 1.0 && seconds > 0.0 && conns > 0,
+        "RATE ≥ 1, SECONDS > 0 and CONNECTIONS > 0"
+    );
     let total = (rate * seconds) as usize;
 
     let rt = tokio::runtime::Builder::new_current_thread()

@@ -16,10 +16,14 @@ fn every_layout(dir: &std::path::Path) -> std::io::Result<Vec<Store>> {
         .into_iter()
         .filter(|l| *l != in_use)
         .map(|l| Store::attach_as(dir, l));
-    Ok(std::iter::once(used)
-        .chain(others)
-        .filter(|s| s.entries_dir().exists())
-        .collect())
+    let mut stores = Vec::new();
+    for s in std::iter::once(used).chain(others) {
+        // A layout directory that cannot be looked at is an error: a purge must not skip it quietly.
+        if s.entries_dir().try_exists()? {
+            stores.push(s);
+        }
+    }
+    Ok(stores)
 }
 
 /// What `mediaproxy cache stats` prints.

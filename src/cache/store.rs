@@ -256,7 +256,13 @@ pub fn walk(
     store: &Store,
     mut f: impl FnMut(KeyHash, u64, SystemTime, SystemTime),
 ) -> io::Result<()> {
-    for a in fs::read_dir(store.entries_dir())? {
+    let top = match fs::read_dir(store.entries_dir()) {
+        Ok(top) => top,
+        // A cache never used, or a stale layout a starting proxy just moved aside.
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    for a in top {
         let a = a?;
         if !a.file_type()?.is_dir() {
             continue;

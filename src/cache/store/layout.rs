@@ -44,14 +44,19 @@ impl Layout {
 
 fn has_any(dir: &Path) -> io::Result<bool> {
     match fs::read_dir(dir) {
-        Ok(mut d) => Ok(d.next().transpose()?.is_some()),
+        Ok(mut d) => Ok(d.next().transpose().map_err(|e| at(dir, e))?.is_some()),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
-        Err(e) => Err(e),
+        Err(e) => Err(at(dir, e)),
     }
 }
 
-/// Moves out of the way the directory of any layout other than `used` that holds something, and
-/// deletes it (and what an earlier start left to delete) on a thread of its own.
+/// The error, naming the path it is about (an admin reads "…/v1: Not a directory", not the bare error).
+fn at(path: &Path, e: io::Error) -> io::Error {
+    io::Error::new(e.kind(), format!("{}: {e}", path.display()))
+}
+
+/// With `v1` in use, moves a `v2/` that holds anything out of the way and deletes it (and what an
+/// earlier start left to delete) on a thread of its own.
 ///
 /// Such a directory exists only after going back to an earlier release and forward again: `v1/` is
 /// used then, and `v2/` is stale. Its entries are not counted against `max_size`, and may include
@@ -60,24 +65,26 @@ fn has_any(dir: &Path) -> io::Result<bool> {
 /// a while on a large cache, so it runs beside the proxy, and a delete cut short by a restart goes
 /// on at the next start.
 pub(super) fn retire_others(root: &Path, used: Layout) -> io::Result<()> {
-    for other in Layout::ALL.into_iter().filter(|l| *l != used) {
-        let dir = root.join(other.dir_name());
-        if has_any(&dir)? {
-            let to = root.join(format!(
-                "{STALE}{}-{}",
-                other.dir_name(),
-                crate::unix_time::now_ms()
-            ));
-            fs::rename(&dir, &to)?;
-            tracing::warn!(
+    // Only `v2/` is ever retired: `v1/` is chosen whenever it holds anything, and one that fills
+    // between that choice and here belongs to an earlier release running on the same directory.
+    let dir = root.join(Layout::V2.dir_name());
+    if used == Layout::V1 && has_any(&dir)? {
+        let to = root.join(format!("{STALE}{}", crate::unix_time::now_ms()));
+        match fs::rename(&dir, &to) {
+            Ok(()) => tracing::warn!(
                 dir = %dir.display(),
                 "the cache holds entries of a layout it no longer uses (after going back to an earlier release): deleting them"
-            );
+            ),
+            // Another process starting on the same directory moved it first.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(at(&dir, e)),
         }
     }
-    let stale: Vec<PathBuf> = fs::read_dir(root)?
+    let stale: Vec<PathBuf> = fs::read_dir(root)
+        .map_err(|e| at(root, e))?
         .filter_map(Result::ok)
-        .filter(|e| e.file_name().to_string_lossy().starts_with(STALE))
+        .filter(|e| is_stale(&e.file_name().to_string_lossy()))
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
         .map(|e| e.path())
         .collect();
     if !stale.is_empty() {
@@ -85,8 +92,12 @@ pub(super) fn retire_others(root: &Path, used: Layout) -> io::Result<()> {
             .name("mediaproxy-stale".into())
             .spawn(move || {
                 for dir in stale {
-                    if let Err(e) = fs::remove_dir_all(&dir) {
-                        tracing::warn!(dir = %dir.display(), error = %e, "could not delete a stale cache layout");
+                    match fs::remove_dir_all(&dir) {
+                        Ok(()) => {}
+                        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                        Err(e) => {
+                            tracing::warn!(dir = %dir.display(), error = %e, "could not delete a stale cache layout")
+                        }
                     }
                 }
             })?;
@@ -94,5 +105,11 @@ pub(super) fn retire_others(root: &Path, used: Layout) -> io::Result<()> {
     Ok(())
 }
 
+/// `stale-v2-<ms>`, and nothing else: `cache.dir` may be shared with files of the admin's.
+fn is_stale(name: &str) -> bool {
+    name.strip_prefix(STALE)
+        .is_some_and(|ms| !ms.is_empty() && ms.bytes().all(|b| b.is_ascii_digit()))
+}
+
 /// Names of directories being deleted: `stale-v2-<ms>`.
-const STALE: &str = "stale-";
+const STALE: &str = "stale-v2-";

@@ -90,8 +90,10 @@ fn a_stale_v2_beside_a_used_v1_is_moved_away_and_deleted() {
     let mut w = store.writer().unwrap();
     w.write(b"abc").unwrap();
     w.commit(&store, &meta(key, 3)).unwrap();
-    // The earlier release's own entries.
+    // The earlier release's own entries; what a crash left half-deleted; a directory of the admin's.
     fs::create_dir_all(dir.path().join("v1/00/00")).unwrap();
+    fs::create_dir_all(dir.path().join("stale-v2-123/ab/c")).unwrap();
+    fs::create_dir_all(dir.path().join("stale-notes")).unwrap();
     drop(store);
 
     let store = Store::open(dir.path()).unwrap();
@@ -102,13 +104,21 @@ fn a_stale_v2_beside_a_used_v1_is_moved_away_and_deleted() {
         e.unwrap()
             .file_name()
             .to_string_lossy()
-            .starts_with("stale-")
+            .starts_with("stale-v2-")
     }) {
         assert!(std::time::Instant::now() < deadline, "never deleted");
         std::thread::sleep(std::time::Duration::from_millis(10));
     }
-    assert!(store.load(key).unwrap().is_none());
+    assert!(
+        dir.path().join("stale-notes").is_dir(),
+        "only its own names"
+    );
     assert_eq!(Store::open(dir.path()).unwrap().layout(), Layout::V1);
+    // Were the layout in use ever v2 again, the purged entry must not be there.
+    fs::remove_dir_all(dir.path().join("v1")).unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    assert_eq!(store.layout(), Layout::V2);
+    assert!(store.load(key).unwrap().is_none());
 }
 
 #[test]

@@ -11,7 +11,8 @@
 # a miss's CPU for both servers, would swamp the difference), or with FS=ext4 a freshly made ext4 (what
 # production runs: its creates, renames and mkdirs cost more than tmpfs's, for both servers), nginx (proxy_cache, one pinned worker)
 # then each build (one pinned tokio worker), wrk -c32 on core 1 over keys never asked before. Prints
-# the median CPU per miss of each build and of nginx beside it, and the median of their ratios.
+# the median CPU per miss of each build and of nginx beside it (and its user-space part), and the
+# median of their ratios.
 # Needs root (tmpfs), nginx, wrk, taskset; binds 127.0.0.1 only; every load is bounded by DURATION.
 set -euo pipefail
 [ $# -ge 1 ] || { echo "usage: $0 BINARY [BINARY ...]" >&2; exit 2; }
@@ -39,7 +40,7 @@ cleanup() {
 trap cleanup EXIT
 port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 wait_port() { for _ in $(seq 1 200); do (exec 3<>/dev/tcp/127.0.0.1/"$1") 2>/dev/null && return 0; sleep 0.05; done; echo "port $1 never opened" >&2; exit 1; }
-ticks() { awk '{print $14+$15}' "/proc/$1/stat"; }
+ticks() { awk '{print $14+$15, $14}' "/proc/$1/stat"; }  # all CPU ticks, user ticks
 
 python3 - "$W" "$KEYS" <<'PY'
 import os, random, sys
@@ -61,14 +62,15 @@ taskset -c 1 "$S3BIN" "$W/s3" "$S3PORT" & pids+=($!)
 wait_port "$S3PORT"
 mkdir -p "$W/c"
 
-# CPU µs per request of the server process `pid` under 32 connections of new keys.
+# CPU µs per request of the server process `pid` under 32 connections of new keys, and the user-space
+# part of it (where mediaproxy's excess over nginx is: the kernel's part is about the same for both).
 measure() {
   local pid=$1 p=$2 c0 c1 out n
   c0=$(ticks "$pid")
   out=$(taskset -c 1 wrk -t1 -c32 -d"$DURATION" -s "$W/paths.lua" "http://127.0.0.1:$p")
   c1=$(ticks "$pid")
   n=$(echo "$out" | grep -oE '[0-9]+ requests in' | cut -d' ' -f1)
-  python3 -c "print(round(($c1-$c0)*1e6/$(getconf CLK_TCK)/$n, 1))"
+  python3 -c "a0, u0 = map(int, '$c0'.split()); a1, u1 = map(int, '$c1'.split()); t = 1e6 / $(getconf CLK_TCK) / $n; print(round((a1 - a0) * t, 1), round((u1 - u0) * t, 1))"
 }
 
 for r in $(seq 1 "$ROUNDS"); do
@@ -113,7 +115,7 @@ http {
 N
     nginx -c "$W/nginx.conf" -e "$W/nginx-error.log"
     wait_port "$NGPORT"
-    ng=$(measure "$(pgrep -P "$(cat "$W/nginx.pid")" | head -1)" "$NGPORT")
+    read -r ng ngu <<< "$(measure "$(pgrep -P "$(cat "$W/nginx.pid")" | head -1)" "$NGPORT")"
     kill "$(cat "$W/nginx.pid")"; rm -f "$W/nginx.pid"
     cat > "$W/mp.toml" <<T
 [server]
@@ -131,17 +133,18 @@ url = "http://127.0.0.1:$S3PORT/media"
 T
     TOKIO_WORKER_THREADS=1 MEDIAPROXY_LOG=warn taskset -c 0 "${bins[$i]}" serve --config "$W/mp.toml" 2>/dev/null & mp=$!
     wait_port "$MPPORT"
-    m=$(measure "$mp" "$MPPORT")
+    read -r m mu <<< "$(measure "$mp" "$MPPORT")"
     kill "$mp"; wait "$mp" 2>/dev/null || true
-    echo "round $r  ${bins[$i]}: $m us/miss, nginx $ng us/miss"
-    echo "$i $m $ng" >> "$W/results"
+    echo "round $r  ${bins[$i]}: $m us/miss ($mu user), nginx $ng us/miss ($ngu user)"
+    echo "$i $m $ng $mu $ngu" >> "$W/results"
   done
 done
 python3 - "$W/results" "${bins[@]}" <<'PY'
 import statistics as st, sys
 rows = [l.split() for l in open(sys.argv[1])]
 for i, b in enumerate(sys.argv[2:]):
-    v = [(float(m), float(n)) for j, m, n in rows if int(j) == i]
-    print(f"{b}: {st.median(m for m, _ in v):.0f} us/miss, nginx {st.median(n for _, n in v):.0f}, "
-          f"ratio {st.median(m / n for m, n in v):.2f}x (" + " ".join(f"{m / n:.2f}" for m, n in v) + ")")
+    v = [tuple(map(float, r[1:])) for r in rows if int(r[0]) == i]
+    print(f"{b}: {st.median(r[0] for r in v):.0f} us/miss ({st.median(r[2] for r in v):.0f} user), "
+          f"nginx {st.median(r[1] for r in v):.0f} ({st.median(r[3] for r in v):.0f} user), "
+          f"ratio {st.median(r[0] / r[1] for r in v):.2f}x (" + " ".join(f"{r[0] / r[1]:.2f}" for r in v) + ")")
 PY

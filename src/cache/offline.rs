@@ -41,9 +41,6 @@ pub fn stats(dir: &std::path::Path) -> std::io::Result<Stats> {
         bytes: 0,
         oldest: None,
     };
-    if !store.entries_dir().exists() {
-        return Ok(s);
-    }
     store::walk(&store, |_, size, mtime, _| {
         s.entries += 1;
         s.bytes += size;

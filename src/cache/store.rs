@@ -121,7 +121,7 @@ impl Store {
     pub fn open(root: &Path) -> io::Result<Store> {
         let layout = Layout::of(root)?;
         fs::create_dir_all(root.join(layout.dir_name()))?;
-        layout::retire_others(root, layout)?;
+        layout::retire_stale(root, layout)?;
         let tmp = root.join("tmp");
         if tmp.exists() {
             for e in fs::read_dir(&tmp)? {
@@ -220,10 +220,7 @@ fn relative_path(layout: Layout, hash: KeyHash) -> RelPath {
         hex[2 * i] = HEX[(b >> 4) as usize];
         hex[2 * i + 1] = HEX[(b & 15) as usize];
     }
-    let second = match layout {
-        Layout::V1 => 2,
-        Layout::V2 => 1,
-    };
+    let second = layout.second_level_digits();
     let mut buf = [b'/'; 38];
     buf[..2].copy_from_slice(&hex[..2]);
     buf[3..3 + second].copy_from_slice(&hex[2..2 + second]);

@@ -30,6 +30,14 @@ impl Layout {
         }
     }
 
+    /// Hex digits of the second directory level: `ab/cd/` or `ab/c/`.
+    pub(super) fn second_level_digits(self) -> usize {
+        match self {
+            Layout::V1 => 2,
+            Layout::V2 => 1,
+        }
+    }
+
     /// `v1` if the cache has a `v1/` with anything in it (a cache of an earlier release, or one an
     /// earlier release went back to using), else `v2`. A `v1/` that cannot be read is an error, not
     /// an empty cache: taking it for one would leave its entries uncounted beside a new `v2/`.
@@ -64,7 +72,7 @@ fn at(path: &Path, e: io::Error) -> io::Error {
 /// be served again if the layout in use ever changed back. The rename is atomic; the delete may take
 /// a while on a large cache, so it runs beside the proxy, and a delete cut short by a restart goes
 /// on at the next start.
-pub(super) fn retire_others(root: &Path, used: Layout) -> io::Result<()> {
+pub(super) fn retire_stale(root: &Path, used: Layout) -> io::Result<()> {
     // Only `v2/` is ever retired: `v1/` is chosen whenever it holds anything, and one that fills
     // between that choice and here belongs to an earlier release running on the same directory.
     let dir = root.join(Layout::V2.dir_name());

@@ -231,6 +231,8 @@ done
 # how fast the load generator is, req/s do. wrk's own CPU share is reported too: at ~100 % the client,
 # not the server, set the pace, and a req/s ratio says nothing.
 cpu_ticks() { local t=0 p v; for p in "$@"; do v=$(awk '{print $14+$15}' "/proc/$p/stat" 2>/dev/null) && t=$((t + v)); done; echo $t; }
+# CPU ticks of this shell's children that have been waited for (the curls below): their share of core 1.
+children_ticks() { awk '{print $16+$17}' /proc/$$/stat; }
 ng_pids() { echo "$(cat "$W/nginx.pid") $(pgrep -P "$(cat "$W/nginx.pid")" | tr '\n' ' ')"; }
 
 # run_wrk URL LIST PIDS → "req/s p50_ms p99_ms server_us_per_req client_cpu_pct"
@@ -440,11 +442,13 @@ summarize "cold misses" "${NGC[@]}" -- "${MPC[@]}"
 [ -n "$PROFILE" ] && DURATION=$COLD_DURATION profiled cold-misses run_wrk "http://127.0.0.1:$MPPORT" conc-profile "$MPPID" >/dev/null
 
 echo "== 8 clients streaming a 50 MiB object at once (first pass fills the caches, second pass hits)"
+busy_clients=()
 for pass in cold warm; do
   for who in nginx mediaproxy; do
     p=$NGPORT; [ "$who" = mediaproxy ] && p=$MPPORT
     spids=$MPPID; [ "$who" = nginx ] && spids=$(ng_pids)
     c0=$(cpu_ticks $spids)
+    k0=$(children_ticks)
     start=$(date +%s.%N)
     cpids=()
     # On the client core, like wrk: unpinned, the curls took turns on the server's core too.
@@ -452,9 +456,15 @@ for pass in cold warm; do
     wait "${cpids[@]}"
     end=$(date +%s.%N)
     c1=$(cpu_ticks $spids)
-    python3 -c "print(f'stream 8x50 {\"$pass\":4} {\"$who\":10}: {$end-$start:.2f} s = {400/($end-$start):.0f} MiB/s, server CPU {($c1-$c0)*1e6/$(getconf CLK_TCK)/400:.0f} us per MiB')"
+    k1=$(children_ticks)
+    client=$(python3 -c "print(round(($k1-$k0)*100/$(getconf CLK_TCK)/($end-$start)))")
+    python3 -c "print(f'stream 8x50 {\"$pass\":4} {\"$who\":10}: {$end-$start:.2f} s = {400/($end-$start):.0f} MiB/s, server CPU {($c1-$c0)*1e6/$(getconf CLK_TCK)/400:.0f} us per MiB, clients {$client} % of their core')"
+    if [ "$client" -ge 95 ]; then busy_clients+=("$pass $who"); fi
   done
 done
+if [ ${#busy_clients[@]} -gt 0 ]; then
+  echo "stream 8x50 NOTE: the curls at >= 95 % of their core against ${busy_clients[*]}: that MiB/s is the clients' limit, compare CPU per MiB"
+fi
 echo "mediaproxy peak RSS after 8 streams: $(hwm_kib "$MPPID") KiB; nginx worker $(hwm_kib "$NGWORKER") KiB"
 
 echo "== ${BIG_MB} MiB object streamed through from the bucket (a fresh mediaproxy process), filling both caches"

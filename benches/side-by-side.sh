@@ -367,6 +367,12 @@ print(f"{label}  median: nginx {med(ng,0):.0f} req/s p99 {med(ng,2):.2f} ms {med
       f" | ratio req/s {med(mp,0)/med(ng,0):.2f}x, p99 {med(mp,2)/med(ng,2):.2f}x, CPU/req {med(mp,3)/med(ng,3):.2f}x")
 print(f"{label}  best:   nginx {n[0]:.0f} req/s p99 {n[2]:.2f} ms | mediaproxy {m[0]:.0f} req/s p99 {m[2]:.2f} ms"
       f" | ratio req/s {m[0]/n[0]:.2f}x, p99 {m[2]/n[2]:.2f}x")
+# Each round's two runs share its conditions (how full the cache's filesystem is, what the VM's neighbours
+# do), so the median of the rounds' own ratios is the steadier comparison when those drift.
+paired = lambda i: statistics.median(b[i] / a[i] for a, b in zip(ng, mp))
+ratios = lambda i: " ".join(f"{b[i] / a[i]:.2f}" for a, b in zip(ng, mp))
+print(f"{label}  paired: median of the rounds' ratios: req/s {paired(0):.2f}x, p99 {paired(2):.2f}x, CPU/req {paired(3):.2f}x"
+      f" (CPU/req by round: {ratios(3)})")
 capped = [who for who, rows in (("nginx", ng), ("mediaproxy", mp)) if max(r[4] for r in rows) >= 95]
 if capped:
     print(f"{label}  NOTE: wrk at >= 95 % CPU against {' and '.join(capped)}: that req/s is the client's limit, compare CPU/req")

@@ -10,6 +10,7 @@
 # Each build in turn: one tokio worker under `valgrind --tool=callgrind`, a local s3s bucket over HTTP,
 # 200 misses to warm up, then KEYS misses (each key once, 8 keep-alive clients) with instrumentation on.
 # Prints instructions per miss, and with TOP=n the n functions that execute the most of them themselves.
+# NGINX=1 also counts nginx (proxy_cache, one process) on the same misses, for reference.
 #
 # What it does not see: the kernel (system calls, context switches: about half of a miss's CPU) and
 # cache misses. And valgrind's CPU has no SHA or AVX-512 extensions, so SHA-256 and CRC32C run their
@@ -75,9 +76,66 @@ S3PORT=$(port)
 "$S3BIN" "$W/s3" "$S3PORT" & pids+=($!)
 wait_port "$S3PORT"
 
+# count NAME PID DUMP: instructions per miss of the server PID (under callgrind, on $PORT) over the keys.
+count() {
+  python3 "$W/load.py" "$PORT" "$W/warm.txt"
+  callgrind_control -i on "$2" > /dev/null 2>&1
+  python3 "$W/load.py" "$PORT" "$W/run.txt"
+  callgrind_control -i off "$2" > /dev/null 2>&1
+  callgrind_control -d "$2" > /dev/null 2>&1
+  kill "$2"; wait "$2" 2>/dev/null || true
+  local dump total
+  dump=$(ls "$3".* | head -1)
+  total=$(callgrind_annotate "$dump" 2>/dev/null | awk '/PROGRAM TOTALS/ && !done {gsub(",", "", $1); print $1; done = 1}')
+  echo "$1: $((total / KEYS)) instructions per cold miss ($total over $KEYS misses)"
+  if [ "$TOP" -gt 0 ]; then
+    callgrind_annotate "$dump" 2>/dev/null | grep -E '^ *[0-9,]+ \(' | grep -v "PROGRAM TOTALS" \
+      | sed -E 's|/root/.cargo/registry/src/[^/]+/||; s|/rustc/[0-9a-f]+/library/||' | head -n "$TOP" || true
+  fi
+}
+
+if [ -n "${NGINX:-}" ]; then
+  command -v nginx >/dev/null || { echo "NGINX=1 needs nginx" >&2; exit 2; }
+  PORT=$(port)
+  mkdir -p "$W/ngx-cache"
+  cat > "$W/nginx.conf" <<EOF
+worker_processes 1;
+daemon off;
+master_process off;
+pid $W/nginx.pid;
+error_log $W/nginx-error.log warn;
+events { worker_connections 1024; }
+http {
+  access_log off;
+  sendfile on; tcp_nopush off; tcp_nodelay on;
+  client_body_temp_path $W/ngx-body; proxy_temp_path $W/ngx-proxy;
+  fastcgi_temp_path $W/ngx-fcgi; uwsgi_temp_path $W/ngx-uwsgi; scgi_temp_path $W/ngx-scgi;
+  upstream bucket { server 127.0.0.1:$S3PORT; keepalive 32; }
+  proxy_cache_path $W/ngx-cache levels=1:2 keys_zone=media:64m max_size=20g inactive=90d use_temp_path=off;
+  server {
+    listen 127.0.0.1:$PORT;
+    location / {
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_pass http://bucket/media\$uri;
+      proxy_cache media;
+      proxy_cache_valid 200 90d;
+      proxy_cache_lock on;
+    }
+  }
+}
+EOF
+  valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$W/ngx.out" \
+    nginx -c "$W/nginx.conf" 2> "$W/valgrind-nginx.log" & ng=$!
+  pids+=($ng)
+  wait_port "$PORT"
+  count "nginx (reference)" "$ng" "$W/ngx.out"
+fi
+
 for bin in "${bins[@]}"; do
   rm -rf "$W/cache" "$W"/cg.out*
   MPPORT=$(port)
+  PORT=$MPPORT
   cat > "$W/mp.toml" <<EOF
 [server]
 listen = ["127.0.0.1:$MPPORT"]
@@ -93,17 +151,5 @@ EOF
     --callgrind-out-file="$W/cg.out" "$bin" serve --config "$W/mp.toml" 2> "$W/valgrind.log" & mp=$!
   pids+=($mp)
   wait_port "$MPPORT"
-  python3 "$W/load.py" "$MPPORT" "$W/warm.txt"
-  callgrind_control -i on "$mp" > /dev/null 2>&1
-  python3 "$W/load.py" "$MPPORT" "$W/run.txt"
-  callgrind_control -i off "$mp" > /dev/null 2>&1
-  callgrind_control -d "$mp" > /dev/null 2>&1
-  kill "$mp"; wait "$mp" 2>/dev/null || true
-  dump=$(ls "$W"/cg.out.* | head -1)
-  total=$(callgrind_annotate "$dump" 2>/dev/null | awk '/PROGRAM TOTALS/ && !done {gsub(",", "", $1); print $1; done = 1}')
-  echo "$bin: $((total / KEYS)) instructions per cold miss ($total over $KEYS misses)"
-  if [ "$TOP" -gt 0 ]; then
-    callgrind_annotate "$dump" 2>/dev/null | grep -E '^ *[0-9,]+ \(' | grep -v "PROGRAM TOTALS" \
-      | sed -E 's|/root/.cargo/registry/src/[^/]+/||; s|/rustc/[0-9a-f]+/library/||' | head -n "$TOP" || true
-  fi
+  count "$bin" "$mp" "$W/cg.out"
 done

@@ -105,12 +105,77 @@ proptest! {
     }
 
     #[test]
+    fn the_byte_check_for_control_characters_is_char_is_control(s in "[\\x00-\\u{a0}\\u{2028}\\u{fffd}\\\\a/.]{0,24}|\\PC{0,24}|.{0,24}") {
+        prop_assert_eq!(
+            has_control_or_backslash(&s),
+            s.chars().any(|c| c.is_control() || c == '\\'),
+            "{:?}", s
+        );
+    }
+
+    #[test]
+    fn parsing_takes_the_same_decisions_as_decoding_every_path(path in "/(%|[0-9a-fA-F]|%[cC]2%[89]|[a-z./\\\\]|\\x7f|\\u{85}|\\u{e9}){0,24}") {
+        prop_assert_eq!(parse(&path, ""), parse_by_decoding(&path), "{:?}", path);
+    }
+
+    #[test]
     fn encoding_round_trips(segs in proptest::collection::vec("[a-zA-Z0-9 _+@-]{1,12}", 1..8)) {
         let key = segs.join("/");
         let encoded = percent_encoding::utf8_percent_encode(&key, percent_encoding::NON_ALPHANUMERIC).to_string();
         // NON_ALPHANUMERIC also escapes `/`: a decoded %2F is a separator like any other.
         let parsed = parse(&format!("/{encoded}"), "").unwrap();
         prop_assert_eq!(parsed.as_str(), key.as_str());
+    }
+}
+
+/// What [`parse`] did before it had a path for keys with nothing to decode and a check by bytes: every
+/// path decoded, every character looked at as a `char`.
+fn parse_by_decoding(path: &str) -> Result<Key, KeyError> {
+    let encoded = path.strip_prefix('/').ok_or(KeyError::NotFound)?;
+    if encoded.is_empty() || encoded.ends_with('/') {
+        return Err(KeyError::NotFound);
+    }
+    if !valid_escapes(encoded) {
+        return Err(KeyError::BadEncoding);
+    }
+    let decoded = percent_decode_str(encoded)
+        .decode_utf8()
+        .map_err(|_| KeyError::BadEncoding)?;
+    if decoded.len() > MAX_KEY_LEN {
+        return Err(KeyError::TooLong);
+    }
+    if decoded.ends_with('/') {
+        return Err(KeyError::NotFound);
+    }
+    if decoded.chars().any(|c| c.is_control() || c == '\\') {
+        return Err(KeyError::BadCharacter);
+    }
+    if decoded
+        .split('/')
+        .any(|seg| seg.is_empty() || seg == "." || seg == "..")
+    {
+        return Err(KeyError::BadSegment);
+    }
+    Ok(Key(decoded.into_owned()))
+}
+
+#[test]
+fn control_characters_are_refused_raw_or_encoded() {
+    for path in [
+        "/a/b\u{85}c.png",
+        "/a/b%C2%85c.png",
+        "/a/b\u{9f}.png",
+        "/a/b%c2%9f.png",
+        "/a/\u{7f}.png",
+        "/a/%7F.png",
+        "/a/\tb.png",
+        "/a/%09b.png",
+    ] {
+        assert_eq!(parse(path, ""), Err(KeyError::BadCharacter), "{path:?}");
+    }
+    // Next to them, not control characters: U+00A0 (0xC2 0xA0) and U+0100 (0xC4 0x80).
+    for path in ["/a/b\u{a0}c.png", "/a/b%C2%A0c.png", "/a/\u{100}.png"] {
+        assert!(parse(path, "").is_ok(), "{path:?}");
     }
 }
 

@@ -184,7 +184,7 @@ async fn check_probes_every_upstream() {
         .replace(SECRET_KEY, "nope");
     let dead = format!(
         "[[upstream]]\nname = \"dead\"\ntype = \"http\"\nurl = \"http://127.0.0.1:{}\"\n",
-        closed_port()
+        refused_port()
     );
     let nxdomain =
         "[[upstream]]\nname = \"nx\"\ntype = \"http\"\nurl = \"http://bucket.invalid\"\n";
@@ -322,7 +322,7 @@ fn check_offline_validates_the_local_side_without_the_network() {
     std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o644)).unwrap();
     let upstream = format!(
         "[[upstream]]\nname = \"far\"\ntype = \"s3\"\nendpoint = \"http://127.0.0.1:{}\"\nbucket = \"b\"\nregion = \"us-east-1\"\naccess_key_id = \"AKIA\"\nsecret_access_key_file = \"{}\"\n",
-        closed_port(),
+        refused_port(),
         secret.display()
     );
     let good = format!(

@@ -15,7 +15,7 @@ const VIDEO: &str = "media_attachments/files/109/383/759/229/326/702/original/cl
 fn unreachable_target() -> String {
     format!(
         "[[upstream]]\nname = \"new\"\ntype = \"s3\"\nendpoint = \"http://127.0.0.1:{}\"\nbucket = \"new\"\naccess_key_id = \"{ACCESS_KEY}\"\nsecret_access_key = \"{SECRET_KEY}\"\ncopy_missing = true\nconnect_timeout = \"200ms\"\n\n",
-        closed_port()
+        refused_port()
     )
 }
 

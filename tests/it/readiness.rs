@@ -31,7 +31,7 @@ async fn readyz_names_each_upstream_ok_failing_or_unresolved() {
     let body = format!(
         "[local]\nroots = [\"{}\"]\n\n[[upstream]]\nname = \"nowhere\"\ntype = \"http\"\nurl = \"http://mediaproxy-test-no-such-host.invalid\"\n\n[[upstream]]\nname = \"closed\"\ntype = \"http\"\nurl = \"http://127.0.0.1:{}\"\n\n{}",
         root.path().display(),
-        closed_port(),
+        refused_port(),
         s3.s3_upstream("good", "media")
     );
     let proxy = Proxy::start_with_server(&body, &format!("admin_listen = \"127.0.0.1:{admin}\""));

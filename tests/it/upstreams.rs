@@ -197,7 +197,7 @@ async fn failed_upstreams_are_skipped_and_all_failing_is_502() {
     let s3 = S3Server::start(&["media"], true).await;
     s3.put("media", KEY, b"survivor".to_vec(), "image/jpeg")
         .await;
-    let dead = closed_port();
+    let dead = refused_port();
     let cfg = format!(
         "[[upstream]]\nname = \"dead\"\ntype = \"http\"\nurl = \"http://127.0.0.1:{dead}\"\nconnect_timeout = \"2s\"\n\n{}",
         s3.s3_upstream("b", "media")
@@ -514,7 +514,7 @@ async fn a_head_answered_416_without_a_length_does_not_loop() {
 async fn a_failing_upstream_is_logged_once_per_interval_not_per_request() {
     let proxy = Proxy::start(&format!(
         "[[upstream]]\nname = \"down\"\ntype = \"http\"\nurl = \"http://127.0.0.1:{}\"\n\n",
-        closed_port()
+        refused_port()
     ));
     for i in 0..20 {
         let (status, _, _) = get(&proxy, &format!("media_attachments/files/{i}/a.png")).await;

@@ -473,10 +473,27 @@ where
     }
 }
 
-/// A port nothing listens on (bound, then released).
+/// A port nothing listens on (bound, then released): free for a server the test starts on it. Not for
+/// an upstream that must stay dead: another test's server may be given the port meanwhile (see
+/// [`refused_port`]).
 pub fn closed_port() -> u16 {
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     l.local_addr().unwrap().port()
+}
+
+/// A port that refuses connections for as long as the tests run: bound and never listened on (a
+/// connection gets a reset), and held, so no other test's server can be given it.
+pub fn refused_port() -> u16 {
+    use rustix::net::{bind, getsockname, socket, AddressFamily, SocketType};
+    let fd = socket(AddressFamily::INET, SocketType::STREAM, None).unwrap();
+    bind(
+        &fd,
+        &std::net::SocketAddrV4::new(std::net::Ipv4Addr::LOCALHOST, 0),
+    )
+    .unwrap();
+    let addr = std::net::SocketAddrV4::try_from(getsockname(&fd).unwrap()).unwrap();
+    std::mem::forget(fd);
+    addr.port()
 }
 
 /// The real binary, on loopback, with a config written to a temp dir. Killed on drop.

@@ -14,15 +14,21 @@ use crate::respond::{self, RequestInfo, ResponseBody};
 use crate::runtime::Runtime;
 use crate::{key, upstream};
 
-pub async fn handle<B>(rt: Arc<Runtime>, req: Request<B>) -> Response<ResponseBody> {
-    let resp = answer(&rt, &req).await;
+/// `sendfile`: the request came over a plain HTTP/1.1 connection, whose file bodies go to the socket
+/// with `sendfile` (see [`crate::zerocopy`]), so a file that may change in place can be mapped for it.
+pub async fn handle<B>(
+    rt: Arc<Runtime>,
+    req: Request<B>,
+    sendfile: bool,
+) -> Response<ResponseBody> {
+    let resp = answer(&rt, &req, sendfile).await;
     rt.metrics
         .request(resp.status(), resp.headers().get("x-cache"));
     tracing::debug!(method = %req.method(), path = %req.uri().path(), status = resp.status().as_u16(), "request");
     resp
 }
 
-async fn answer<B>(rt: &Arc<Runtime>, req: &Request<B>) -> Response<ResponseBody> {
+async fn answer<B>(rt: &Arc<Runtime>, req: &Request<B>, sendfile: bool) -> Response<ResponseBody> {
     let key = key::parse(req.uri().path(), &rt.config.server.path_prefix);
     if let Some(resp) = cache_buster(rt, req, &key).await {
         return resp;
@@ -50,10 +56,6 @@ async fn answer<B>(rt: &Arc<Runtime>, req: &Request<B>) -> Response<ResponseBody
         upstream::Method::Get => respond::forwardable_range(req.headers()),
         upstream::Method::Head => None,
     };
-    let sendfile = req
-        .extensions()
-        .get::<crate::zerocopy::Sendfile>()
-        .is_some();
     match resolve::lookup(rt, &key, method, range, sendfile).await {
         Outcome::Found(obj) => {
             let served_by = served_by(rt, &obj.meta);

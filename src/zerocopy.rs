@@ -26,11 +26,6 @@ use std::sync::{Arc, Mutex};
 use bytes::Bytes;
 use rustix::mm::{MapFlags, ProtFlags};
 
-/// A request extension: this request came over a plain HTTP/1.1 connection, whose file bodies go to
-/// the socket with `sendfile`, so a file that may change in place can be mapped for it.
-#[derive(Clone, Copy)]
-pub struct Sendfile;
-
 /// A whole file mapped read-only; unmapped when the last body slicing it is gone.
 pub struct Mapping {
     ptr: *const u8,

@@ -95,14 +95,12 @@ impl Conn {
         let streams = Streams::new();
         let on_conn = streams.clone();
         let stopping = stop.clone();
-        let service = service_fn(move |mut req: http::Request<hyper::body::Incoming>| {
+        let service = service_fn(move |req: http::Request<hyper::body::Incoming>| {
             let rt = shared.load_full();
             let clock = on_conn.opened();
             let timed = req.version() == http::Version::HTTP_2;
-            if plain && !timed {
-                // Its file bodies go to the socket with sendfile (see `zerocopy`).
-                req.extensions_mut().insert(crate::zerocopy::Sendfile);
-            }
+            // Its file bodies go to the socket with sendfile (see `zerocopy`).
+            let sendfile = plain && !timed;
             let stopping = stopping.clone();
             let log = rt
                 .config
@@ -111,7 +109,7 @@ impl Conn {
                 .then(|| Box::new(Entry::new(client, req.method(), req.uri().path())));
             async move {
                 let metrics = rt.metrics.clone();
-                let mut resp = proxy::handle(rt, req).await;
+                let mut resp = proxy::handle(rt, req, sendfile).await;
                 if !timed && *stopping.borrow() {
                     // The process is stopping: say so, so the client opens its next connection (to
                     // the next process) instead of reusing this one as it closes.

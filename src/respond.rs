@@ -207,14 +207,48 @@ fn value(s: &str) -> Option<HeaderValue> {
     HeaderValue::from_str(s).ok()
 }
 
-/// `None` outside 1970..=9999, which httpdate cannot format (it panics): a file touched to 1969 must
-/// not take the connection down.
+/// `None` outside 1970..=9999 (RFC 9110's IMF-fixdate has four digits for the year): a file touched to
+/// 1969 must not take the connection down.
 fn http_date(t: SystemTime) -> Option<HeaderValue> {
     let secs = t.duration_since(SystemTime::UNIX_EPOCH).ok()?.as_secs();
     if secs >= 253_402_300_800 {
         return None;
     }
-    value(&httpdate::fmt_http_date(t))
+    HeaderValue::from_bytes(&imf_fixdate(secs)).ok()
+}
+
+/// `Sun, 06 Nov 1994 08:49:37 GMT` for `secs` after the epoch (before year 10000), written by hand:
+/// it is on every response with a Last-Modified, and `httpdate` goes through `fmt` and a `String`.
+fn imf_fixdate(secs: u64) -> [u8; 29] {
+    const DAYS: [&[u8; 3]; 7] = [b"Thu", b"Fri", b"Sat", b"Sun", b"Mon", b"Tue", b"Wed"];
+    const MONTHS: [&[u8; 3]; 12] = [
+        b"Jan", b"Feb", b"Mar", b"Apr", b"May", b"Jun", b"Jul", b"Aug", b"Sep", b"Oct", b"Nov",
+        b"Dec",
+    ];
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Days to a civil date (Howard Hinnant's algorithm), in eras of 400 years from 0000-03-01.
+    let z = days + 719_468;
+    let (era, doe) = (z / 146_097, z % 146_097);
+    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + u64::from(month <= 2);
+    let mut out = *b"Thu, 01 Jan 1970 00:00:00 GMT";
+    out[..3].copy_from_slice(DAYS[(days % 7) as usize]);
+    let two = |out: &mut [u8; 29], at: usize, n: u64| {
+        out[at] = b'0' + (n / 10) as u8;
+        out[at + 1] = b'0' + (n % 10) as u8;
+    };
+    two(&mut out, 5, day);
+    out[8..11].copy_from_slice(MONTHS[month as usize - 1]);
+    two(&mut out, 12, year / 100);
+    two(&mut out, 14, year % 100);
+    two(&mut out, 17, rem / 3_600);
+    two(&mut out, 20, rem / 60 % 60);
+    two(&mut out, 23, rem % 60);
+    out
 }
 
 fn empty() -> ResponseBody {

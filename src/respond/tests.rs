@@ -189,3 +189,23 @@ async fn a_part_of_unknown_size_is_never_a_200() {
     let (s, _, _) = run(obj, Method::GET, &[]).await;
     assert_eq!(s, StatusCode::BAD_GATEWAY);
 }
+
+#[test]
+fn last_modified_reads_as_rfc_9110_says() {
+    assert_eq!(&imf_fixdate(784_111_777), b"Sun, 06 Nov 1994 08:49:37 GMT");
+    assert_eq!(&imf_fixdate(0), b"Thu, 01 Jan 1970 00:00:00 GMT");
+    assert_eq!(&imf_fixdate(951_782_400), b"Tue, 29 Feb 2000 00:00:00 GMT");
+    assert_eq!(
+        &imf_fixdate(253_402_300_799),
+        b"Fri, 31 Dec 9999 23:59:59 GMT"
+    );
+}
+
+proptest::proptest! {
+    #[test]
+    fn last_modified_is_what_httpdate_writes(secs in 0u64..253_402_300_800) {
+        let t = SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(secs);
+        let ours = imf_fixdate(secs);
+        proptest::prop_assert_eq!(std::str::from_utf8(&ours).unwrap(), httpdate::fmt_http_date(t));
+    }
+}

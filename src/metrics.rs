@@ -72,6 +72,9 @@ pub struct Metrics {
     pub cache: CacheCounters,
     pub copy: CopyCounters,
     requests: Family<RequestLabels, Counter>,
+    /// The series of 200s served LOCAL, HIT and MISS, once each has been counted: nearly every request
+    /// is one of them, and finding a series in the family takes a lock and a hash of its labels.
+    ok_requests: [std::sync::OnceLock<Counter>; 3],
     upstream: Family<UpstreamLabels, Counter>,
     busts: Family<ResultLabel, Counter>,
     /// For the one-line status systemd shows: requests, and cache hits and misses among them.
@@ -257,6 +260,7 @@ impl Metrics {
             cache,
             copy,
             requests,
+            ok_requests: Default::default(),
             upstream,
             busts,
             totals: Default::default(),
@@ -321,12 +325,24 @@ impl Metrics {
             "MISS" | "STALE" => drop(bump(2)),
             _ => {}
         }
-        self.requests
-            .get_or_create(&RequestLabels {
-                status: status.as_u16(),
-                x_cache,
-            })
-            .inc();
+        let series = || {
+            self.requests
+                .get_or_create(&RequestLabels {
+                    status: status.as_u16(),
+                    x_cache,
+                })
+                .clone()
+        };
+        let kept = match (status, x_cache) {
+            (StatusCode::OK, "LOCAL") => Some(0),
+            (StatusCode::OK, "HIT") => Some(1),
+            (StatusCode::OK, "MISS") => Some(2),
+            _ => None,
+        };
+        match kept {
+            Some(i) => self.ok_requests[i].get_or_init(series).inc(),
+            None => series().inc(),
+        };
     }
 
     pub fn upstream_result(&self, upstream: &str, result: &str) {
@@ -366,5 +382,37 @@ impl Metrics {
         prometheus_client::encoding::text::encode(&mut out, &self.registry)
             .expect("writing to a String cannot fail");
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_are_counted_in_their_series_whichever_way_they_are_found() {
+        let m = Metrics::new();
+        let local = HeaderValue::from_static("LOCAL");
+        let hit = HeaderValue::from_static("HIT");
+        for _ in 0..3 {
+            m.request(StatusCode::OK, Some(&local));
+        }
+        m.request(StatusCode::OK, Some(&hit));
+        m.request(StatusCode::NOT_FOUND, None);
+        m.request(StatusCode::PARTIAL_CONTENT, Some(&hit));
+        let text = m.encode();
+        for line in [
+            "mediaproxy_requests_total{status=\"200\",x_cache=\"LOCAL\"} 3",
+            "mediaproxy_requests_total{status=\"200\",x_cache=\"HIT\"} 1",
+            "mediaproxy_requests_total{status=\"404\",x_cache=\"\"} 1",
+            "mediaproxy_requests_total{status=\"206\",x_cache=\"HIT\"} 1",
+        ] {
+            assert!(text.contains(line), "{line} in:\n{text}");
+        }
+        assert!(
+            !text.contains("x_cache=\"MISS\""),
+            "a series appears with its first request"
+        );
+        assert_eq!(m.totals(), (6, 2, 0));
     }
 }

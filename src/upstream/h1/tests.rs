@@ -538,3 +538,20 @@ async fn a_reused_connection_that_began_an_answer_is_not_asked_again() {
     );
     assert_eq!(accepted.load(Ordering::SeqCst), 1);
 }
+
+proptest::proptest! {
+    /// The pool's check-ins, oldest first at any ages: exactly those idle for `IDLE` or longer are
+    /// closed, as asking each its age did.
+    #[test]
+    fn a_check_in_closes_exactly_the_connections_idle_too_long(
+        mut ages in proptest::collection::vec(proptest::prop_oneof![0u64..120_000, 59_995u64..60_005], 0..40),
+    ) {
+        let now = Instant::now() + Duration::from_secs(200);
+        ages.sort_unstable_by(|a, b| b.cmp(a));
+        let since: Vec<Instant> = ages.iter().map(|&ms| now - Duration::from_millis(ms)).collect();
+        let expired = expired_prefix(&since, |s| *s, now);
+        let by_age = since.iter().filter(|s| now.duration_since(**s) >= IDLE).count();
+        proptest::prop_assert_eq!(expired, by_age);
+        proptest::prop_assert!(since[expired..].iter().all(|s| now.duration_since(*s) < IDLE));
+    }
+}

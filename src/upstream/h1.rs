@@ -45,6 +45,9 @@ pub struct Client {
     user_agent: &'static str,
     connect_timeout: Duration,
     read_timeout: Duration,
+    /// Oldest check-in first: connections are pushed at the end, stamped with a time read under the
+    /// lock (so stamps only grow along the list), and taken from the end. [`expired_prefix`] relies on
+    /// it.
     idle: Mutex<Vec<Idle>>,
 }
 
@@ -183,6 +186,7 @@ impl Client {
     /// Takes back a connection whose answer was read to its end, and closes those idle too long.
     pub(crate) fn checkin(&self, conn: Conn) {
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        // Read under the lock: a time read before it could be older than a racing check-in's.
         let now = Instant::now();
         let expired = expired_prefix(&idle, |i| i.since, now);
         idle.drain(..expired);
@@ -312,10 +316,9 @@ impl Client {
     }
 }
 
-/// How many of `idle` have been idle for [`IDLE`] or longer at `now`. Connections are checked in at
-/// the end and out from the end, so their check-in times only grow along the list and the expired ones
-/// are its start: one clock read per check-in, where asking each connection its age cost one per idle
-/// connection (up to [`MAX_IDLE`], about 22 ns each).
+/// How many of `idle` (oldest check-in first, see [`Client::idle`]) have been idle for [`IDLE`] or
+/// longer at `now`: the expired ones are the list's start, so a check-in reads the clock once, not once
+/// per idle connection (up to [`MAX_IDLE`] of them after a burst).
 fn expired_prefix<T>(idle: &[T], since: impl Fn(&T) -> Instant, now: Instant) -> usize {
     idle.partition_point(|i| now.saturating_duration_since(since(i)) >= IDLE)
 }

@@ -540,10 +540,10 @@ async fn a_reused_connection_that_began_an_answer_is_not_asked_again() {
 }
 
 proptest::proptest! {
-    /// The pool's check-ins, oldest first at any ages: exactly those idle for `IDLE` or longer are
-    /// closed, as asking each its age did.
+    /// Check-in times oldest first, at any ages and around the limit: the expired prefix is exactly
+    /// the times `IDLE` or more ago, as asking each its age says.
     #[test]
-    fn a_check_in_closes_exactly_the_connections_idle_too_long(
+    fn the_expired_prefix_is_exactly_the_check_ins_idle_too_long(
         mut ages in proptest::collection::vec(proptest::prop_oneof![0u64..120_000, 59_995u64..60_005], 0..40),
     ) {
         let now = Instant::now() + Duration::from_secs(200);
@@ -552,6 +552,45 @@ proptest::proptest! {
         let expired = expired_prefix(&since, |s| *s, now);
         let by_age = since.iter().filter(|s| now.duration_since(**s) >= IDLE).count();
         proptest::prop_assert_eq!(expired, by_age);
-        proptest::prop_assert!(since[expired..].iter().all(|s| now.duration_since(*s) < IDLE));
     }
+}
+
+#[tokio::test]
+async fn a_check_in_closes_the_connections_idle_too_long_and_keeps_the_others() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accept = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = listener.accept().await {
+            held.push(s);
+        }
+    });
+    let url = Url::parse(&format!("http://{addr}/")).unwrap();
+    let c = client(&url);
+    let conn = || async { Conn::Plain(TcpStream::connect(addr).await.unwrap()) };
+    let now = Instant::now();
+    {
+        let mut pooled = Vec::new();
+        // Oldest first, as check-ins leave them: three past the limit, two within it.
+        for age in [90, 75, 61, 59, 1] {
+            pooled.push(Idle {
+                conn: conn().await,
+                since: now
+                    .checked_sub(Duration::from_secs(age))
+                    .expect("up for 90 s"),
+            });
+        }
+        *c.idle.lock().unwrap() = pooled;
+    }
+    c.checkin(conn().await);
+    let ages: Vec<u64> = c
+        .idle
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|i| i.since.elapsed().as_secs())
+        .collect();
+    assert_eq!(ages.len(), 3, "the two within the limit and the new one");
+    assert!(ages[0] >= 59 && ages[1] >= 1 && ages[2] < 1, "{ages:?}");
+    accept.abort();
 }

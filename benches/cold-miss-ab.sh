@@ -6,6 +6,7 @@
 #   bash benches/cold-miss-ab.sh target/release/mediaproxy /tmp/mediaproxy-before
 #   ROUNDS=8 DURATION=3s bash benches/cold-miss-ab.sh A B C
 #   FS=ext4 bash benches/cold-miss-ab.sh A B    # caches on a fresh loop-mounted ext4 each round
+#   DIRS=made bash benches/cold-miss-ab.sh A B  # both caches' directory trees made beforehand
 #
 # Each round: a fresh tmpfs for both caches (ext4's inode allocator after a mass delete, up to a fifth of
 # a miss's CPU for both servers, would swamp the difference), or with FS=ext4 a freshly made ext4 (what
@@ -20,6 +21,8 @@ ROUNDS=${ROUNDS:-5}
 FS=${FS:-tmpfs}
 case "$FS" in tmpfs|ext4) ;; *) echo "FS is tmpfs or ext4" >&2; exit 2;; esac
 DURATION=${DURATION:-2s}
+DIRS=${DIRS:-lazy}
+case "$DIRS" in lazy|made) ;; *) echo "DIRS is lazy or made" >&2; exit 2;; esac
 KEYS=${KEYS:-12000}
 cd "$(dirname "$0")/.."
 bins=(); for b in "$@"; do bins+=("$(realpath "$b")"); done
@@ -84,6 +87,22 @@ for r in $(seq 1 "$ROUNDS"); do
       mount -t tmpfs -o size=3g tmpfs "$W/c"
     fi
     chmod 755 "$W/c"
+    if [ "$DIRS" = made ]; then
+      # Both caches' directory trees made beforehand, as on a cache some hours old: nginx's levels=1:2
+      # (16 x 256) and mediaproxy's v2/ab/c (256 x 16). On a fresh cache, each server's first miss into
+      # each of its 4,096 directories also creates it: a quarter to a third of a round's misses.
+      python3 - "$W/c" <<'PY'
+import os, sys
+c = sys.argv[1]
+for a in range(16):
+    for b in range(256):
+        os.makedirs(f"{c}/ngx/{a:x}/{b:02x}")
+for a in range(256):
+    for b in range(16):
+        os.makedirs(f"{c}/mp/v2/{a:02x}/{b:x}")
+PY
+      chown -R nobody "$W/c/ngx" 2>/dev/null || chmod -R 777 "$W/c/ngx"
+    fi
     NGPORT=$(port); MPPORT=$(port)
     cat > "$W/nginx.conf" <<N
 worker_processes 1;
